@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One entry point for a fresh clone: creates/reuses .venv, installs the package (editable), runs.
+#   ./run.sh study [snakemake args...]   the whole study (demo cohort by default) + HTML report
+#   ./run.sh test  [pytest args...]      the test suite
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+
+if [ ! -x .venv/bin/python ]; then
+  echo "[run.sh] creating virtual environment .venv with $($PYTHON --version)"
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.rsanet-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "[run.sh] installing rsanet and its dependencies into .venv (first run takes a few minutes)"
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet -e ".[test]"
+  touch "$stamp"
+fi
+export PATH="$PWD/.venv/bin:$PATH"
+
+cmd=${1:-}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  study)
+    snakemake --cores "${CORES:-all}" "$@"
+    snakemake --cores 1 --report results/report.html "$@"
+    echo "[run.sh] done: results/tables/table1.md, results/figures/, results/report.html"
+    ;;
+  test)
+    exec python -m pytest "$@"
+    ;;
+  *)
+    echo "usage: ./run.sh study [snakemake args...] | ./run.sh test [pytest args...]" >&2
+    exit 2
+    ;;
+esac
