@@ -1,0 +1,16 @@
+"""Snakemake script: co-register one subject's contrasts onto the reference contrast."""
+from rsanet.logs import logged
+from rsanet.steps import coregister_step
+
+with logged(snakemake.log[0]):
+    coregister_step(
+        subject=snakemake.wildcards.subject,
+        images={"T1": snakemake.input.t1, "T2": snakemake.input.t2, "FLAIR": snakemake.input.flair},
+        lesions=snakemake.input.lesions,
+        outputs=dict(snakemake.output),
+        reference=snakemake.params.reference,
+        engine=snakemake.params.engine,
+        dof=snakemake.params.dof,
+        max_displacement_mm=snakemake.params.max_displacement_mm,
+        threads=snakemake.threads,
+    )

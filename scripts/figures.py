@@ -1,0 +1,17 @@
+"""Snakemake script: Fig. 1, Fig. 5, training curves and score distributions."""
+from pathlib import Path
+
+from rsanet.logs import logged
+from rsanet.steps import figures_step
+
+with logged(snakemake.log[0]):
+    p = snakemake.params
+    logs = dict(zip([(v, s) for v in p.variants for s in p.splits], snakemake.input.logs))
+    figures_step(
+        per_subject_csv=snakemake.input.per_subject,
+        train_logs=logs,
+        splits_json=snakemake.input.splits,
+        preprocessed={Path(f).stem: f for f in snakemake.input.preprocessed},
+        predictions=dict(zip(p.fig5_variants, snakemake.input.predictions)),
+        stems={k: str(Path(getattr(snakemake.output, k)).with_suffix("")) for k in ("fig1", "fig5", "curves", "scores")},
+    )

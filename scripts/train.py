@@ -1,0 +1,18 @@
+"""Snakemake script: train one variant on one split (resumes from its checkpoint)."""
+from pathlib import Path
+
+from rsanet.logs import logged
+from rsanet.steps import train_step
+
+with logged(snakemake.log[0]):
+    train_step(
+        variant=snakemake.wildcards.variant,
+        split=int(snakemake.wildcards.split),
+        splits_json=snakemake.input.splits,
+        preprocessed={Path(p).stem: p for p in snakemake.input.train},
+        train_cfg=dict(snakemake.params.train),
+        out_model=snakemake.output.model,
+        out_log=snakemake.output.log_csv,
+        checkpoint=snakemake.params.checkpoint,
+        threads=snakemake.threads,
+    )

@@ -1,0 +1,11 @@
+"""Snakemake script: check every subject's files and write one report of all problems."""
+from rsanet.logs import logged
+from rsanet.validation import validate_cohort
+
+with logged(snakemake.log[0]):
+    validate_cohort(
+        snakemake.params.subjects,
+        snakemake.output.report,
+        reference=snakemake.params.reference,
+        allow_empty_masks=snakemake.params.allow_empty,
+    )

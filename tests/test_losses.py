@@ -1,0 +1,125 @@
+"""Tests for rsanet.losses: the paper's exponentially weighted cross-entropy."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rsanet.losses import ExpWeightedCrossEntropy, class_weights, lesion_fraction
+
+R_PAPER = 5.15e-4
+
+
+def test_class_weights_paper_value_closed_form():
+    r = R_PAPER
+    w = class_weights(r)
+    assert w.shape == (2,) and w.dtype == torch.float32
+    expected_bg = math.exp(1 - r) / (math.exp(r) + math.exp(1 - r))
+    expected_les = math.exp(r) / (math.exp(r) + math.exp(1 - r))
+    assert w[0].item() == pytest.approx(expected_bg, rel=1e-6)
+    assert w[1].item() == pytest.approx(expected_les, rel=1e-6)
+    # equivalent logistic form: lesion weight = 1 / (1 + e^(1 - 2r)) ~ 0.2691
+    assert w[1].item() == pytest.approx(1 / (1 + math.exp(1 - 2 * r)), rel=1e-6)
+    assert w[1].item() == pytest.approx(0.26910, abs=1e-4)
+    assert w.sum().item() == pytest.approx(1.0, abs=1e-6)
+    # As printed in the paper: for small r the lesion weight is BELOW the background weight.
+    assert w[1] < 0.5 < w[0]
+
+
+def test_class_weights_special_values():
+    assert torch.allclose(class_weights(0.5), torch.tensor([0.5, 0.5]))
+    e = math.e
+    assert torch.allclose(class_weights(0.0), torch.tensor([e / (1 + e), 1 / (1 + e)]))
+    assert torch.allclose(class_weights(1.0), torch.tensor([1 / (1 + e), e / (1 + e)]))
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError):
+            class_weights(bad)
+
+
+def test_lesion_fraction_is_mean_of_per_image_fractions():
+    a = np.zeros((2, 2, 2), bool)
+    a[0, 0, :] = True  # 2 / 8 = 0.25
+    b = np.zeros((1, 2, 2), np.uint8)  # 0 / 4 = 0
+    assert lesion_fraction([a, b]) == pytest.approx(0.125)  # pooled would be 2/12
+    assert lesion_fraction(iter([a])) == pytest.approx(0.25)  # any iterable
+    with pytest.raises(ValueError):
+        lesion_fraction([])
+
+
+def _manual_weighted_ce(
+    logits: torch.Tensor, target: torch.Tensor, w: torch.Tensor
+) -> torch.Tensor:
+    """sum_i w[y_i] * (-log p_i[y_i]) / sum_i w[y_i], computed in float64 by hand."""
+    x = logits.double()
+    logp = x - torch.logsumexp(x, dim=1, keepdim=True)  # (N, 2, D, H, W)
+    nll = -logp.gather(1, target.long().unsqueeze(1)).squeeze(1)  # (N, D, H, W)
+    wi = w.double()[target.long()]
+    return (wi * nll).sum() / wi.sum()
+
+
+def test_loss_matches_manual_weighted_ce():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 2, 3, 4, 5, generator=g) * 3
+    target = (torch.rand(2, 3, 4, 5, generator=g) < 0.3).long()
+    r = 0.2
+    loss_fn = ExpWeightedCrossEntropy(r)
+    loss = loss_fn(logits, target)
+    assert loss.shape == () and loss.dtype == torch.float32
+    expected = _manual_weighted_ce(logits, target, class_weights(r))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # the weights matter: differs from the unweighted CE on a mixed-label target
+    assert abs(loss.item() - F.cross_entropy(logits, target).item()) > 1e-4
+    # sum and none reductions are consistent with the per-voxel weighted NLL
+    per_voxel = ExpWeightedCrossEntropy(r, reduction="none")(logits, target)
+    assert per_voxel.shape == target.shape
+    total = ExpWeightedCrossEntropy(r, reduction="sum")(logits, target)
+    assert total.item() == pytest.approx(per_voxel.sum().item(), rel=1e-5)
+    w = class_weights(r)[target]
+    assert loss.item() == pytest.approx((per_voxel.sum() / w.sum()).item(), rel=1e-5)
+
+
+def test_single_class_target_weighted_mean_equals_plain_ce():
+    # PyTorch's weighted mean divides by sum of target weights, so with one class only the
+    # weight cancels: documents the normalisation.
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(1, 2, 2, 3, 3, generator=g)
+    target = torch.zeros(1, 2, 3, 3, dtype=torch.long)
+    loss = ExpWeightedCrossEntropy(R_PAPER)(logits, target)
+    assert loss.item() == pytest.approx(F.cross_entropy(logits, target).item(), rel=1e-6)
+
+
+def test_half_precision_logits_finite_and_float32():
+    g = torch.Generator().manual_seed(2)
+    logits32 = torch.randn(2, 2, 4, 4, 4, generator=g) * 20
+    logits16 = logits32.half().requires_grad_(True)
+    target = (torch.rand(2, 4, 4, 4, generator=g) < 0.1).long()
+    loss_fn = ExpWeightedCrossEntropy(R_PAPER)
+    loss = loss_fn(logits16, target)
+    assert loss.dtype == torch.float32
+    assert torch.isfinite(loss)
+    ref = _manual_weighted_ce(logits16.detach().float(), target, class_weights(R_PAPER))
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    loss.backward()
+    assert logits16.grad is not None and logits16.grad.dtype == torch.float16
+    assert torch.isfinite(logits16.grad).all()
+
+
+def test_module_buffer_and_shape_checks():
+    loss_fn = ExpWeightedCrossEntropy(R_PAPER)
+    assert "weight" in loss_fn.state_dict()
+    assert torch.allclose(loss_fn.weight, class_weights(R_PAPER))
+    assert "lesion 0.2691" in repr(loss_fn)
+    # module.double() casts the buffer; the loss is still float32
+    logits = torch.randn(1, 2, 2, 2, 2, dtype=torch.float64)
+    target = torch.ones(1, 2, 2, 2, dtype=torch.long)
+    assert loss_fn.double()(logits, target).dtype == torch.float32
+    with pytest.raises(ValueError):
+        loss_fn(torch.randn(1, 3, 2, 2, 2), target)  # 3 classes
+    with pytest.raises(ValueError):
+        loss_fn(torch.randn(1, 2, 2, 2, 3), target)  # spatial mismatch
+    with pytest.raises(ValueError):
+        ExpWeightedCrossEntropy(R_PAPER, reduction="mean_over_batch")

@@ -1,0 +1,355 @@
+"""Tests for rsanet.metrics: hand-counted cases, empty-mask rules, independent formulas."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from rsanet.metrics import (
+    LesionDetection,
+    confusion,
+    dice,
+    dice_from_counts,
+    evaluate_case,
+    iou,
+    iou_from_counts,
+    lesion_detection,
+    lesion_volume_ml,
+    remove_small_components,
+    sample_average,
+    voxel_average,
+    volume_errors,
+)
+
+ANISO = (3.0, 0.7, 0.7)  # (D, H, W) spacing in mm of the paper's data: 0.7 x 0.7 x 3.0 mm
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _coords(mask: np.ndarray) -> set[tuple[int, ...]]:
+    return {tuple(int(i) for i in c) for c in np.argwhere(mask)}
+
+
+def _components_bfs(mask: np.ndarray, full: bool) -> list[set[tuple[int, int, int]]]:
+    """Independent connected components of a 3D mask by breadth-first search.
+
+    full=True: 26-neighbourhood; False: 6-neighbourhood.
+    """
+    if full:
+        offsets = [
+            (a, b, c)
+            for a in (-1, 0, 1)
+            for b in (-1, 0, 1)
+            for c in (-1, 0, 1)
+            if (a, b, c) != (0, 0, 0)
+        ]
+    else:
+        offsets = [(1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1)]
+    todo = _coords(mask)
+    comps = []
+    while todo:
+        seed = todo.pop()
+        comp = {seed}
+        queue = deque([seed])
+        while queue:
+            z, y, x = queue.popleft()
+            for a, b, c in offsets:
+                nb = (z + a, y + b, x + c)
+                if nb in todo:
+                    todo.remove(nb)
+                    comp.add(nb)
+                    queue.append(nb)
+        comps.append(comp)
+    return comps
+
+
+# ----------------------------------------------------------------------------- confusion, Dice, IoU
+
+
+def test_hand_counted_1d():
+    pred = np.array([1, 1, 0, 0, 1])
+    truth = np.array([1, 0, 1, 0, 1])
+    # index 0, 4: TP; index 1: FP; index 2: FN; index 3: TN
+    assert confusion(pred, truth) == (2, 1, 1)
+    assert dice(pred, truth) == pytest.approx(4 / 6)
+    assert iou(pred, truth) == pytest.approx(2 / 4)
+
+
+def test_hand_counted_3d_bool():
+    truth = np.zeros((2, 3, 3), dtype=bool)
+    pred = np.zeros((2, 3, 3), dtype=bool)
+    truth[0, 0, 0:3] = True  # 3 voxels
+    truth[1, 1, 1] = True  # 1 voxel -> |T| = 4
+    pred[0, 0, 1:3] = True  # 2 TP
+    pred[1, 2, 2] = True  # 1 FP
+    pred[0, 2, 0] = True  # 1 FP  -> |P| = 4
+    tp, fp, fn = confusion(pred, truth)
+    assert (tp, fp, fn) == (2, 2, 2)
+    assert isinstance(tp, int) and isinstance(fp, int) and isinstance(fn, int)
+    assert dice(pred, truth) == pytest.approx(2 * 2 / (4 + 4))
+    assert iou(pred, truth) == pytest.approx(2 / 6)
+
+
+def test_counts_formulas():
+    assert dice_from_counts(3, 1, 2) == pytest.approx(6 / 9)
+    assert iou_from_counts(3, 1, 2) == pytest.approx(3 / 6)
+    with pytest.raises(ValueError):
+        dice_from_counts(-1, 0, 0)
+
+
+def test_empty_mask_rules():
+    z = np.zeros((3, 4, 5), dtype=np.uint8)
+    one = z.copy()
+    one[1, 2, 3] = 1
+    # both empty -> perfect agreement
+    assert dice(z, z) == 1.0 and iou(z, z) == 1.0
+    assert dice_from_counts(0, 0, 0) == 1.0 and iou_from_counts(0, 0, 0) == 1.0
+    # exactly one empty -> 0
+    assert dice(one, z) == 0.0 and iou(one, z) == 0.0  # prediction only
+    assert dice(z, one) == 0.0 and iou(z, one) == 0.0  # truth only
+    assert dice_from_counts(0, 5, 0) == 0.0 and iou_from_counts(0, 0, 7) == 0.0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_masks_against_set_formula(seed):
+    rng = np.random.default_rng(seed)
+    shape = (4, 6, 7)
+    pred = rng.random(shape) < rng.uniform(0.05, 0.6)
+    truth = rng.random(shape) < rng.uniform(0.05, 0.6)
+    a, b = _coords(pred), _coords(truth)
+    expected_dice = 2 * len(a & b) / (len(a) + len(b))
+    expected_iou = len(a & b) / len(a | b)
+    assert confusion(pred, truth) == (len(a & b), len(a - b), len(b - a))
+    d, j = dice(pred, truth), iou(pred, truth)
+    assert d == pytest.approx(expected_dice, rel=1e-12)
+    assert j == pytest.approx(expected_iou, rel=1e-12)
+    assert d == pytest.approx(2 * j / (1 + j), rel=1e-12)  # Dice-Jaccard identity
+    # 0/1 float input gives the same answer as bool input
+    assert dice(pred.astype(np.float32), truth.astype(np.int64)) == pytest.approx(d)
+
+
+def test_input_validation():
+    with pytest.raises(ValueError, match="shape"):
+        dice(np.zeros((2, 2)), np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="0 or 1"):
+        dice(np.full((2, 2), 0.7), np.zeros((2, 2)))  # probability map, not thresholded
+    with pytest.raises(ValueError, match="0 or 1"):
+        confusion(np.array([0, 2]), np.array([0, 1]))  # multi-label map
+
+
+# ----------------------------------------------------------------------------- averages
+
+
+def test_voxel_average_differs_from_sample_average():
+    # Image 1: one true voxel, prediction of 2 voxels (1 TP, 1 FP) -> Dice 2/3, IoU 1/2.
+    t1 = np.zeros((2, 2, 2), bool)
+    p1 = np.zeros((2, 2, 2), bool)
+    t1[0, 0, 0] = True
+    p1[0, 0, 0] = p1[0, 0, 1] = True
+    # Image 2: 10 true voxels, perfectly predicted -> Dice 1, IoU 1.
+    t2 = np.zeros((2, 5, 5), bool)
+    t2[0, 0, :] = True
+    t2[1, 0, :] = True
+    p2 = t2.copy()
+    c1, c2 = confusion(p1, t1), confusion(p2, t2)
+    assert c1 == (1, 1, 0) and c2 == (10, 0, 0)
+
+    s_dice = sample_average([dice(p1, t1), dice(p2, t2)])
+    s_iou = sample_average([iou(p1, t1), iou(p2, t2)])
+    v = voxel_average([c1, c2])
+    assert s_dice == pytest.approx(float((Fraction(2, 3) + 1) / 2))  # 5/6
+    assert s_iou == pytest.approx(0.75)
+    # pooled: TP 11, FP 1, FN 0
+    assert v["dice"] == pytest.approx(22 / 23)
+    assert v["iou"] == pytest.approx(11 / 12)
+    assert v["dice"] != pytest.approx(s_dice)
+    assert set(v) == {"dice", "iou"}
+
+
+def test_average_edge_cases():
+    with pytest.raises(ValueError):
+        sample_average([])
+    with pytest.raises(ValueError):
+        voxel_average([])
+    assert voxel_average([(0, 0, 0), (0, 0, 0)]) == {"dice": 1.0, "iou": 1.0}
+    assert math.isnan(sample_average([0.5, float("nan")]))
+    assert sample_average(iter([0.2, 0.4])) == pytest.approx(0.3)
+
+
+# ----------------------------------------------------------------------------- lesion-wise
+
+
+def _constructed_case() -> tuple[np.ndarray, np.ndarray]:
+    """Two true lesions (A detected, B missed) and two predicted components (one FP)."""
+    truth = np.zeros((5, 10, 10), bool)
+    pred = np.zeros((5, 10, 10), bool)
+    truth[1:3, 1:3, 1:3] = True  # lesion A, 8 voxels
+    truth[1:3, 6:8, 6:8] = True  # lesion B, 8 voxels, not predicted
+    pred[2:4, 2:4, 2:4] = True  # overlaps A in one voxel (2, 2, 2); 8 voxels
+    pred[0, 7:9, 0:2] = True  # false-positive component, 4 voxels, far from both
+    return pred, truth
+
+
+def test_lesion_detection_constructed():
+    pred, truth = _constructed_case()
+    det = lesion_detection(pred, truth)
+    assert det == LesionDetection(
+        n_true=2, n_pred=2, n_detected=1, n_false_positive=1, ltpr=0.5, lfpr=0.5, f1=0.5
+    )
+    with pytest.raises(Exception):  # frozen dataclass
+        det.ltpr = 1.0  # type: ignore[misc]
+
+
+def test_one_prediction_covering_two_lesions():
+    truth = np.zeros((3, 3, 7), bool)
+    truth[1, 1, 0:2] = True
+    truth[1, 1, 5:7] = True
+    pred = np.zeros_like(truth)
+    pred[1, 1, :] = True  # one bridging component
+    det = lesion_detection(pred, truth)
+    assert (det.n_true, det.n_pred, det.n_detected, det.n_false_positive) == (2, 1, 2, 0)
+    assert (det.ltpr, det.lfpr, det.f1) == (1.0, 0.0, 1.0)
+
+
+def test_lesion_detection_empty_rules():
+    z = np.zeros((3, 3, 3), bool)
+    one = z.copy()
+    one[1, 1, 1] = True
+    # nothing anywhere -> perfect
+    d = lesion_detection(z, z)
+    assert (d.n_true, d.n_pred, d.ltpr, d.lfpr, d.f1) == (0, 0, 1.0, 0.0, 1.0)
+    # only predictions -> every prediction is a false positive
+    d = lesion_detection(one, z)
+    got = (d.n_true, d.n_pred, d.n_false_positive, d.ltpr, d.lfpr, d.f1)
+    assert got == (0, 1, 1, 1.0, 1.0, 0.0)
+    # only truth -> nothing detected, no false positives
+    d = lesion_detection(z, one)
+    assert (d.n_true, d.n_pred, d.n_detected, d.ltpr, d.lfpr, d.f1) == (1, 0, 0, 0.0, 0.0, 0.0)
+
+
+def test_connectivity_diagonal_components():
+    corner = np.zeros((2, 2, 2), bool)
+    corner[0, 0, 0] = corner[1, 1, 1] = True  # touch only at a corner
+    edge = np.zeros((2, 2, 2), bool)
+    edge[0, 0, 0] = edge[0, 1, 1] = True  # touch along an edge
+    only_first = np.zeros((2, 2, 2), bool)
+    only_first[0, 0, 0] = True
+
+    assert lesion_detection(corner, corner, connectivity=26).n_true == 1
+    assert lesion_detection(corner, corner, connectivity=18).n_true == 2
+    assert lesion_detection(corner, corner, connectivity=6).n_true == 2
+    assert lesion_detection(edge, edge, connectivity=18).n_true == 1
+    assert lesion_detection(edge, edge, connectivity=6).n_true == 2
+
+    # predicting one voxel detects the whole diagonal lesion under 26, half of it under 6
+    assert lesion_detection(only_first, corner, connectivity=26).ltpr == 1.0
+    assert lesion_detection(only_first, corner, connectivity=6).ltpr == 0.5
+    with pytest.raises(ValueError):
+        lesion_detection(corner, corner, connectivity=8)
+
+
+def test_min_lesion_voxels_filter():
+    truth = np.zeros((4, 8, 8), bool)
+    pred = np.zeros_like(truth)
+    truth[0:2, 0:2, 0:2] = True  # 8-voxel lesion
+    truth[3, 7, 7] = True  # 1-voxel speck, missed
+    pred[0:2, 0:2, 0:2] = True  # detects the big lesion
+    pred[3, 0, 7] = True  # 1-voxel FP speck
+    d0 = lesion_detection(pred, truth, min_lesion_voxels=0)
+    assert (d0.n_true, d0.n_pred, d0.n_detected, d0.n_false_positive) == (2, 2, 1, 1)
+    d2 = lesion_detection(pred, truth, min_lesion_voxels=2)
+    assert (d2.n_true, d2.n_pred, d2.n_detected, d2.n_false_positive) == (1, 1, 1, 0)
+    assert (d2.ltpr, d2.lfpr, d2.f1) == (1.0, 0.0, 1.0)
+    kept = remove_small_components(truth, 2)
+    assert kept.sum() == 8 and not kept[3, 7, 7]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("connectivity", [6, 26])
+def test_lesion_detection_random_against_bfs(seed, connectivity):
+    rng = np.random.default_rng(100 + seed)
+    shape = (4, 6, 6)
+    pred = rng.random(shape) < 0.12
+    truth = rng.random(shape) < 0.12
+    t_comps = _components_bfs(truth, full=connectivity == 26)
+    p_comps = _components_bfs(pred, full=connectivity == 26)
+    p_set, t_set = _coords(pred), _coords(truth)
+    n_det = sum(1 for c in t_comps if c & p_set)
+    n_fp = sum(1 for c in p_comps if not c & t_set)
+    det = lesion_detection(pred, truth, connectivity=connectivity)
+    assert (det.n_true, det.n_pred) == (len(t_comps), len(p_comps))
+    assert (det.n_detected, det.n_false_positive) == (n_det, n_fp)
+    assert det.ltpr == pytest.approx(n_det / len(t_comps))
+    assert det.lfpr == pytest.approx(n_fp / len(p_comps))
+    prec, rec = 1 - n_fp / len(p_comps), n_det / len(t_comps)
+    assert det.f1 == pytest.approx(2 * prec * rec / (prec + rec) if prec + rec else 0.0)
+
+
+# ----------------------------------------------------------------------------- volumes
+
+
+def test_volume_anisotropic_voxels():
+    m = np.zeros((4, 5, 5), bool)
+    m[1, 0, :] = True
+    m[2, 0, :] = True  # 10 voxels
+    # 0.7 * 0.7 * 3.0 = 1.47 mm^3 per voxel -> 14.7 mm^3 -> 0.0147 ml
+    assert lesion_volume_ml(m, ANISO) == pytest.approx(0.0147, rel=1e-12)
+    assert lesion_volume_ml(m, (0.7, 0.7, 3.0)) == pytest.approx(0.0147, rel=1e-12)
+    assert lesion_volume_ml(np.zeros((2, 2, 2)), ANISO) == 0.0
+    with pytest.raises(ValueError):
+        lesion_volume_ml(m, (1.0, 1.0))  # wrong number of spacings
+    with pytest.raises(ValueError):
+        lesion_volume_ml(m, (1.0, 0.0, 1.0))
+
+
+def test_volume_errors():
+    truth = np.zeros((3, 5, 5), bool)
+    truth[0, 0:2, :] = True  # 10 voxels = 0.0147 ml
+    over = truth.copy()
+    over[1, 0, :] = True  # 15 voxels = 0.02205 ml
+    under = np.zeros_like(truth)
+    under[0, 0, :] = True  # 5 voxels
+    abs_e, rel_e = volume_errors(over, truth, ANISO)
+    assert abs_e == pytest.approx(5 * 1.47 / 1000)
+    assert rel_e == pytest.approx(0.5)
+    abs_e, rel_e = volume_errors(under, truth, ANISO)
+    assert abs_e == pytest.approx(5 * 1.47 / 1000)
+    assert rel_e == pytest.approx(-0.5)  # signed: under-segmentation is negative
+    abs_e, rel_e = volume_errors(over, np.zeros_like(truth), ANISO)
+    assert abs_e == pytest.approx(15 * 1.47 / 1000)
+    assert math.isnan(rel_e)  # true volume 0
+
+
+# ----------------------------------------------------------------------------- evaluate_case
+
+
+def test_evaluate_case_row():
+    pred, truth = _constructed_case()
+    row = evaluate_case(pred, truth, ANISO)
+    assert set(row) == {
+        "tp", "fp", "fn", "dice", "iou", "ltpr", "lfpr", "lesion_f1",
+        "n_true_lesions", "n_pred_lesions", "volume_true_ml", "volume_pred_ml",
+        "abs_volume_error_ml", "rel_volume_error",
+    }  # fmt: skip
+    # truth 16 voxels, pred 12 voxels, overlap 1 voxel
+    assert (row["tp"], row["fp"], row["fn"]) == (1, 11, 15)
+    assert row["dice"] == pytest.approx(2 / 28)
+    assert row["iou"] == pytest.approx(1 / 27)
+    assert (row["ltpr"], row["lfpr"], row["lesion_f1"]) == (0.5, 0.5, 0.5)
+    assert (row["n_true_lesions"], row["n_pred_lesions"]) == (2, 2)
+    assert row["volume_true_ml"] == pytest.approx(16 * 1.47 / 1000)
+    assert row["volume_pred_ml"] == pytest.approx(12 * 1.47 / 1000)
+    assert row["abs_volume_error_ml"] == pytest.approx(4 * 1.47 / 1000)
+    assert row["rel_volume_error"] == pytest.approx(-0.25)
+
+
+def test_evaluate_case_both_empty():
+    z = np.zeros((2, 3, 4), np.uint8)
+    row = evaluate_case(z, z, ANISO)
+    assert row["dice"] == 1.0 and row["iou"] == 1.0 and row["lesion_f1"] == 1.0
+    assert row["abs_volume_error_ml"] == 0.0 and math.isnan(row["rel_volume_error"])

@@ -1,0 +1,326 @@
+"""Scale-out: the workstation and SLURM profiles, and the tiny study run on a real SLURM cluster.
+
+The cluster tests use the ``slurm_cluster`` fixture (tests/slurm_cluster.py): a single-node SLURM
+cluster on localhost started from Debian's packages (installed if missing; skipped with the
+reason where that is impossible -- but never skipped when ``CI=true``).
+
+The node has no GPU; it declares *stand-in GPUs* (null devices as the GRES files, see
+tests/slurm_cluster.py), so ``--gpus=1`` is scheduled, counted and reflected in
+``CUDA_VISIBLE_DEVICES`` exactly as on a GPU node, while the training itself runs on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from slurm_cluster import MIN_JOB_AGE_S, PLUGIN_INIT_WAIT_S, SlurmCluster, slurm_cluster, tool
+
+__all__ = ["slurm_cluster"]  # the fixture, re-exported so pytest finds it in this module
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILES = ROOT / "workflow" / "profiles"
+SLURM_PROFILE = PROFILES / "slurm" / "config.yaml"
+DEFAULT_PROFILE = PROFILES / "default" / "config.yaml"
+GPU_RULES = ("train", "predict")
+LIGHT_RULES = ("splits", "aggregate", "figures")  # must be `localrules` (issue 5)
+
+#: the tiny study (config/test.yaml) shrunk further for the 2-CPU test node: 2 of the 7 variants
+#: (the baseline and the full RSA), i.e. 4 training jobs instead of 14
+SHRINK = ["--config", "variants=[unet3d, rsa-111]", "figures={fig5_variants: [rsa-111, unet3d]}"]
+STUDY_TIMEOUT_S = 20 * 60  # bound on the whole SLURM run of the tiny study
+TEST_STATUS_WAIT_S = 10  # plugin's initial wait before the first status check, in the test
+
+
+def snakefile() -> Path | None:
+    for candidate in (ROOT / "workflow" / "Snakefile", ROOT / "Snakefile"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def study_config_file() -> Path:
+    return ROOT / "config" / "test.yaml"
+
+
+def load_profile(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def workflow_files() -> list[Path]:
+    sf = snakefile()
+    return ([sf] if sf else []) + sorted((ROOT / "workflow" / "rules").glob("*.smk"))
+
+
+def workflow_rules() -> tuple[set[str], set[str]]:
+    """(rule names, localrules) declared in the Snakefile and workflow/rules/*.smk (text parse)."""
+    rules: set[str] = set()
+    local: set[str] = set()
+    for f in workflow_files():
+        text = f.read_text()
+        rules |= set(re.findall(r"^rule\s+(\w+)\s*:", text, flags=re.M))
+        for m in re.finditer(r"^localrules\s*:\s*((?:[^\n]*\\?\n?)+?)(?=^\S|\Z)", text,
+                             flags=re.M):
+            local |= set(re.findall(r"\w+", m.group(1).split("#")[0]))
+    return rules, local
+
+
+# ------------------------------------------------------------------------------------------
+# the profiles (fast, no cluster)
+# ------------------------------------------------------------------------------------------
+def rule_block(name: str) -> str:
+    """Text of ``rule <name>:`` in the workflow files ('' if absent)."""
+    for f in workflow_files():
+        m = re.search(rf"^rule\s+{name}\s*:\n(.*?)(?=^\S|\Z)", f.read_text(), flags=re.M | re.S)
+        if m:
+            return m.group(1)
+    return ""
+
+
+def test_slurm_profile_requests_gpus_for_train_and_predict():
+    prof = load_profile(SLURM_PROFILE)
+    assert prof["executor"] == "slurm"
+    for rule in GPU_RULES:
+        res = prof["set-resources"][rule]
+        gpus = res.get("gpu") or (
+            int(str(res["gres"]).split(":")[-1]) if "gpu" in str(res.get("gres", "")) else 0)
+        assert int(gpus) == 1, f"{rule} must request one GPU through the plugin's gpu/gres"
+        assert "FILL_IN" in str(res["slurm_partition"])  # the user's GPU partition
+    # partition and account are the user's to fill in: clearly marked placeholders
+    dr = prof["default-resources"]
+    assert "FILL_IN" in str(dr["slurm_partition"]) and "FILL_IN" in str(dr["slurm_account"])
+    assert int(dr["mem_mb"]) > 0 and int(dr["runtime"]) > 0
+
+
+def test_gpu_rules_declare_memory_runtime_and_threads():
+    """mem_mb, runtime and threads (-> --cpus-per-task) of train/predict are set by the rules."""
+    for rule in GPU_RULES:
+        block = rule_block(rule)
+        if not block:
+            pytest.skip(f"rule {rule} not written yet")
+        for key in (r"mem_mb\s*=", r"runtime\s*=", r"threads\s*:", r"gpu\s*=\s*1"):
+            assert re.search(key, block), f"rule {rule} lacks {key}"
+
+
+def test_slurm_profile_status_polling_works_without_accounting():
+    prof = load_profile(SLURM_PROFILE)
+    assert prof["slurm-status-command"] == "squeue"
+    wait = int(prof["slurm-init-seconds-before-status-checks"])
+    # squeue is only used while SLURM's MinJobAge >= 3x this wait; 300 s is SLURM's default
+    assert 3 * wait <= 300 and wait <= PLUGIN_INIT_WAIT_S
+    assert 3 * max(wait, TEST_STATUS_WAIT_S) <= MIN_JOB_AGE_S
+
+
+def test_workstation_profile_limits_gpu_jobs():
+    prof = load_profile(DEFAULT_PROFILE)
+    assert int(prof["resources"]["gpu"]) >= 1
+    for rule in GPU_RULES:
+        assert int(prof["set-resources"][rule]["gpu"]) == 1
+    assert prof["rerun-incomplete"] is True and int(prof["retries"]) >= 1
+    assert "executor" not in prof  # local execution
+
+
+def test_profiles_name_existing_rules_and_light_rules_run_locally():
+    rules, local = workflow_rules()
+    if not rules:
+        pytest.skip("workflow rules not written yet")
+    for path in (SLURM_PROFILE, DEFAULT_PROFILE):
+        unknown = set(load_profile(path)["set-resources"]) - rules
+        assert not unknown, f"{path.relative_to(ROOT)} sets resources of unknown rules {unknown}"
+    assert not local & set(GPU_RULES), "GPU rules must be submitted, not run locally"
+    missing = [r for r in LIGHT_RULES if r in rules and r not in local]
+    assert not missing, f"declare light rules {missing} as `localrules` in the Snakefile"
+
+
+# ------------------------------------------------------------------------------------------
+# the cluster
+# ------------------------------------------------------------------------------------------
+def test_sbatch_wrap_runs_a_job(slurm_cluster: SlurmCluster, tmp_path):
+    out = tmp_path / "hello.out"
+    res = subprocess.run(
+        [tool("sbatch"), "--parsable", "--wait", "-o", str(out),
+         "--wrap", "echo hello from job $SLURM_JOB_ID on $(hostname -s)"],
+        capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr + slurm_cluster.logs()
+    job_id = res.stdout.strip().split(";")[0]
+    assert out.read_text().strip() == f"hello from job {job_id} on {slurm_cluster.host}"
+
+
+def test_each_gpu_job_sees_only_its_gpu(slurm_cluster: SlurmCluster, tmp_path):
+    """Two concurrent --gpus=1 jobs each get one GPU, a different one, in CUDA_VISIBLE_DEVICES."""
+    if slurm_cluster.gpus < 2:
+        pytest.skip("the test node has a single GPU")
+    jobs = []
+    for i in range(2):
+        out = tmp_path / f"gpu{i}.out"
+        jobs.append((out, subprocess.Popen(
+            [tool("sbatch"), "--parsable", "--wait", "--gpus=1", "--cpus-per-task=1",
+             "--mem=100", "-o", str(out),
+             "--wrap", "echo $CUDA_VISIBLE_DEVICES; sleep 3"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+    seen = []
+    for out, proc in jobs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        seen.append(out.read_text().strip())
+    assert all(re.fullmatch(r"\d+", s) for s in seen), seen  # exactly one device each
+    assert len(set(seen)) == 2, f"both jobs were given the same GPU: {seen}"
+
+
+class JobRecorder(threading.Thread):
+    """Records every job slurmctld knows about (``scontrol -o show job``) while a run lasts.
+
+    There is no accounting database (no ``sacct``): this history is the proof of what SLURM ran.
+    """
+
+    def __init__(self, period_s: float = 2.0):
+        super().__init__(daemon=True)
+        self.period_s = period_s
+        self.jobs: dict[str, dict[str, str]] = {}
+        self._done = threading.Event()
+
+    def poll(self) -> None:
+        res = subprocess.run([tool("scontrol"), "-o", "show", "job"], capture_output=True,
+                             text=True, timeout=30)
+        for line in res.stdout.splitlines():
+            fields = dict(re.findall(r"(\w+(?:/\w+)?)=(\S*)", line))
+            if "JobId" in fields:
+                self.jobs[fields["JobId"]] = fields
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            try:
+                self.poll()
+            except (subprocess.SubprocessError, OSError):
+                pass
+            self._done.wait(self.period_s)
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join(timeout=60)
+        self.poll()
+
+
+def filled_in_resources(cluster: SlurmCluster) -> tuple[list[str], list[str]]:
+    """The SLURM profile's resources with the user's placeholders filled in for the test cluster.
+
+    ``FILL_IN`` partitions -> the test partition; no account (the run adds
+    ``--slurm-no-account``). Everything else -- above all the GPU requests of train/predict --
+    is passed on unchanged. Given on the command line these lists replace the profile's two keys
+    as a whole, hence the full copy.
+    """
+    prof = load_profile(SLURM_PROFILE)
+
+    def fill(res: dict) -> dict:
+        out = {k: v for k, v in res.items() if k != "slurm_account"}
+        if "slurm_partition" in out:
+            out["slurm_partition"] = cluster.partition
+        return out
+
+    defaults = [f"{k}={v}" for k, v in fill(prof["default-resources"]).items()]
+    per_rule = [f"{rule}:{k}={v}" for rule, res in prof["set-resources"].items()
+                for k, v in fill(res).items()]
+    for rule in GPU_RULES:
+        assert f"{rule}:gpu=1" in per_rule
+    return defaults, per_rule
+
+
+def run_bounded(cmd: list[str], cwd: Path, log: Path, timeout_s: float) -> tuple[int, float]:
+    """Run ``cmd`` with output to ``log``; on timeout SIGINT it (snakemake then cancels its
+    SLURM jobs; SIGTERM would leave them), SIGKILL only if it ignores that. (rc, seconds)."""
+    t0 = time.monotonic()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=30)
+            rc = None
+    elapsed = time.monotonic() - t0
+    if rc is None:
+        pytest.fail(f"snakemake did not finish within {timeout_s}s (interrupted)\n"
+                    + "\n".join(log.read_text(errors="replace").splitlines()[-60:]),
+                    pytrace=False)
+    return rc, elapsed
+
+
+@pytest.mark.slow
+def test_tiny_study_runs_through_slurm(slurm_cluster: SlurmCluster, tmp_path):
+    sf = snakefile()
+    test_config = study_config_file()
+    if sf is None or not test_config.is_file():
+        pytest.fail("the workflow (Snakefile, config/test.yaml) is missing", pytrace=False)
+    workdir = tmp_path / "study"
+    workdir.mkdir()
+    defaults, per_rule = filled_in_resources(slurm_cluster)
+    cmd = [sys.executable, "-m", "snakemake",
+           "--snakefile", str(sf), "--directory", str(workdir),
+           # the SLURM profile as users run it (replaces the workstation profile)
+           "--workflow-profile", str(SLURM_PROFILE.parent),
+           "--configfile", str(test_config),
+           *SHRINK,
+           # the profile's FILL_IN placeholders filled in for this cluster (GPU requests as is)
+           "--default-resources", *defaults,
+           "--set-resources", *per_rule,
+           "--slurm-no-account",
+           "--slurm-init-seconds-before-status-checks", str(TEST_STATUS_WAIT_S),
+           "--retries", "0"]
+    print("command:", " ".join(cmd))
+    recorder = JobRecorder()
+    recorder.start()
+    try:
+        rc, elapsed = run_bounded(cmd, workdir, tmp_path / "snakemake.log", STUDY_TIMEOUT_S)
+    finally:
+        recorder.stop()
+    log = (tmp_path / "snakemake.log").read_text(errors="replace")
+    print(f"SLURM study run: {elapsed:.0f} s (cluster start {slurm_cluster.start_seconds:.1f} s)")
+    assert rc == 0, "\n".join(log.splitlines()[-80:]) + "\n" + slurm_cluster.logs()
+
+    # outputs of the study
+    for out in ("results/tables/table1.csv", "results/tables/table1.md",
+                "results/figures/fig5.png", "results/provenance.json"):
+        assert (workdir / out).is_file(), f"missing {out}"
+    for variant in ("unet3d", "rsa-111"):
+        for split in (0, 1):
+            assert (workdir / f"results/models/{variant}/split{split}/model.pt").is_file()
+
+    # the jobs really went through SLURM: ids announced by the plugin ...
+    announced = re.findall(
+        r"Job \d+ has been submitted with SLURM jobid (\d+) \(log: (\S+)\)\.", log)
+    submitted = {sid: Path(logfile) for sid, logfile in announced}
+    assert submitted, "no job was submitted to SLURM\n" + log[-3000:]
+    # ... each with its SLURM log in .snakemake/slurm_logs/rule_<rule>/.../<jobid>.log ...
+    logdir = workdir / ".snakemake" / "slurm_logs"
+    for sid, logfile in submitted.items():
+        assert logfile.is_file() and logfile.is_relative_to(logdir), (sid, logfile)
+    # ... and seen by slurmctld, completed, with the GPU requested by the profile
+    history = recorder.jobs
+    assert set(submitted) <= set(history), set(submitted) - set(history)
+    by_rule: dict[str, list[dict[str, str]]] = {}
+    for sid in submitted:
+        job = history[sid]
+        assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", job
+        rule = re.match(r"rule_([A-Za-z0-9_]+?)(?:_wildcards_|$)", job["Comment"]).group(1)
+        by_rule.setdefault(rule, []).append(job)
+    for rule in GPU_RULES:
+        assert rule in by_rule, f"no {rule} job went through SLURM: {sorted(by_rule)}"
+        for job in by_rule[rule]:
+            assert "gpu:1" in job.get("TresPerJob", "") + job.get("TresPerNode", ""), job
+    _, local = workflow_rules()
+    assert not local & set(by_rule), f"local rules were submitted: {local & set(by_rule)}"

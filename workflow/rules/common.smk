@@ -1,0 +1,131 @@
+# Shared by all stages: config and subject-sheet validation, the subject table, wildcard
+# constraints and every input function.
+import re
+from pathlib import Path
+
+import pandas as pd
+from snakemake.utils import validate
+
+from rsanet.models import VARIANTS
+from rsanet.splits import make_splits
+from rsanet.validation import config_problems, read_sheet, sheet_problems
+
+SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas"
+ENV = "../../envs/rsanet.yaml"
+DEMO = config.get("subjects") == "demo"
+
+
+def _demo_sheet(cfg):
+    from rsanet.demo import subject_id
+
+    n = int(cfg.get("demo", {}).get("n_subjects", 43))
+    ids = [subject_id(i) for i in range(n)]
+    return pd.DataFrame(
+        {
+            "subject": ids,
+            "t1": [f"results/demo/{s}/T1.nii.gz" for s in ids],
+            "t2": [f"results/demo/{s}/T2.nii.gz" for s in ids],
+            "flair": [f"results/demo/{s}/FLAIR.nii.gz" for s in ids],
+            "lesions": [f"results/demo/{s}/lesions.nii.gz" for s in ids],
+        }
+    )
+
+
+# --- Validate the config (every violation listed at once) and the subject sheet -------------
+if DEMO:
+    SHEET = _demo_sheet(config)
+    _sheet_issues = []
+else:
+    SHEET = read_sheet(config["subjects"])
+    _sheet_issues = sheet_problems(SHEET, f"subject sheet {config['subjects']}")
+_issues = config_problems(config, SCHEMAS / "config.schema.yaml", n_subjects=len(SHEET)) + _sheet_issues
+if _issues:
+    raise ValueError(
+        f"{len(_issues)} problem(s) in the configuration or subject sheet; fix them all and rerun:\n"
+        + "\n".join(f"  - {p}" for p in _issues)
+    )
+validate(config, SCHEMAS / "config.schema.yaml")
+validate(SHEET, SCHEMAS / "subjects.schema.yaml")
+SHEET = SHEET.set_index("subject", drop=False)
+SUBJECTS = list(SHEET.subject)
+
+VARIANT_IDS = list(config["variants"])
+SPLITS = make_splits(
+    SUBJECTS,
+    config["splits"]["n_splits"],
+    config["splits"]["n_train"],
+    config["splits"].get("n_test"),
+    config["splits"].get("seed", 0),
+)
+SPLIT_IDS = list(range(len(SPLITS)))
+REFERENCE = config["registration"]["reference"]
+MOVING = [c for c in ("T1", "T2", "FLAIR") if c != REFERENCE]
+
+
+wildcard_constraints:
+    subject="|".join(re.escape(s) for s in SUBJECTS),
+    variant="|".join(re.escape(v) for v in VARIANTS),
+    split=r"\d+",
+    contrast="T1|T2|FLAIR",
+
+
+# --- Input functions ---------------------------------------------------------------------------
+def raw_images(wildcards):
+    """The subject's raw T1, T2, FLAIR and lesion mask (from the sheet or the demo cohort)."""
+    row = SHEET.loc[wildcards.subject]
+    return {"t1": row.t1, "t2": row.t2, "flair": row.flair, "lesions": row.lesions}
+
+
+def all_raw_files():
+    return [p for col in ("t1", "t2", "flair", "lesions") for p in SHEET[col]]
+
+
+def preprocessed_all():
+    return {s: f"results/preprocessed/{s}.npz" for s in SUBJECTS}
+
+
+def split_train_preprocessed(wildcards):
+    return [f"results/preprocessed/{s}.npz" for s in SPLITS[int(wildcards.split)]["train"]]
+
+
+def split_test_preprocessed(wildcards):
+    return [f"results/preprocessed/{s}.npz" for s in SPLITS[int(wildcards.split)]["test"]]
+
+
+def metric_csvs():
+    return expand("results/metrics/{variant}/split{split}.csv", variant=VARIANT_IDS, split=SPLIT_IDS)
+
+
+def train_logs():
+    return expand("results/models/{variant}/split{split}/train_log.csv", variant=VARIANT_IDS, split=SPLIT_IDS)
+
+
+def fig5_variants():
+    wanted = config.get("figures", {}).get("fig5_variants", ["rsa-111", "ncl-010", "unet3d"])
+    return [v for v in wanted if v in VARIANT_IDS] or VARIANT_IDS[:3]
+
+
+def fig5_predictions():
+    return [f"results/predictions/{v}/split0" for v in fig5_variants()]
+
+
+def qc_figures():
+    return expand("results/qc/registration/{subject}.png", subject=SUBJECTS)
+
+
+def all_outputs():
+    out = [
+        "results/tables/table1.csv",
+        "results/tables/table1.md",
+        "results/tables/table1.tex",
+        "results/tables/table2.md",
+        "results/tables/paired_tests.md",
+        "results/figures/fig1.png",
+        "results/figures/fig5.png",
+        "results/figures/training_curves.png",
+        "results/figures/score_distributions.png",
+        "results/provenance.json",
+    ] + qc_figures()
+    if DEMO:
+        out += ["results/qc/registration_accuracy.csv", "results/figures/registration_accuracy.png"]
+    return out

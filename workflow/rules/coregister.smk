@@ -1,0 +1,80 @@
+# Linear co-registration of the other contrasts onto the reference (FLAIR by default):
+# FSL FLIRT where installed, SimpleITK otherwise; the engine is recorded next to the outputs.
+
+
+rule coregister:
+    input:
+        unpack(raw_images),
+        validated="results/qc/input_validation.tsv",
+    output:
+        t1="results/registered/{subject}/T1.nii.gz",
+        t2="results/registered/{subject}/T2.nii.gz",
+        flair="results/registered/{subject}/FLAIR.nii.gz",
+        lesions="results/registered/{subject}/lesions.nii.gz",
+        transforms=directory("results/registered/{subject}/transforms"),
+        record="results/registered/{subject}/registration.json",
+    params:
+        reference=REFERENCE,
+        engine=config["registration"]["engine"],
+        dof=config["registration"].get("dof", 6),
+        max_displacement_mm=config["registration"].get("max_displacement_mm", 40),
+    log:
+        "logs/coregister/{subject}.log",
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=20,
+    conda:
+        ENV
+    script:
+        "../../scripts/coregister.py"
+
+
+rule registration_qc:
+    input:
+        t1="results/registered/{subject}/T1.nii.gz",
+        t2="results/registered/{subject}/T2.nii.gz",
+        flair="results/registered/{subject}/FLAIR.nii.gz",
+    output:
+        report(
+            "results/qc/registration/{subject}.png",
+            caption="../report/registration_qc.rst",
+            category="Registration QC",
+            labels={"subject": "{subject}"},
+        ),
+    params:
+        reference=REFERENCE,
+    log:
+        "logs/registration_qc/{subject}.log",
+    threads: 1
+    resources:
+        mem_mb=1500,
+        runtime=5,
+    conda:
+        ENV
+    script:
+        "../../scripts/registration_qc.py"
+
+
+rule registration_accuracy:
+    input:
+        records=expand("results/registered/{subject}/registration.json", subject=SUBJECTS),
+        truths=expand("results/demo/{subject}/truth.json", subject=SUBJECTS),
+        flairs=expand("results/registered/{subject}/FLAIR.nii.gz", subject=SUBJECTS),
+    output:
+        csv="results/qc/registration_accuracy.csv",
+        figure=report(
+            "results/figures/registration_accuracy.png",
+            caption="../report/registration_accuracy.rst",
+            category="Registration QC",
+        ),
+    log:
+        "logs/registration_accuracy.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        ENV
+    script:
+        "../../scripts/registration_accuracy.py"

@@ -1,0 +1,96 @@
+# Tables, figures and the record of what produced them; `snakemake --report` gathers them.
+
+
+rule aggregate:
+    input:
+        metric_csvs(),
+    output:
+        per_subject="results/tables/per_subject_metrics.csv",
+        table1_csv=report(
+            "results/tables/table1.csv", caption="../report/table1.rst", category="Tables"
+        ),
+        table1_md="results/tables/table1.md",
+        table1_tex="results/tables/table1.tex",
+        table2_csv=report(
+            "results/tables/table2.csv", caption="../report/table2.rst", category="Tables"
+        ),
+        table2_md="results/tables/table2.md",
+        tests_csv=report(
+            "results/tables/paired_tests.csv",
+            caption="../report/paired_tests.rst",
+            category="Tables",
+        ),
+        tests_md="results/tables/paired_tests.md",
+    log:
+        "logs/aggregate.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    conda:
+        ENV
+    script:
+        "../../scripts/aggregate.py"
+
+
+rule figures:
+    input:
+        per_subject="results/tables/per_subject_metrics.csv",
+        splits="results/splits.json",
+        logs=train_logs(),
+        predictions=fig5_predictions(),
+        preprocessed=list(preprocessed_all().values()),
+    output:
+        fig1=report("results/figures/fig1.png", caption="../report/fig1.rst", category="Figures"),
+        fig5=report("results/figures/fig5.png", caption="../report/fig5.rst", category="Figures"),
+        curves=report(
+            "results/figures/training_curves.png",
+            caption="../report/training_curves.rst",
+            category="Figures",
+        ),
+        scores=report(
+            "results/figures/score_distributions.png",
+            caption="../report/score_distributions.rst",
+            category="Figures",
+        ),
+        pdfs=[
+            "results/figures/fig1.pdf",
+            "results/figures/fig5.pdf",
+            "results/figures/training_curves.pdf",
+            "results/figures/score_distributions.pdf",
+        ],
+    params:
+        variants=VARIANT_IDS,
+        splits=SPLIT_IDS,
+        fig5_variants=fig5_variants(),
+        subjects=SUBJECTS,
+    log:
+        "logs/figures.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        ENV
+    script:
+        "../../scripts/figures.py"
+
+
+rule provenance:
+    input:
+        table="results/tables/table1.csv",
+        records=expand("results/registered/{subject}/registration.json", subject=SUBJECTS),
+    output:
+        "results/provenance.json",
+    params:
+        config=config,
+    log:
+        "logs/provenance.log",
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=2,
+    conda:
+        ENV
+    script:
+        "../../scripts/provenance.py"

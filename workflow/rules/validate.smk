@@ -1,0 +1,25 @@
+# Every subject's files opened and checked before any work starts; one report lists every problem.
+
+
+rule validate_inputs:
+    input:
+        all_raw_files(),
+    output:
+        report="results/qc/input_validation.tsv",
+    params:
+        subjects=lambda wildcards: {
+            s: {"T1": r.t1, "T2": r.t2, "FLAIR": r.flair, "lesion mask": r.lesions}
+            for s, r in SHEET.iterrows()
+        },
+        reference=REFERENCE,
+        allow_empty=config["preprocess"].get("allow_empty_masks", False),
+    log:
+        "logs/validate_inputs.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    conda:
+        ENV
+    script:
+        "../../scripts/validate_inputs.py"
