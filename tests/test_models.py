@@ -216,8 +216,9 @@ def test_paper_backbone_parameter_counts():
     assert math.isclose(rsa_block / 1e6, 0.79, abs_tol=0.01)
 
 
-def test_gradients_reach_every_alpha_in_a_network():
-    model = build_model("rsa-111", widths=SMALL)
+@pytest.mark.parametrize("widths", [(4, 8), SMALL, (4, 8, 8, 8)])
+def test_gradients_reach_every_alpha_in_a_network(widths):
+    model = build_model("rsa-111", widths=widths)
     with torch.no_grad():
         for block in (model.attn_encoder, model.attn_bottom, model.attn_decoder):
             block.alpha.fill_(0.1)

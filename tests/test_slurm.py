@@ -130,6 +130,24 @@ def test_workstation_profile_limits_gpu_jobs():
     assert "executor" not in prof  # local execution
 
 
+def test_workstation_profile_is_picked_up_by_default(tmp_path):
+    """A plain `snakemake` run from the repository root loads workflow/profiles/default.
+
+    Snakemake looks for `profiles/default` in the working directory and next to the Snakefile:
+    this needs workflow/Snakefile, or a `profiles -> workflow/profiles` link at the root.
+    """
+    sf = snakefile()
+    if sf is None:
+        pytest.skip("no Snakefile yet")
+    res = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(sf), "--directory", str(tmp_path),
+         "--configfile", str(study_config_file()), "--dry-run", "--quiet", "all"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    m = re.search(r"workflow specific profile (\S+) for setting", res.stderr)
+    assert m, "the workstation profile was not loaded:\n" + res.stderr[-2000:]
+    assert (ROOT / m.group(1)).resolve() == DEFAULT_PROFILE.parent.resolve(), m.group(1)
+
+
 def test_profiles_name_existing_rules_and_light_rules_run_locally():
     rules, local = workflow_rules()
     if not rules:

@@ -297,12 +297,14 @@ class UNet3D(nn.Module):
 
         # Encoder: level i has widths[i] channels at 1/2**i of the input size.
         skips = []
-        h = self.encoders[0](self.stem(x))  # (N, w0, D, H, W)
-        for i in range(1, levels):
-            skips.append(h)
-            h = self.encoders[i](self.downs[i - 1](h))  # (N, w_i, D/2^i, H/2^i, W/2^i)
+        h = self.stem(x)  # (N, w0, D, H, W)
+        for i in range(levels):
+            if i > 0:
+                skips.append(h)
+                h = self.downs[i - 1](h)  # (N, w_i, D/2^i, H/2^i, W/2^i)
+            h = self.encoders[i](h)
             if i == levels - 2:
-                h = self.attn_encoder(h)  # second-bottom encoder ("1.." bit)
+                h = self.attn_encoder(h)  # second-bottom encoder ("1.." bit); also its skip
         h = self.attn_bottom(h)  # bottleneck (".1." bit), (N, w_last, D/2^(L-1), ...)
 
         # Decoder: back up one level at a time.

@@ -89,6 +89,8 @@ class SimpleITKSettings:
     affine_levels: int = 2
     learning_rate: float = 1.0
     min_step: float = 0.005
+    relaxation: float = 0.6
+    optimizer: str = "rsgd"
     seed: int = 1234
 
     def __post_init__(self) -> None:
@@ -326,7 +328,7 @@ def resample_to_fixed(
         offset=fixed_vox_to_moving_vox[:3, 3],
         output_shape=tuple(fixed_img.shape[:3]),
         order=order,
-        mode="constant",
+        mode="grid-constant",  # outside the moving grid is 0, blended linearly at its border
         cval=0.0,
     )
     result = nib.Nifti1Image(out, fixed_img.affine)
@@ -470,16 +472,39 @@ def _optimise(level: _Level, tx: sitk.Transform, *, settings: SimpleITKSettings,
     """Refine ``tx`` in place at one level (regular-step gradient descent); returns the final metric."""
     reg = _method(level, level.samples, settings.histogram_bins, settings.seed, threads)
     # With physical-shift scales one unit of step is about one voxel shift at this level.
-    reg.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=settings.learning_rate,
-        minStep=settings.min_step,
-        numberOfIterations=level.iterations,
-        relaxationFactor=0.6,
-        gradientMagnitudeTolerance=1e-8,
-    )
+    if settings.optimizer == "rsgd":
+        reg.SetOptimizerAsRegularStepGradientDescent(
+            learningRate=settings.learning_rate,
+            minStep=settings.min_step,
+            numberOfIterations=level.iterations,
+            relaxationFactor=settings.relaxation,
+            gradientMagnitudeTolerance=1e-8,
+        )
+    elif settings.optimizer == "cg":
+        reg.SetOptimizerAsConjugateGradientLineSearch(
+            learningRate=settings.learning_rate, numberOfIterations=level.iterations,
+            convergenceMinimumValue=1e-7, convergenceWindowSize=10,
+            lineSearchLowerLimit=0.0, lineSearchUpperLimit=3.0, lineSearchEpsilon=0.01,
+            lineSearchMaximumIterations=20, estimateLearningRate=reg.Never,
+        )
+    elif settings.optimizer == "lbfgs":
+        reg.SetOptimizerAsLBFGS2(solutionAccuracy=1e-6, numberOfIterations=level.iterations,
+                                 deltaConvergenceDistance=5, deltaConvergenceTolerance=1e-6,
+                                 lineSearchMaximumEvaluations=20)
+    elif settings.optimizer == "powell":
+        reg.SetOptimizerAsPowell(numberOfIterations=level.iterations, maximumLineIterations=20,
+                                 stepLength=settings.learning_rate, stepTolerance=settings.min_step,
+                                 valueTolerance=1e-6)
+    else:  # gradient descent, learning rate re-estimated each iteration
+        reg.SetOptimizerAsGradientDescent(
+            learningRate=settings.learning_rate, numberOfIterations=level.iterations,
+            convergenceMinimumValue=1e-7, convergenceWindowSize=10,
+            estimateLearningRate=reg.EachIteration, maximumStepSizeInPhysicalUnits=0.0,
+        )
     reg.SetOptimizerScalesFromPhysicalShift()
     reg.SetInitialTransform(tx, inPlace=True)
     reg.Execute(level.fixed, level.moving)
+    log.debug("level %.1f mm: %s", level.spacing_mm, reg.GetOptimizerStopConditionDescription())
     return float(reg.GetMetricValue())
 
 

@@ -1,0 +1,150 @@
+"""Conda environments (envs/*.yaml, for `snakemake --sdm conda`): valid, used, and in step with
+pyproject.toml."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
+
+ROOT = Path(__file__).resolve().parents[1]
+ENVS = sorted((ROOT / "envs").glob("*.yaml"))
+MAIN_ENV = ROOT / "envs" / "rsanet.yaml"
+
+
+def pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def load_env(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def pip_requirements(env: dict) -> list[Requirement]:
+    reqs = []
+    for dep in env["dependencies"]:
+        if isinstance(dep, dict) and "pip" in dep:
+            reqs += [Requirement(r) for r in dep["pip"]]
+    return reqs
+
+
+def conda_python_version(env: dict) -> str | None:
+    for dep in env["dependencies"]:
+        if isinstance(dep, str):
+            m = re.fullmatch(r"python\s*=+\s*([\d.]+)\*?", dep.strip())
+            if m:
+                return m.group(1)
+    return None
+
+
+def workflow_files() -> list[Path]:
+    return [p for p in (ROOT / "Snakefile", ROOT / "workflow" / "Snakefile") if p.is_file()] + \
+        sorted((ROOT / "workflow" / "rules").glob("*.smk"))
+
+
+def rule_blocks() -> list[tuple[Path, str, str]]:
+    """(file, rule name, rule body) for every rule in the workflow files (text parse)."""
+    blocks = []
+    for f in workflow_files():
+        for m in re.finditer(r"^rule\s+(\w+)\s*:[^\n]*\n(.*?)(?=^\S|\Z)", f.read_text(),
+                             flags=re.M | re.S):
+            blocks.append((f, m.group(1), m.group(2)))
+    return blocks
+
+
+def string_constants() -> dict[str, str]:
+    """Module-level ``NAME = "literal"`` assignments in the workflow (e.g. ``ENV = "..."``)."""
+    consts = {}
+    for f in workflow_files():
+        consts.update(re.findall(r"^([A-Za-z_]\w*)\s*=\s*[\"']([^\"']+)[\"']\s*$", f.read_text(),
+                                 flags=re.M))
+    return consts
+
+
+def conda_directive(body: str) -> str | None:
+    """The value of a rule's ``conda:`` directive (a string literal or a constant's name)."""
+    m = re.search(r"^\s+conda\s*:\s*\n?\s*(?:[\"']([^\"']+)[\"']|([A-Za-z_]\w*))", body,
+                  flags=re.M)
+    if not m:
+        return None
+    return m.group(1) if m.group(1) is not None else "$" + m.group(2)
+
+
+def test_there_is_an_env_for_the_python_rules():
+    assert MAIN_ENV.is_file()
+
+
+@pytest.mark.parametrize("path", ENVS, ids=[p.name for p in ENVS])
+def test_env_file_is_valid(path):
+    env = load_env(path)
+    assert isinstance(env, dict) and set(env) <= {"name", "channels", "dependencies"}, env
+    assert env.get("channels"), "pin the channels (conda-forge) for reproducible solves"
+    assert "defaults" not in env["channels"]
+    deps = env["dependencies"]
+    assert isinstance(deps, list) and deps
+    for dep in deps:
+        assert isinstance(dep, str) or (isinstance(dep, dict) and set(dep) == {"pip"}), dep
+    if pip_requirements(env):
+        assert "pip" in [d for d in deps if isinstance(d, str)], "pip section without pip"
+    version = conda_python_version(env)
+    assert version, "the env must pin python"
+    assert SpecifierSet(pyproject()["requires-python"]).contains(version), version
+
+
+def test_rules_with_scripts_or_shell_use_existing_env_files():
+    blocks = rule_blocks()
+    if not blocks:
+        pytest.skip("no workflow rules yet")
+    consts = string_constants()
+    problems = []
+    for f, name, body in blocks:
+        runs_code = re.search(r"^\s+(script|shell|notebook|wrapper)\s*:", body, flags=re.M)
+        value = conda_directive(body)
+        if value is None:
+            if runs_code:
+                problems.append(f"rule {name} ({f.name}) has no conda: directive")
+            continue
+        if value.startswith("$"):
+            if value[1:] not in consts:
+                problems.append(f"rule {name}: conda: {value[1:]} is not a string constant")
+                continue
+            value = consts[value[1:]]
+        # Snakemake resolves conda: paths relative to the file that holds the rule
+        target = (f.parent / value).resolve()
+        if not target.is_file():
+            problems.append(f"rule {name} ({f.name}): conda env {value} -> {target} missing")
+        elif target.parent != (ROOT / "envs").resolve():
+            problems.append(f"rule {name}: env {target} is not in envs/")
+    assert not problems, "\n".join(problems)
+
+
+def test_main_env_agrees_with_pyproject():
+    """envs/rsanet.yaml pip-installs exactly pyproject's dependencies, same specifiers."""
+    wanted = {canonicalize_name(r.name): r for r in map(Requirement, pyproject()["dependencies"])}
+    got = {canonicalize_name(r.name): r for r in pip_requirements(load_env(MAIN_ENV))}
+    assert sorted(got) == sorted(wanted), (
+        f"only in pyproject: {sorted(set(wanted) - set(got))}; "
+        f"only in {MAIN_ENV.name}: {sorted(set(got) - set(wanted))}")
+    for name, req in wanted.items():
+        assert got[name].specifier == req.specifier, (name, str(got[name]), str(req))
+        assert got[name].extras == req.extras and got[name].marker == req.marker, name
+
+
+@pytest.mark.parametrize("path", ENVS, ids=[p.name for p in ENVS])
+def test_every_env_agrees_with_pyproject(path):
+    """No env pins a package of pyproject's dependencies to a different version range."""
+    wanted = {canonicalize_name(r.name): r for r in map(Requirement, pyproject()["dependencies"])}
+    for req in pip_requirements(load_env(path)):
+        name = canonicalize_name(req.name)
+        if name in wanted:
+            assert req.specifier == wanted[name].specifier, (path.name, str(req))

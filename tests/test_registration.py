@@ -1,0 +1,365 @@
+"""Tests for rsanet.registration: conventions, resampling, both engines, files, bad input, CLI, QC.
+
+The synthetic 'head' is analytic (soft ellipsoids with asymmetric inner structures), so a moving
+image under a known rigid motion is sampled exactly, without a resampling step, and the true
+``moving_to_fixed`` is known.  Volumes are 4 mm so every registration takes about a second.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import textwrap
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from fsl.data.image import Image as FslImage
+from fsl.transform.flirt import fromFlirt, readFlirt, toFlirt
+
+from rsanet import registration as reg
+from rsanet.registration import (
+    RegistrationError,
+    RegistrationResult,
+    SimpleITKSettings,
+    itk_to_moving_to_fixed,
+    moving_to_fixed_to_itk,
+    read_itk_transform,
+    register,
+    registration_qc_figure,
+    resample_to_fixed,
+    rigid_matrix,
+    write_transforms,
+)
+
+# Small pyramid for the phantom (4 mm voxels): 8 mm then 4 mm.
+FAST = SimpleITKSettings(level_spacings_mm=(8.0, 4.0), samples_per_level=(0, 0), iterations_per_level=(100, 100))
+CENTER = np.array([2.0, -10.0, 8.0])  # phantom centre, RAS mm
+TRUE_MOTION = rigid_matrix((9.0, -7.0, 12.0), (8.0, -10.0, 6.0), CENTER)  # moving world -> fixed world
+
+
+# ----------------------------------------------------------------------------- phantom
+def _soft_ellipsoid(p: np.ndarray, center, axes, width_mm: float = 2.5) -> np.ndarray:
+    r = np.sqrt((((p - np.asarray(center)) / np.asarray(axes)) ** 2).sum(axis=1))
+    return 1.0 / (1.0 + np.exp(np.clip((r - 1.0) * np.mean(axes) / width_mm, -50, 50)))
+
+
+def phantom_values(p: np.ndarray, contrast: str) -> np.ndarray:
+    """Intensities of the analytic head at RAS points ``p`` (N×3, mm) in its own world."""
+    c = CENTER
+    head = _soft_ellipsoid(p, c, (70, 85, 62))
+    brain = _soft_ellipsoid(p, c + [0, 3, 4], (60, 74, 52))
+    vent_l = _soft_ellipsoid(p, c + [-9, 8, 10], (6, 24, 9))
+    vent_r = _soft_ellipsoid(p, c + [11, 2, 6], (7, 18, 12))
+    blob = _soft_ellipsoid(p, c + [25, -35, -15], (12, 10, 9))
+    stem = _soft_ellipsoid(p, c + [0, -20, -40], (10, 12, 22))
+    if contrast == "t1":
+        tissue = 0.35 * (head - brain) + 0.8 * brain - 0.6 * (vent_l + vent_r) + 0.3 * blob - 0.2 * stem
+    else:  # T2-like: CSF bright, white matter dark, scalp dim
+        tissue = 0.15 * (head - brain) + 0.45 * brain + 0.5 * (vent_l + vent_r) - 0.3 * blob + 0.35 * stem
+    return np.clip(tissue, 0, None) * 1000.0
+
+
+def grid_affine(shape, spacing, center, rotation=None) -> np.ndarray:
+    axes = np.diag(spacing) if rotation is None else rotation @ np.diag(spacing)
+    aff = np.eye(4)
+    aff[:3, :3] = axes
+    aff[:3, 3] = np.asarray(center) - axes @ ((np.asarray(shape) - 1) / 2)
+    return aff
+
+
+def sample_phantom(shape, affine, contrast, moving_to_fixed=np.eye(4)) -> nib.Nifti1Image:
+    """Image on grid (shape, affine) of the phantom seen through ``moving_to_fixed`` (phantom world = fixed)."""
+    ijk = np.indices(shape).reshape(3, -1).T.astype(float)
+    world = reg.apply_affine(moving_to_fixed @ affine, ijk)
+    data = phantom_values(world, contrast).reshape(shape).astype(np.float32)
+    return nib.Nifti1Image(data, affine)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> tuple[Path, Path, np.ndarray]:
+    """A T1-like fixed image and a T2-like moving image moved by TRUE_MOTION, on different grids."""
+    d = tmp_path_factory.mktemp("pair")
+    fixed = sample_phantom((48, 56, 40), grid_affine((48, 56, 40), (4.0, 4.0, 4.0), CENTER), "t1")
+    tilt = reg.rotation_matrix((0.0, 0.0, 3.0))
+    m_aff = grid_affine((44, 52, 36), (4.0, 4.0, 4.5), CENTER + [3.0, -2.0, 1.0], tilt)
+    moving = sample_phantom((44, 52, 36), m_aff, "t2", TRUE_MOTION)
+    nib.save(fixed, d / "fixed.nii.gz")
+    nib.save(moving, d / "moving.nii.gz")
+    return d / "moving.nii.gz", d / "fixed.nii.gz", TRUE_MOTION
+
+
+def mean_error_mm(estimate: np.ndarray, truth: np.ndarray, fixed_path: Path) -> float:
+    img = nib.load(str(fixed_path))
+    pts = reg.voxel_points_mm(np.asarray(img.dataobj) > 100, img.affine)
+    return float(reg.displacement_mm(np.linalg.inv(estimate), np.linalg.inv(truth), pts).mean())
+
+
+@pytest.fixture(scope="module")
+def sitk_result(pair) -> RegistrationResult:
+    moving, fixed, _ = pair
+    return register(moving, fixed, engine="simpleitk", settings=FAST)
+
+
+# ----------------------------------------------------------------------------- conventions
+def test_itk_conversion_matches_simpleitk_point_mapping():
+    """An ITK transform maps fixed LPS points to moving LPS points; ours maps moving RAS to fixed RAS."""
+    tx = sitk.Euler3DTransform()
+    tx.SetCenter((10.0, -20.0, 30.0))
+    tx.SetRotation(0.2, -0.1, 0.3)
+    tx.SetTranslation((5.0, -7.0, 2.0))
+    m2f = itk_to_moving_to_fixed(np.array(tx.GetMatrix()), tx.GetTranslation(), tx.GetCenter())
+    for fixed_lps in [(0.0, 0.0, 0.0), (40.0, -12.0, 7.5), (-33.0, 80.0, -5.0)]:
+        moving_lps = np.array(tx.TransformPoint(fixed_lps))
+        moving_ras = moving_lps * [-1, -1, 1]
+        fixed_ras = np.array(fixed_lps) * [-1, -1, 1]
+        np.testing.assert_allclose(reg.apply_affine(m2f, moving_ras[None])[0], fixed_ras, atol=1e-9)
+    m, t = moving_to_fixed_to_itk(m2f, tx.GetCenter())
+    np.testing.assert_allclose(m.ravel(), tx.GetMatrix(), atol=1e-12)
+    np.testing.assert_allclose(t, tx.GetTranslation(), atol=1e-9)
+
+
+def test_rigid_matrix_rotates_about_center():
+    m = rigid_matrix((0, 0, 90), (1, 2, 3), (10, 0, 0))
+    np.testing.assert_allclose(reg.apply_affine(m, np.array([[10.0, 0, 0], [11.0, 0, 0]])),
+                               [[11, 2, 3], [11, 3, 3]], atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- resampling
+def test_resample_identity_returns_the_same_voxels():
+    rng = np.random.default_rng(0)
+    data = rng.random((12, 10, 8)).astype(np.float32)
+    labels = (data > 0.7).astype(np.uint8) * 3
+    aff = grid_affine((12, 10, 8), (1.5, 1.5, 3.0), (0, 0, 0), reg.rotation_matrix((5, 0, 10)))
+    out = resample_to_fixed(nib.Nifti1Image(data, aff), nib.Nifti1Image(data, aff), np.eye(4))
+    np.testing.assert_allclose(np.asarray(out.dataobj), data, atol=1e-5)
+    np.testing.assert_allclose(out.affine, aff)
+    lab = resample_to_fixed(nib.Nifti1Image(labels, aff), nib.Nifti1Image(data, aff), np.eye(4), "nearest")
+    assert lab.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(np.asarray(lab.dataobj), labels)
+
+
+def test_resample_with_known_transform_restores_the_fixed_view():
+    shape, f_aff = (40, 46, 34), grid_affine((40, 46, 34), (4.0, 4.0, 4.0), CENTER)
+    m_aff = grid_affine((40, 46, 36), (4.0, 4.0, 4.0), CENTER + [2.0, 1.0, -3.0])
+    fixed = sample_phantom(shape, f_aff, "t1")
+    moving = sample_phantom((40, 46, 36), m_aff, "t1", TRUE_MOTION)
+    back = np.asarray(resample_to_fixed(moving, fixed, TRUE_MOTION).dataobj)
+    f = np.asarray(fixed.dataobj)
+    brain = f > 300
+    err_true = np.abs(back - f)[brain].mean()
+    err_identity = np.abs(np.asarray(resample_to_fixed(moving, fixed, np.eye(4)).dataobj) - f)[brain].mean()
+    assert err_true < 0.06 * f[brain].mean()  # only linear-interpolation error is left
+    assert err_identity > 4 * err_true
+    # nearest keeps labels and their dtype; a translation by one voxel shifts the mask by one voxel
+    labels = (f > 500).astype(np.int16)
+    shifted = resample_to_fixed(nib.Nifti1Image(labels, f_aff), fixed, rigid_matrix((0, 0, 0), (4.0, 0, 0)), "nearest")
+    out = np.asarray(shifted.dataobj)
+    assert out.dtype == np.int16 and set(np.unique(out)) <= {0, 1}
+    np.testing.assert_array_equal(out[1:], labels[:-1])
+
+
+# ----------------------------------------------------------------------------- SimpleITK engine
+def test_simpleitk_recovers_rigid_motion_across_contrasts(pair, sitk_result):
+    moving, fixed, truth = pair
+    assert sitk_result.engine == "simpleitk"
+    assert sitk_result.dof == 6
+    assert mean_error_mm(sitk_result.moving_to_fixed, truth, fixed) < 0.5  # voxels are 4 mm
+    assert sitk_result.cost_after < sitk_result.cost_before - 0.1
+    r = sitk_result.moving_to_fixed[:3, :3]
+    np.testing.assert_allclose(r @ r.T, np.eye(3), atol=1e-6)  # 6 dof: a rotation
+    assert 10 < sitk_result.displacement_mm < 60
+
+
+def test_simpleitk_is_reproducible(pair, sitk_result):
+    moving, fixed, _ = pair
+    again = register(moving, fixed, engine="simpleitk", settings=FAST)
+    np.testing.assert_array_equal(again.moving_to_fixed, sitk_result.moving_to_fixed)
+
+
+def test_simpleitk_affine_12_dof(pair):
+    moving, fixed, truth = pair
+    res = register(moving, fixed, engine="simpleitk", dof=12, settings=FAST)
+    assert res.dof == 12
+    assert mean_error_mm(res.moving_to_fixed, truth, fixed) < 1.0
+
+
+# ----------------------------------------------------------------------------- transform files
+def test_written_itk_and_flirt_files_agree_with_moving_to_fixed(pair, tmp_path):
+    moving, fixed, truth = pair
+    mat_path, itk_path = tmp_path / "out" / "m2f.mat", tmp_path / "out" / "m2f.itk.txt"
+    write_transforms(truth, moving, fixed, mat_path, itk_path)
+    np.testing.assert_allclose(read_itk_transform(itk_path), truth, atol=1e-9)
+    src, ref = FslImage(str(moving), loadData=False), FslImage(str(fixed), loadData=False)
+    np.testing.assert_allclose(fromFlirt(readFlirt(str(mat_path)), src, ref, "world", "world"), truth, atol=1e-9)
+    # SimpleITK itself maps a fixed LPS point to where moving_to_fixed says it came from
+    tx = sitk.ReadTransform(str(itk_path))
+    fixed_ras = np.array([[20.0, -30.0, 15.0]])
+    moving_ras = reg.apply_affine(np.linalg.inv(truth), fixed_ras)[0]
+    np.testing.assert_allclose(tx.TransformPoint(tuple(fixed_ras[0] * [-1, -1, 1])), moving_ras * [-1, -1, 1], atol=1e-9)
+    assert sorted(p.name for p in mat_path.parent.iterdir()) == ["m2f.itk.txt", "m2f.mat"]  # no temp files
+
+
+def test_reads_the_datasets_matrixoffset_itk_format(tmp_path):
+    text = textwrap.dedent("""\
+        #Insight Transform File V1.0
+        #Transform 0
+        Transform: MatrixOffsetTransformBase_double_3_3
+        Parameters: 1 0 0 0 1 0 0 0 1 2 -3 4
+        FixedParameters: 1.5 9.9 23.7
+        """)
+    (tmp_path / "t.itk.txt").write_text(text)
+    # fixed LPS x -> moving LPS x + (2, -3, 4), so moving RAS q -> fixed RAS q - (-2, 3, 4)
+    np.testing.assert_allclose(read_itk_transform(tmp_path / "t.itk.txt"), rigid_matrix((0, 0, 0), (2, -3, -4)), atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- FLIRT engine
+STAND_IN = """\
+#!/bin/sh
+# Test stand-in for FSL's flirt: records its arguments, writes a known matrix to -omat.
+printf '%s\\n' "$@" > "{log}"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -omat) cp "{matrix}" "$2"; shift 2 ;;
+    -out) cp "{image}" "$2"; shift 2 ;;
+    *) shift ;;
+  esac
+done
+"""
+
+
+def install_flirt_stand_in(root: Path, flirt_matrix: np.ndarray, image: Path) -> Path:
+    (root / "bin").mkdir(parents=True)
+    np.savetxt(root / "known.mat", flirt_matrix)
+    exe = root / "bin" / "flirt"
+    exe.write_text(STAND_IN.format(log=root / "args.txt", matrix=root / "known.mat", image=image))
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
+    return root / "args.txt"
+
+
+def test_flirt_engine_runs_flirt_and_reads_its_matrix(pair, tmp_path, monkeypatch, caplog):
+    moving, fixed, truth = pair
+    known = toFlirt(truth, FslImage(str(moving), loadData=False), FslImage(str(fixed), loadData=False), "world", "world")
+    args_log = install_flirt_stand_in(tmp_path / "fsl", known, fixed)
+    monkeypatch.setenv("FSLDIR", str(tmp_path / "fsl"))
+    with caplog.at_level(logging.INFO, logger="rsanet.registration"):
+        res = register(moving, fixed, dof=12, cost="mutualinfo", search_deg=20)
+    assert res.engine == "flirt"
+    assert "registration engine: flirt" in caplog.text
+    np.testing.assert_allclose(res.moving_to_fixed, truth, atol=1e-6)
+    argv = args_log.read_text().split("\n")
+    assert argv[:4] == ["-in", str(moving), "-ref", str(fixed)]
+    cmd = " ".join(argv)
+    for option in ("-dof 12", "-cost mutualinfo", "-searchcost mutualinfo", "-searchrx -20.0 20.0",
+                   "-searchry -20.0 20.0", "-searchrz -20.0 20.0", "-omat "):
+        assert option in cmd
+    assert res.cost_after < res.cost_before
+
+
+def test_flirt_result_that_worsens_the_cost_is_rejected(pair, tmp_path, monkeypatch):
+    moving, fixed, truth = pair
+    wrong = rigid_matrix((0, 0, 40), (0, 0, 0), CENTER) @ truth
+    known = toFlirt(wrong, FslImage(str(moving), loadData=False), FslImage(str(fixed), loadData=False), "world", "world")
+    install_flirt_stand_in(tmp_path / "fsl", known, fixed)
+    monkeypatch.setenv("FSLDIR", str(tmp_path / "fsl"))
+    with pytest.raises(RegistrationError, match="cost .* got worse") as exc:
+        register(moving, fixed, engine="flirt")
+    assert str(moving) in str(exc.value)
+
+
+def test_auto_engine_choice(tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("FSLDIR", raising=False)
+    with caplog.at_level(logging.INFO, logger="rsanet.registration"):
+        assert reg.choose_engine("auto") == "simpleitk"
+    assert "flirt not found" in caplog.text
+    with pytest.raises(RegistrationError, match="FSLDIR"):
+        reg.choose_engine("flirt")
+    install_flirt_stand_in(tmp_path / "fsl", np.eye(4), tmp_path)
+    monkeypatch.setenv("FSLDIR", str(tmp_path / "fsl"))
+    assert reg.choose_engine("auto") == "flirt"
+
+
+# ----------------------------------------------------------------------------- bad input
+def _save(tmp_path: Path, name: str, data: np.ndarray, affine=np.eye(4) * [4, 4, 4, 1]) -> Path:
+    path = tmp_path / name
+    nib.save(nib.Nifti1Image(data, affine), path)
+    return path
+
+
+def test_bad_inputs_raise_a_clear_error(pair, tmp_path):
+    _, fixed, _ = pair
+    good = np.asarray(nib.load(str(fixed)).dataobj)
+    four_d = _save(tmp_path, "four_d.nii.gz", np.stack([good, good], axis=-1))
+    empty = _save(tmp_path, "empty.nii.gz", np.zeros((20, 20, 20), np.float32))
+    nan = good.copy()
+    nan[10, 10, 10] = np.nan
+    nan_path = _save(tmp_path, "nan.nii.gz", nan)
+    bad_aff = nib.Nifti1Image(good, np.eye(4))
+    bad_aff.header.set_qform(None, code=0)
+    bad_aff.header["srow_x"] = [np.inf, 0, 0, 0]
+    nib.save(bad_aff, tmp_path / "bad_affine.nii.gz")
+    cases = {four_d: "3D volume", empty: "empty", nan_path: "NaN", tmp_path / "bad_affine.nii.gz": "affine"}
+    for path, what in cases.items():
+        with pytest.raises(RegistrationError, match=what) as exc:
+            register(path, fixed, engine="simpleitk", settings=FAST)
+        assert str(path) in str(exc.value)
+
+
+def test_a_result_beyond_the_displacement_limit_is_rejected(pair):
+    moving, fixed, _ = pair
+    with pytest.raises(RegistrationError, match="moves the brain") as exc:
+        register(moving, fixed, engine="simpleitk", settings=FAST, max_displacement_mm=5.0)
+    assert str(moving) in str(exc.value)
+
+
+# ----------------------------------------------------------------------------- CLI and QC
+def test_cli_writes_image_transforms_and_record(pair, tmp_path, monkeypatch):
+    monkeypatch.delenv("FSLDIR", raising=False)
+    moving, fixed, truth = pair
+    out = tmp_path / "sub-01"
+    code = reg.main([str(moving), str(fixed), "--out-image", str(out / "t2_in_flair.nii.gz"),
+                     "--out-mat", str(out / "t2_to_flair.mat"), "--out-itk", str(out / "t2_to_flair.itk.txt"),
+                     "--out-json", str(out / "t2_to_flair.json"), "--engine", "auto", "-q"])
+    assert code == 0
+    record = json.loads((out / "t2_to_flair.json").read_text())
+    assert record["engine"] == "simpleitk" and record["dof"] == 6
+    m2f = np.array(record["moving_to_fixed"])
+    assert mean_error_mm(m2f, truth, fixed) < 1.0
+    np.testing.assert_allclose(read_itk_transform(out / "t2_to_flair.itk.txt"), m2f, atol=1e-9)
+    img = nib.load(str(out / "t2_in_flair.nii.gz"))
+    fixed_img = nib.load(str(fixed))
+    assert img.shape == fixed_img.shape
+    np.testing.assert_allclose(img.affine, fixed_img.affine, atol=1e-6)
+    # the resampled T2 lines up with the fixed T1: ventricles (bright in T2) sit where T1 is dark
+    t1, t2 = np.asarray(fixed_img.dataobj), np.asarray(img.dataobj)
+    brain = t1 > 300
+    assert np.corrcoef(t1[brain], t2[brain])[0, 1] < -0.8
+
+
+def test_cli_bad_input_exits_2_and_writes_nothing(pair, tmp_path, capsys):
+    _, fixed, _ = pair
+    empty = _save(tmp_path, "empty.nii.gz", np.zeros((20, 20, 20), np.float32))
+    out = tmp_path / "out"
+    code = reg.main([str(empty), str(fixed), "--out-image", str(out / "a.nii.gz"), "--out-mat", str(out / "a.mat"),
+                     "--out-itk", str(out / "a.txt"), "--engine", "simpleitk", "-q"])
+    assert code == 2
+    assert str(empty) in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_qc_figure_shows_edges_of_each_contrast(pair, sitk_result, tmp_path):
+    moving, fixed, _ = pair
+    fixed_img = nib.load(str(fixed))
+    t2 = resample_to_fixed(nib.load(str(moving)), fixed_img, sitk_result.moving_to_fixed)
+    png = registration_qc_figure(fixed_img, {"T2": t2, "T1": fixed_img}, tmp_path / "qc" / "sub-01.png", title="sub-01")
+    rgb = mpimg.imread(str(png))[..., :3]
+    assert rgb.shape[0] > 300 and rgb.shape[1] > 900
+    red = (rgb[..., 0] > 0.8) & (rgb[..., 1] < 0.4) & (rgb[..., 2] < 0.4)   # first contour colour
+    green = (rgb[..., 1] > 0.6) & (rgb[..., 0] < 0.4) & (rgb[..., 2] < 0.5)  # second
+    assert red.sum() > 200 and green.sum() > 200
+    assert os.listdir(png.parent) == ["sub-01.png"]

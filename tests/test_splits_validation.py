@@ -1,0 +1,113 @@
+"""Splits, config validation (every violation listed) and subject-sheet/subject checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from rsanet.splits import make_splits
+from rsanet.validation import (
+    ValidationError,
+    config_problems,
+    sheet_problems,
+    subject_problems,
+    validate_cohort,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def test_splits_are_seeded_disjoint_and_order_independent():
+    ids = [f"s{i:02d}" for i in range(43)]
+    a = make_splits(ids, 5, 20, 23, seed=0)
+    assert a == make_splits(list(reversed(ids)), 5, 20, 23, seed=0)
+    assert a != make_splits(ids, 5, 20, 23, seed=1)
+    for s in a:
+        assert len(s["train"]) == 20 and len(s["test"]) == 23
+        assert not set(s["train"]) & set(s["test"])
+    assert len({tuple(s["train"]) for s in a}) == 5
+    with pytest.raises(ValueError, match="do not fit"):
+        make_splits(ids, 5, 30, 20)
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "paper.yaml", "test.yaml"])
+def test_shipped_configs_are_valid(name):
+    cfg = yaml.safe_load((ROOT / "config" / name).read_text())
+    assert config_problems(cfg, SCHEMA, n_subjects=cfg["demo"]["n_subjects"]) == []
+
+
+def test_config_problems_lists_every_violation():
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg["variants"] = ["unet3d", "rsa-222"]
+    cfg["train"]["iterations"] = -5
+    cfg["splits"]["n_train"] = 40
+    cfg["bogus"] = 1
+    problems = config_problems(cfg, SCHEMA, n_subjects=43)
+    text = "\n".join(problems)
+    assert len(problems) == 4, text
+    assert "rsa-222" in text and "iterations" in text and "bogus" in text and "needs 63 subjects" in text
+
+
+def _write(path, data, affine=np.eye(4)):
+    nib.save(nib.Nifti1Image(np.asarray(data), affine), path)
+    return str(path)
+
+
+def _subject(tmp_path, name="s1", mask=None, mask_affine=np.eye(4)):
+    d = tmp_path / name
+    d.mkdir()
+    img = np.ones((4, 4, 4), np.float32)
+    m = np.zeros((4, 4, 4), np.uint8)
+    m[1, 1, 1] = 1
+    return {
+        "T1": _write(d / "t1.nii.gz", img), "T2": _write(d / "t2.nii.gz", img),
+        "FLAIR": _write(d / "flair.nii.gz", img),
+        "lesion mask": _write(d / "m.nii.gz", m if mask is None else mask, mask_affine),
+    }
+
+
+def test_subject_problems_good_and_bad(tmp_path):
+    assert subject_problems("s1", _subject(tmp_path)) == ([], [])
+    nonbinary = np.full((4, 4, 4), 2, np.uint8)
+    errs, _ = subject_problems("s2", _subject(tmp_path, "s2", mask=nonbinary))
+    assert len(errs) == 1 and "binary" in errs[0] and "s2" in errs[0]
+    shifted = np.eye(4)
+    shifted[0, 3] = 5.0
+    errs, _ = subject_problems("s3", _subject(tmp_path, "s3", mask_affine=shifted))
+    assert len(errs) == 1 and "geometry" in errs[0]
+    empty = np.zeros((4, 4, 4), np.uint8)
+    errs, warns = subject_problems("s4", _subject(tmp_path, "s4", mask=empty))
+    assert errs and "empty" in errs[0]
+    errs, warns = subject_problems("s4", _subject(tmp_path, "s5", mask=empty), allow_empty_mask=True)
+    assert errs == [] and "empty" in warns[0]
+
+
+def test_validate_cohort_reports_all_subjects_at_once(tmp_path):
+    good = _subject(tmp_path, "good")
+    bad1 = _subject(tmp_path, "bad1", mask=np.full((4, 4, 4), 3, np.uint8))
+    bad2 = dict(_subject(tmp_path, "bad2"), T1=str(tmp_path / "missing.nii.gz"))
+    report = tmp_path / "qc" / "validation.tsv"
+    with pytest.raises(ValidationError) as err:
+        validate_cohort({"good": good, "bad1": bad1, "bad2": bad2}, report)
+    assert "2 problem(s)" in str(err.value) and "bad1" in str(err.value) and "missing.nii.gz" in str(err.value)
+    assert not report.exists()  # no output that a later step would trust
+    failed = pd.read_csv(report.with_suffix(".failed.tsv"), sep="\t")
+    assert sorted(failed.subject) == ["bad1", "bad2"]
+    validate_cohort({"good": good}, report)
+    assert report.exists()
+
+
+def test_sheet_problems(tmp_path):
+    files = _subject(tmp_path)
+    row = dict(t1=files["T1"], t2=files["T2"], flair=files["FLAIR"], lesions=files["lesion mask"])
+    df = pd.DataFrame([dict(subject="a", **row), dict(subject="a", **row), dict(subject="b/../c", **row),
+                       dict(subject="d", **{**row, "t2": "nope.nii.gz"})])
+    text = "\n".join(sheet_problems(df))
+    assert "'a' appears 2 times" in text and "not safe" in text and "nope.nii.gz" in text
+    assert "missing column(s) lesions" in sheet_problems(df.drop(columns="lesions"))[0]

@@ -1,0 +1,162 @@
+"""Crop sampling, training, checkpoint/resume bit for bit after SIGKILL, and tiled inference."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rsanet.inference import predict_volume
+from rsanet.training import CropSampler, TrainConfig, load_model, save_model, train
+from rsanet.volumes import Preprocessed
+
+
+def _subjects(n=3, shape=(12, 20, 18), seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        les = np.zeros(shape, np.uint8)
+        c = rng.integers([2, 4, 4], [10, 16, 14])
+        les[c[0] - 1 : c[0] + 1, c[1] - 2 : c[1] + 2, c[2] - 2 : c[2] + 2] = 1
+        img = rng.normal(0, 1, (3,) + shape).astype(np.float32)
+        img[2][les > 0] += 3.0  # bright on FLAIR
+        out.append(Preprocessed(img, les, np.ones(shape, np.uint8), (3.0, 1.4, 1.4),
+                                np.array([[0, s] for s in shape]), shape, np.eye(4)))
+    return out
+
+
+def test_crop_sampler_shapes_and_lesion_rate():
+    big = _subjects(shape=(16, 40, 40))
+    s = CropSampler(big, (8, 8, 8), lesion_prob=1.0, seed=0)
+    x, y = s.batch(16)
+    assert x.shape == (16, 3, 8, 8, 8) and x.dtype == torch.float32
+    assert y.shape == (16, 8, 8, 8) and y.dtype == torch.int64
+    assert all(int(y[i].sum()) > 0 for i in range(16))  # every crop holds lesion
+    uniform = CropSampler(big, (8, 8, 8), lesion_prob=0.0, seed=0)
+    frac_l = float(s.batch(64)[1].float().mean())
+    frac_u = float(uniform.batch(64)[1].float().mean())
+    assert frac_l > 3 * frac_u
+
+
+def test_crop_sampler_pads_small_volumes():
+    s = CropSampler(_subjects(shape=(6, 20, 18)), (8, 16, 16), lesion_prob=0.5, seed=0)
+    x, _ = s.batch(2)
+    assert x.shape == (2, 3, 8, 16, 16)
+
+
+CFG = dict(widths=(4, 8), crop=(8, 16, 16), batch_size=2, iterations=8, checkpoint_every=2,
+           log_every=2, deterministic=True, device="cpu", seed=3)
+
+
+def test_training_logs_every_iteration_and_learns_something():
+    cfg = TrainConfig(variant="rsa-111", **{**CFG, "iterations": 30, "lr": 3e-3})
+    res = train(cfg, _subjects(), threads=1)
+    assert [r["iteration"] for r in res.log_rows] == list(range(1, 31))
+    losses = np.array([r["loss"] for r in res.log_rows])
+    assert np.isfinite(losses).all()
+    assert losses[-10:].mean() < losses[:5].mean()
+    assert 0 < res.r < 0.1
+    # the RSA alphas moved away from zero: the attention is being used
+    alphas = [v for k, v in res.state_dict.items() if k.endswith("alpha")]
+    assert alphas and all(a.abs().sum() > 0 for a in alphas)
+
+
+def test_saved_model_reloads_and_predicts(tmp_path):
+    cfg = TrainConfig(variant="ncl-010", **{**CFG, "iterations": 2})
+    res = train(cfg, _subjects(), threads=1)
+    save_model(res, cfg, tmp_path / "m.pt")
+    model, cfg2 = load_model(tmp_path / "m.pt")
+    assert cfg2 == cfg
+    prob = predict_volume(model, _subjects(1)[0].image, tile=None)
+    assert prob.shape == (12, 20, 18) and (prob >= 0).all() and (prob <= 1).all()
+
+
+def test_tiled_prediction_matches_whole_volume_for_a_pointwise_model():
+    torch.manual_seed(0)
+    model = torch.nn.Conv3d(3, 2, 1).eval()
+    img = np.random.default_rng(0).normal(size=(3, 11, 17, 13)).astype(np.float32)
+    whole = predict_volume(model, img, tile=None)
+    tiled = predict_volume(model, img, tile=(4, 8, 6), overlap=0.5)
+    assert np.allclose(whole, tiled, atol=1e-6)
+
+
+_RUNNER = textwrap.dedent(
+    """
+    import pickle, sys, time
+    import torch
+    from rsanet import training
+    cfg, subjects, ckpt, partial = pickle.load(open(sys.argv[1], "rb"))
+    # Slow each step down so the parent can kill the process mid-run.
+    original = torch.optim.Adam.step
+    def slow_step(self, *a, **k):
+        time.sleep(0.3)
+        return original(self, *a, **k)
+    torch.optim.Adam.step = slow_step
+    training.train(cfg, subjects, checkpoint=ckpt, partial_log=partial, threads=1)
+    """
+)
+
+
+def test_killed_training_resumes_to_identical_weights(tmp_path):
+    """SIGKILL mid-run, resume from the checkpoint: same weights and log as an uninterrupted run."""
+    import pickle
+
+    cfg = TrainConfig(variant="rsa-101", **CFG)
+    subjects = _subjects()
+    reference = train(cfg, subjects, threads=1)
+
+    ckpt, partial = tmp_path / "ckpt.pt", tmp_path / "partial.csv"
+    args = tmp_path / "args.pkl"
+    args.write_bytes(pickle.dumps((cfg, subjects, str(ckpt), str(partial))))
+    script = tmp_path / "run.py"
+    script.write_text(_RUNNER)
+    proc = subprocess.Popen([sys.executable, str(script), str(args)], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        # wait until the checkpoint at iteration 4 exists and iteration 5 is under way
+        while time.time() < deadline:
+            lines = partial.read_text().splitlines() if partial.exists() else []
+            if len(lines) - 1 >= 5 and ckpt.exists():
+                break
+            assert proc.poll() is None, "training subprocess ended before it could be killed"
+            time.sleep(0.05)
+        else:
+            pytest.fail("training subprocess made no progress in 120 s")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert not list(tmp_path.glob(".ckpt*"))  # no half-written checkpoint left behind
+    saved = torch.load(ckpt, weights_only=True)
+    assert 2 <= saved["iteration"] < cfg.iterations
+
+    resumed = train(cfg, subjects, checkpoint=ckpt, threads=1)
+    assert resumed.resumed_from == saved["iteration"]
+    for key, value in reference.state_dict.items():
+        assert torch.equal(value, resumed.state_dict[key]), key
+    assert [r["loss"] for r in resumed.log_rows] == [r["loss"] for r in reference.log_rows]
+
+
+def test_checkpoint_of_another_config_is_ignored(tmp_path):
+    cfg = TrainConfig(variant="unet3d", **{**CFG, "iterations": 3})
+    ckpt = tmp_path / "c.pt"
+    torch.save({"config": {"variant": "other"}, "iteration": 2}, ckpt)
+    res = train(cfg, _subjects(), checkpoint=ckpt, threads=1)
+    assert res.resumed_from == 0 and len(res.log_rows) == 3
+
+
+def test_cuda_request_without_gpu_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present; this test checks the CPU-only message")
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        train(TrainConfig(variant="unet3d", **{**CFG, "device": "cuda"}), _subjects())
