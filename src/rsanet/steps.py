@@ -6,6 +6,7 @@ one of these, so every step can also be run (and tested) without Snakemake.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -94,11 +95,14 @@ def train_step(
     """Train one variant on the training subjects of one split; resumes from ``checkpoint``."""
     from .training import TrainConfig, save_model, train, write_log_csv
 
+    from .gpus import claim_gpu
+
     names = read_split(splits_json, split)["train"]
     subjects = [Preprocessed.load(preprocessed[s]) for s in names]
     cfg = TrainConfig.from_dict({**train_cfg, "variant": variant, "seed": int(train_cfg.get("seed", 0)) + int(split)})
     partial = Path(checkpoint).with_suffix(".partial.csv")
-    result = train(cfg, subjects, checkpoint=checkpoint, partial_log=partial, threads=threads)
+    with claim_gpu() if cfg.device != "cpu" else contextlib.nullcontext():
+        result = train(cfg, subjects, checkpoint=checkpoint, partial_log=partial, threads=threads)
     save_model(result, cfg, out_model)
     write_log_csv(result.log_rows, out_log)
     for leftover in (Path(checkpoint), partial):
@@ -118,11 +122,18 @@ def predict_step(
     """
     import torch
 
-    from .inference import predict_volume
-    from .training import load_model, resolve_device
+    from .gpus import claim_gpu
+    from .training import resolve_device
 
     torch.set_num_threads(threads)
-    dev = resolve_device(device)
+    with claim_gpu() if device != "cpu" else contextlib.nullcontext():
+        _predict_all(model_path, split, splits_json, preprocessed, out_dir, tile, overlap, resolve_device(device))
+
+
+def _predict_all(model_path, split, splits_json, preprocessed, out_dir, tile, overlap, dev) -> None:
+    from .inference import predict_volume
+    from .training import load_model
+
     model, cfg = load_model(model_path, dev)
     if tile is None:
         tile = cfg.crop
