@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 import tempfile
 import time
@@ -67,6 +68,7 @@ class Row:
     mean_error_mm: float
     max_error_mm: float
     seconds: float
+    cpu_seconds: float
     target_mm: float
 
     @property
@@ -140,14 +142,14 @@ def run_synthetic(args: argparse.Namespace) -> list[Row]:
     for i, (angles, shift, spacing) in enumerate(cases):
         with tempfile.TemporaryDirectory() as tmp:
             moving, fixed, truth, points = make_synthetic_pair(template, angles, shift, spacing, Path(tmp), seed=i)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             res = register(moving, fixed, dof=args.dof, engine=args.engine, threads=args.threads,
                            max_displacement_mm=120.0)
-            seconds = time.perf_counter() - t0
+            seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         mean, worst = errors(res.moving_to_fixed, truth, points)
-        name = f"synthetic rot={angles} deg shift={shift} mm"
-        rows.append(Row(name, "x".join(f"{s:g}" for s in spacing), res.engine, args.dof, mean, worst, seconds, 0.5))
-        print(f"  {name} grid {spacing}: mean {mean:.3f} mm, max {worst:.3f} mm, {seconds:.1f} s", flush=True)
+        name = "synthetic rot({:g},{:g},{:g})deg shift({:g},{:g},{:g})mm".format(*angles, *shift)
+        rows.append(Row(name, "x".join(f"{s:g}" for s in spacing), res.engine, args.dof, mean, worst, seconds, cpu, 0.5))
+        print(f"  {name} grid {spacing} mm: mean {mean:.3f} mm, max {worst:.3f} mm, {seconds:.1f} s", flush=True)
     return rows
 
 
@@ -162,14 +164,14 @@ def run_real(args: argparse.Namespace) -> list[Row]:
     rows: list[Row] = []
     for contrast in ("T1W", "T2W"):
         reference = read_itk_transform(session / f"{contrast}_to_FLAIR.itk.txt")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = register(session / f"{contrast}.nii.gz", session / "FLAIR.nii.gz", dof=args.dof,
                        engine=args.engine, threads=args.threads)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         mean, worst = errors(res.moving_to_fixed, reference, points)
         header_mean, _ = errors(np.eye(4), reference, points)
         zooms = "x".join(f"{z:.2f}" for z in nib.load(str(session / f"{contrast}.nii.gz")).header.get_zooms()[:3])
-        rows.append(Row(f"real patient12 {contrast}->FLAIR", zooms, res.engine, args.dof, mean, worst, seconds, 1.0))
+        rows.append(Row(f"real patient12 {contrast}->FLAIR", zooms, res.engine, args.dof, mean, worst, seconds, cpu, 1.0))
         print(f"  {contrast}->FLAIR: mean {mean:.3f} mm (header alone {header_mean:.3f} mm), max {worst:.3f} mm, "
               f"{seconds:.1f} s", flush=True)
     return rows
@@ -187,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-real", action="store_true")
     args = p.parse_args(argv)
 
+    print(f"threads={args.threads}, engine={args.engine}, dof={args.dof}, "
+          f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
     rows: list[Row] = []
     try:
         if not args.skip_synthetic:
@@ -199,26 +203,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"registration failed: {exc}", file=sys.stderr)
         return 1
 
-    header = f"{'case':58s} {'grid mm':>14s} {'engine':>9s} {'dof':>3s} {'mean mm':>8s} {'max mm':>7s} {'target':>6s} {'s':>6s} ok"
+    header = (f"{'case':46s} {'grid mm':>14s} {'engine':>9s} {'dof':>3s} {'mean mm':>8s} {'max mm':>7s} "
+              f"{'target':>6s} {'wall s':>6s} {'cpu s':>6s} ok")
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
-        print(f"{r.case:58s} {r.grid_mm:>14s} {r.engine:>9s} {r.dof:>3d} {r.mean_error_mm:8.3f} "
-              f"{r.max_error_mm:7.3f} {r.target_mm:6.1f} {r.seconds:6.1f} {'yes' if r.ok else 'NO'}")
+        print(f"{r.case:46s} {r.grid_mm:>14s} {r.engine:>9s} {r.dof:>3d} {r.mean_error_mm:8.3f} "
+              f"{r.max_error_mm:7.3f} {r.target_mm:6.1f} {r.seconds:6.1f} {r.cpu_seconds:6.1f} {'yes' if r.ok else 'NO'}")
     for kind in ("synthetic", "real"):
         sel = [r for r in rows if r.case.startswith(kind)]
         if sel:
             print(f"{kind}: mean error {np.mean([r.mean_error_mm for r in sel]):.3f} mm "
                   f"(worst case {max(r.mean_error_mm for r in sel):.3f} mm), "
-                  f"{np.mean([r.seconds for r in sel]):.1f} s per pair (max {max(r.seconds for r in sel):.1f} s), "
-                  f"threads={args.threads}")
+                  f"{np.mean([r.seconds for r in sel]):.1f} s per pair (max {max(r.seconds for r in sel):.1f} s; "
+                  f"cpu {np.mean([r.cpu_seconds for r in sel]):.1f} s), threads={args.threads}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["case", "grid_mm", "engine", "dof", "mean_error_mm", "max_error_mm", "target_mm", "seconds", "ok"])
+        w.writerow(["case", "grid_mm", "engine", "dof", "mean_error_mm", "max_error_mm", "target_mm", "seconds",
+                    "cpu_seconds", "threads", "ok"])
         for r in rows:
             w.writerow([r.case, r.grid_mm, r.engine, r.dof, f"{r.mean_error_mm:.4f}", f"{r.max_error_mm:.4f}",
-                        r.target_mm, f"{r.seconds:.2f}", r.ok])
+                        r.target_mm, f"{r.seconds:.2f}", f"{r.cpu_seconds:.2f}", args.threads, r.ok])
     print(f"wrote {out}")
     return 0 if all(r.ok for r in rows) else 1
 

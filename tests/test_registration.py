@@ -39,7 +39,7 @@ from rsanet.registration import (
 )
 
 # Small pyramid for the phantom (4 mm voxels): 8 mm then 4 mm.
-FAST = SimpleITKSettings(level_spacings_mm=(8.0, 4.0), samples_per_level=(0, 0), iterations_per_level=(100, 100),
+FAST = SimpleITKSettings(level_spacings_mm=(8.0, 4.0), samples_per_level=(0, 0), screen_iterations=100,
                          search_keep=2, powell_iterations=3)
 CENTER = np.array([2.0, -10.0, 8.0])  # phantom centre, RAS mm
 TRUE_MOTION = rigid_matrix((9.0, -7.0, 12.0), (8.0, -10.0, 6.0), CENTER)  # moving world -> fixed world

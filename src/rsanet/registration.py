@@ -18,9 +18,10 @@ Conventions (the one place they are fixed)
 Engines
 -------
 ``flirt``: FSL's ``flirt`` via :func:`fsl.wrappers.flirt` (used when ``$FSLDIR/bin/flirt`` exists).
-``simpleitk``: Mattes mutual information, a Gaussian pyramid (6, 3, 1.5 mm), centre-of-mass or
-header initialisation, a coarse rotation search and gradient-descent refinement, with fixed
-random seeds and a fixed thread count, so a result is reproducible.  ``auto`` picks FLIRT when
+``simpleitk``: Mattes mutual information, a Gaussian pyramid (6, 3, 1.5 mm), header or
+centre-of-mass initialisation, a coarse rotation search screened by gradient descent, and
+Powell refinement (FLIRT's optimiser) on the finer levels, with fixed random seeds and a fixed
+thread count, so a result is reproducible.  ``auto`` picks FLIRT when
 present; the choice is logged and recorded in :class:`RegistrationResult`.
 
 Both engines are judged by the same engine-independent check: Mattes mutual information on the
@@ -48,7 +49,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("rsanet.registration")  # also when run as __main__
 
 EngineName = Literal["auto", "flirt", "simpleitk"]
 Interpolation = Literal["linear", "nearest"]
@@ -69,41 +70,39 @@ class RegistrationError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SimpleITKSettings:
-    """Tuning of the SimpleITK engine (defaults reach the benchmark targets; see docs/registration.md).
+    """Tuning of the SimpleITK engine (the defaults meet the benchmark targets; docs/registration.md).
 
     ``level_spacings_mm``: isotropic target spacing of each pyramid level, coarse to fine (a level
-    never upsamples an axis, so a 3 mm slice axis stays 3 mm).  ``samples_per_level``: Mattes MI
-    samples drawn (randomly, with ``seed``) from the fixed head mask at each level; 0 = every voxel.
-    ``search_step_deg``: step of the coarse rotation grid over ±``search_deg`` (see
-    :func:`register`) about each axis; ``search_keep``: how many of the best grid points are
-    refined at the coarsest level.  ``affine_levels``: for ``dof=12``, how many of the finest
-    levels also refine a full affine after the rigid stage.
+    never upsamples an axis, so a 3 mm slice axis stays 3 mm; a level that would equal the next
+    finer one is dropped).  ``samples_per_level``: Mattes MI samples drawn at random (``seed``)
+    from the fixed head mask at each level; 0 = every voxel.  ``histogram_bins``: Mattes bins.
+    Coarsest level: rotations on a grid of ``search_step_deg`` over ±``search_deg`` (see
+    :func:`register`) about each axis, from the header and the centre-of-mass alignment; the
+    ``search_keep`` best of each, and both starts, get ``screen_iterations`` of regular-step
+    gradient descent, and the one with the best metric on the next finer level wins.  Finer
+    levels: Powell's method (``powell_iterations`` sweeps, ``powell_line_iterations`` per line
+    search, stopping at ``powell_step_tolerance`` voxels), as in FLIRT.  ``affine_levels``: for
+    ``dof=12``, how many of the finest levels then refine a full affine.
     """
 
     level_spacings_mm: tuple[float, ...] = (6.0, 3.0, 1.5)
     samples_per_level: tuple[int, ...] = (0, 40_000, 60_000)
-    iterations_per_level: tuple[int, ...] = (150, 100, 60)
     histogram_bins: int = 32
     search_step_deg: float = 15.0
-    search_keep: int = 4
-    affine_levels: int = 2
-    learning_rate: float = 1.0
-    min_step: float = 0.005
-    relaxation: float = 0.6
-    optimizer: str = "powell"
-    screen_optimizer: str = "rsgd"
+    search_keep: int = 3
+    screen_iterations: int = 150
     powell_iterations: int = 4
     powell_line_iterations: int = 10
     powell_step_tolerance: float = 0.02
+    affine_levels: int = 1
     seed: int = 1234
 
     def __post_init__(self) -> None:
-        n = len(self.level_spacings_mm)
-        if n == 0 or len(self.samples_per_level) != n or len(self.iterations_per_level) != n:
-            raise ValueError("level_spacings_mm, samples_per_level and iterations_per_level need one entry per level")
+        if not self.level_spacings_mm or len(self.samples_per_level) != len(self.level_spacings_mm):
+            raise ValueError("level_spacings_mm and samples_per_level need one entry per level")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RegistrationResult:
     """Outcome of :func:`register`.
 
@@ -377,7 +376,6 @@ class _Level:
     mask_voxels: int
     moving_head_mm: np.ndarray
     samples: int
-    iterations: int
 
 
 def _clip_intensities(data: np.ndarray) -> np.ndarray:
@@ -391,16 +389,13 @@ def _pyramid(moving: nib.Nifti1Image, fixed: nib.Nifti1Image, settings: SimpleIT
     """Pyramid levels, coarse to fine, each built from the next finer one.
 
     A level whose grids would equal those of the next finer level (both images already coarser
-    than its spacing) is dropped; the finer level keeps its sampling and iteration settings.
+    than its spacing) is dropped; the finer level keeps its sampling setting.
     """
-    spec = sorted(
-        zip(settings.level_spacings_mm, settings.samples_per_level, settings.iterations_per_level),
-        key=lambda t: t[0],
-    )
+    spec = sorted(zip(settings.level_spacings_mm, settings.samples_per_level), key=lambda t: t[0])
     levels: list[_Level] = []
     m_data, m_aff = _clip_intensities(np.asarray(moving.dataobj, np.float32)), moving.affine
     f_data, f_aff = _clip_intensities(np.asarray(fixed.dataobj, np.float32)), fixed.affine
-    for spacing, samples, iterations in spec:
+    for spacing, samples in spec:
         new_m, new_m_aff = downsample_grid(m_data, m_aff, spacing)
         new_f, new_f_aff = downsample_grid(f_data, f_aff, spacing)
         same = (new_m.shape == m_data.shape and new_f.shape == f_data.shape
@@ -417,7 +412,6 @@ def _pyramid(moving: nib.Nifti1Image, fixed: nib.Nifti1Image, settings: SimpleIT
             mask_voxels=int(mask.sum()),
             moving_head_mm=voxel_points_mm(foreground_mask(m_data), m_aff),
             samples=int(samples),
-            iterations=int(iterations),
         ))
     return levels[::-1]
 
@@ -475,39 +469,23 @@ def _center_of_mass_lps(image: sitk.Image, mask: sitk.Image | None = None) -> np
 def _optimise(
     level: _Level, tx: sitk.Transform, *, settings: SimpleITKSettings, threads: int, optimizer: str
 ) -> float:
-    """Refine ``tx`` in place at one level; returns the final metric."""
+    """Refine ``tx`` in place at one level with ``rsgd`` (regular-step gradient descent, for the
+    coarse screening) or ``powell`` (for the final levels); returns the final metric value."""
     reg = _method(level, level.samples, settings.histogram_bins, settings.seed, threads)
-    # With physical-shift scales one unit of step is about one voxel shift at this level.
+    # With physical-shift scales, a unit step moves the farthest voxel by about one voxel.
     if optimizer == "rsgd":
         reg.SetOptimizerAsRegularStepGradientDescent(
-            learningRate=settings.learning_rate,
-            minStep=settings.min_step,
-            numberOfIterations=level.iterations,
-            relaxationFactor=settings.relaxation,
-            gradientMagnitudeTolerance=1e-8,
+            learningRate=1.0, minStep=0.005, numberOfIterations=settings.screen_iterations,
+            relaxationFactor=0.6, gradientMagnitudeTolerance=1e-8,
         )
-    elif optimizer == "cg":
-        reg.SetOptimizerAsConjugateGradientLineSearch(
-            learningRate=settings.learning_rate, numberOfIterations=level.iterations,
-            convergenceMinimumValue=1e-7, convergenceWindowSize=10,
-            lineSearchLowerLimit=0.0, lineSearchUpperLimit=3.0, lineSearchEpsilon=0.01,
-            lineSearchMaximumIterations=20, estimateLearningRate=reg.Never,
-        )
-    elif optimizer == "lbfgs":
-        reg.SetOptimizerAsLBFGS2(solutionAccuracy=1e-6, numberOfIterations=level.iterations,
-                                 deltaConvergenceDistance=5, deltaConvergenceTolerance=1e-6,
-                                 lineSearchMaximumEvaluations=20)
     elif optimizer == "powell":
-        reg.SetOptimizerAsPowell(numberOfIterations=settings.powell_iterations,
-                                 maximumLineIterations=settings.powell_line_iterations,
-                                 stepLength=settings.learning_rate, stepTolerance=settings.powell_step_tolerance,
-                                 valueTolerance=1e-5)
-    else:  # gradient descent, learning rate re-estimated each iteration
-        reg.SetOptimizerAsGradientDescent(
-            learningRate=settings.learning_rate, numberOfIterations=level.iterations,
-            convergenceMinimumValue=1e-7, convergenceWindowSize=10,
-            estimateLearningRate=reg.EachIteration, maximumStepSizeInPhysicalUnits=0.0,
+        reg.SetOptimizerAsPowell(
+            numberOfIterations=settings.powell_iterations,
+            maximumLineIterations=settings.powell_line_iterations,
+            stepLength=1.0, stepTolerance=settings.powell_step_tolerance, valueTolerance=1e-5,
         )
+    else:
+        raise ValueError(f"optimizer must be 'powell' or 'rsgd', got {optimizer!r}")
     reg.SetOptimizerScalesFromPhysicalShift()
     reg.SetInitialTransform(tx, inPlace=True)
     reg.Execute(level.fixed, level.moving)
@@ -573,7 +551,7 @@ def _register_simpleitk(
         tx = sitk.Euler3DTransform()
         tx.SetCenter([float(x) for x in center])
         tx.SetParameters(params)
-        _optimise(coarse, tx, settings=settings, threads=threads, optimizer=settings.screen_optimizer)
+        _optimise(coarse, tx, settings=settings, threads=threads, optimizer="rsgd")
         value = _metric_value(judge, _sitk_transform_to_moving_to_fixed(tx), settings.histogram_bins, threads)
         if best is None or value < best[0]:
             best = (value, name, tx)
@@ -588,14 +566,14 @@ def _register_simpleitk(
         t0 = now
 
     record("search+select", judge.spacing_mm, best[0])
-    for level in levels[1:]:
-        value = _optimise(level, rigid, settings=settings, threads=threads, optimizer=settings.optimizer)
+    for level in levels[1:] or levels:
+        value = _optimise(level, rigid, settings=settings, threads=threads, optimizer="powell")
         record("rigid", level.spacing_mm, value)
     moving_to_fixed = _sitk_transform_to_moving_to_fixed(rigid)
     if dof == 12:
         affine = _affine_from_moving_to_fixed(moving_to_fixed, center)
         for level in levels[-settings.affine_levels:] if settings.affine_levels > 0 else []:
-            value = _optimise(level, affine, settings=settings, threads=threads, optimizer=settings.optimizer)
+            value = _optimise(level, affine, settings=settings, threads=threads, optimizer="powell")
             record("affine", level.spacing_mm, value)
         moving_to_fixed = _sitk_transform_to_moving_to_fixed(affine)
     details = {
@@ -717,7 +695,9 @@ def register(
     fixed_img = load_volume(fixed_path, "fixed image")
     chosen = choose_engine(engine)
     with _sitk_threads(threads):
-        levels = _pyramid(moving_img, fixed_img, settings)
+        # FLIRT needs only the 3 mm level, for the engine-independent cost check.
+        levels = _pyramid(moving_img, fixed_img, settings if chosen == "simpleitk" else
+                          replace(settings, level_spacings_mm=(3.0,), samples_per_level=(0,)))
         check_level = min(levels, key=lambda lv: abs(lv.spacing_mm - 3.0))
         bins = settings.histogram_bins
         identity = np.eye(4)
@@ -858,11 +838,16 @@ def write_transforms(
     reference ``fixed``, via ``fsl.transform.flirt.toFlirt``) and as an ITK text transform (fixed
     LPS -> moving LPS, centred at the fixed grid's centre); both or neither are written."""
     m2f = result.moving_to_fixed if isinstance(result, RegistrationResult) else np.asarray(result, float)
-    mat = flirt_matrix(m2f, moving, fixed)
-    itk_text = itk_transform_text(m2f, image_center_lps(nib.load(str(fixed))))
+    mat, itk_text = _transform_files(m2f, moving, fixed)
     with staged_outputs([flirt_mat_path, itk_path]) as (tmp_mat, tmp_itk):
         np.savetxt(tmp_mat, mat, fmt="%1.15g")
         tmp_itk.write_text(itk_text)
+
+
+def _transform_files(moving_to_fixed: np.ndarray, moving: PathLike, fixed: PathLike) -> tuple[np.ndarray, str]:
+    """Contents of the FLIRT matrix and the ITK text file for ``moving_to_fixed``."""
+    itk_text = itk_transform_text(moving_to_fixed, image_center_lps(nib.load(str(fixed))))
+    return flirt_matrix(moving_to_fixed, moving, fixed), itk_text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -887,10 +872,7 @@ def registration_qc_figure(
 
     All ``registered`` images must lie on the fixed grid (output of :func:`resample_to_fixed`).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, Agg for PNG
 
     fixed_img = nib.as_closest_canonical(fixed if isinstance(fixed, nib.Nifti1Image) else nib.load(str(fixed)))
     f = np.asarray(fixed_img.dataobj, dtype=np.float32)
@@ -900,7 +882,8 @@ def registration_qc_figure(
     lo, hi = np.percentile(f[mask] if mask.any() else f, [1, 99.5])
     colors = ["#ff3b30", "#34c759", "#0a84ff", "#ffcc00", "#bf5af2"]
     views = [("axial", 2), ("coronal", 1), ("sagittal", 0)]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4), facecolor="black")
+    fig = Figure(figsize=(12, 4.4), facecolor="black")
+    axes = fig.subplots(1, 3)
     for ax, (name, axis) in zip(axes, views):
         sl = [slice(None)] * 3
         sl[axis] = int(center[axis])
@@ -931,7 +914,6 @@ def registration_qc_figure(
     out = Path(out_png)
     with staged_outputs([out]) as (tmp,):
         fig.savefig(tmp, dpi=110, facecolor="black")
-    plt.close(fig)
     return out
 
 
@@ -971,11 +953,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.moving, args.fixed, dof=args.dof, engine=args.engine, cost=args.cost,
             search_deg=args.search_deg, max_displacement_mm=args.max_displacement_mm, threads=args.threads,
         )
-        moving_img = load_volume(args.moving, "moving image")
-        fixed_img = load_volume(args.fixed, "fixed image")
-        out_img = resample_to_fixed(moving_img, fixed_img, result.moving_to_fixed, args.interpolation)
-        mat = flirt_matrix(result.moving_to_fixed, args.moving, args.fixed)
-        itk_text = itk_transform_text(result.moving_to_fixed, image_center_lps(fixed_img))
+        # nibabel's own loading keeps the moving dtype (for --interpolation nearest).
+        out_img = resample_to_fixed(nib.load(args.moving), nib.load(args.fixed), result.moving_to_fixed,
+                                    args.interpolation)
+        mat, itk_text = _transform_files(result.moving_to_fixed, args.moving, args.fixed)
         outputs = [args.out_image, args.out_mat, args.out_itk] + ([args.out_json] if args.out_json else [])
         with staged_outputs(outputs) as temps:
             nib.save(out_img, str(temps[0]))
