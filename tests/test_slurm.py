@@ -11,9 +11,7 @@ tests/slurm_cluster.py), so ``--gpus=1`` is scheduled, counted and reflected in
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -254,8 +252,9 @@ def filled_in_resources(cluster: SlurmCluster) -> tuple[list[str], list[str]]:
 
 
 def run_bounded(cmd: list[str], cwd: Path, log: Path, timeout_s: float) -> tuple[int, float]:
-    """Run ``cmd`` with output to ``log``; on timeout SIGINT it (snakemake then cancels its
-    SLURM jobs; SIGTERM would leave them), SIGKILL only if it ignores that. (rc, seconds)."""
+    """Run ``cmd`` with output to ``log``, bounded: on timeout send SIGINT, not SIGTERM
+    (snakemake then cancels its SLURM jobs and exits); SIGKILL only if it ignores that.
+    Returns (exit status, seconds)."""
     t0 = time.monotonic()
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT,
@@ -342,3 +341,14 @@ def test_tiny_study_runs_through_slurm(slurm_cluster: SlurmCluster, tmp_path):
             assert "gpu:1" in job.get("TresPerJob", "") + job.get("TresPerNode", ""), job
     _, local = workflow_rules()
     assert not local & set(by_rule), f"local rules were submitted: {local & set(by_rule)}"
+
+    # where the time went (printed; see docs/scaling.md)
+    def seconds(job: dict[str, str]) -> float:
+        t = [time.mktime(time.strptime(job[k], "%Y-%m-%dT%H:%M:%S"))
+             for k in ("StartTime", "EndTime")]
+        return t[1] - t[0]
+
+    busy = {rule: sum(seconds(j) for j in jobs) for rule, jobs in by_rule.items()}
+    print(f"{len(submitted)} SLURM jobs, " + ", ".join(
+        f"{rule} {len(by_rule[rule])} ({busy[rule]:.0f} s)" for rule in sorted(by_rule))
+        + f"; job run time in total {sum(busy.values()):.0f} s, wall {elapsed:.0f} s")

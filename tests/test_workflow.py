@@ -175,7 +175,7 @@ def test_4d_image_stops_the_run_naming_subject_and_file(tmp_path):
     sheet = _user_cohort(tmp_path / "data")
     bad = tmp_path / "data" / "p02" / "T2.nii.gz"
     nib.save(nib.Nifti1Image(np.ones((16, 16, 8, 3), np.float32), np.eye(4)), bad)
-    run = snakemake(tmp_path / "work", *_bad_config(tmp_path, sheet))
+    run = snakemake(tmp_path / "work", *_bad_config(tmp_path, sheet), "--retries", "0")
     assert run.returncode != 0
     log = (tmp_path / "work" / "logs" / "validate_inputs.log").read_text()
     assert "'p02'" in log and str(bad) in log and "expected a 3D image" in log

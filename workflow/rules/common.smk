@@ -1,5 +1,6 @@
 # Shared by all stages: config and subject-sheet validation, the subject table, wildcard
 # constraints and every input function.
+import os
 import re
 from pathlib import Path
 
@@ -10,6 +11,10 @@ from rsanet.splits import make_splits
 from rsanet.validation import config_problems, read_sheet, sheet_problems
 
 SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas"
+# Jobs import the package from this checkout even where it is not pip-installed (e.g. in the
+# conda environment of `--sdm conda`, which holds only the dependencies).
+_SRC = str(Path(workflow.basedir) / "src")
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH")) if p)
 ENV = "../../envs/rsanet.yaml"
 DEMO = config.get("subjects") == "demo"
 
