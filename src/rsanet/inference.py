@@ -44,10 +44,12 @@ def predict_volume(
     x_full = torch.from_numpy(np.ascontiguousarray(image))[None]  # (1, 3, D, H, W)
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        x = x.to(device)
+        # Channels-last 3D input: oneDNN/cuDNN then run every convolution in NDHWC, 2-4x
+        # faster than NCDHW (scripts/benchmark.py); the weights need not be converted.
+        x = x.to(device).contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
             logits = model(x)
-        return torch.softmax(logits.float(), dim=1)[0, 1].cpu()  # (d, h, w)
+        return torch.softmax(logits.float(), dim=1)[0, 1].contiguous().cpu()  # (d, h, w)
 
     shape = image.shape[1:]
     if tile is None:

@@ -13,6 +13,7 @@ the ``D`` slices attend to each other.
 
 Contents
 --------
+0. :class:`PointwiseConv3d` - a 1x1x1 ``nn.Conv3d`` computed as a matrix product on CPU (speed).
 1. :func:`slice_attention` - Eq. 1-2 of the paper for one direction (a pure function).
 2. :class:`SliceAttention` - one SA block (own projections, own alpha).
 3. :class:`RSABlock` - three SA steps in sequence (sagittal -> coronal -> axial) sharing one
@@ -44,6 +45,39 @@ SLICE_AXIS: dict[str, int] = {"axial": 2, "coronal": 3, "sagittal": 4}
 
 #: The paper's order of the three SA steps inside an RSA block (Section 2.2, Fig. 4).
 PAPER_ORDER: tuple[Direction, Direction, Direction] = ("sagittal", "coronal", "axial")
+
+
+# ---------------------------------------------------------------------------------------------
+# 0. 1x1x1 convolutions as matrix products (a speed detail, not a modelling choice)
+# ---------------------------------------------------------------------------------------------
+class PointwiseConv3d(nn.Conv3d):
+    """A 1x1x1 ``nn.Conv3d`` (same parameters, initialisation and state-dict keys).
+
+    On CPU its forward is the equivalent matrix product over channels: oneDNN's 1x1x1 3D
+    convolution (its backward above all) is 5-20x slower than a GEMM for the small maps and
+    channel counts of this network (measured by ``scripts/benchmark.py``). A channels-last
+    input stays channels-last. Elsewhere (CUDA) it is the ordinary convolution.
+
+    Shapes: ``(N, C_in, D, H, W) -> (N, C_out, D, H, W)``.
+    """
+
+    #: Use the matrix product on CPU (``False``: always the convolution; for benchmarks).
+    gemm_on_cpu: bool = True
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
+        super().__init__(in_channels, out_channels, kernel_size=1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.gemm_on_cpu or x.device.type != "cpu" or x.dim() != 5:
+            return super().forward(x)
+        weight = self.weight.flatten(1)  # (C_out, C_in)
+        if x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+            # (N, D, H, W, C) is a view of a channels-last tensor: one GEMM, no copies
+            return F.linear(x.movedim(1, -1), weight, self.bias).movedim(-1, 1)
+        y = torch.matmul(weight, x.flatten(2))  # (N, C_out, D*H*W)
+        if self.bias is not None:
+            y = y + self.bias[:, None]
+        return y.view(x.shape[0], -1, *x.shape[2:])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,9 +131,9 @@ class SliceAttention(nn.Module):
         if direction not in SLICE_AXIS:
             raise ValueError(f"direction must be one of {sorted(SLICE_AXIS)}, got {direction!r}")
         self.direction: Direction = direction
-        self.query = nn.Conv3d(channels, channels, kernel_size=1)
-        self.key = nn.Conv3d(channels, channels, kernel_size=1)
-        self.value = nn.Conv3d(channels, channels, kernel_size=1)
+        self.query = PointwiseConv3d(channels, channels)
+        self.key = PointwiseConv3d(channels, channels)
+        self.value = PointwiseConv3d(channels, channels)
         self.alpha = nn.Parameter(torch.zeros(()))
 
     def forward(self, m: torch.Tensor) -> torch.Tensor:
@@ -133,9 +167,9 @@ class RSABlock(nn.Module):
         if len(order) != 3 or sorted(order) != sorted(SLICE_AXIS):
             raise ValueError(f"order must be a permutation of {PAPER_ORDER}, got {order!r}")
         self.order: tuple[Direction, ...] = order
-        self.query = nn.Conv3d(channels, channels, kernel_size=1)
-        self.key = nn.Conv3d(channels, channels, kernel_size=1)
-        self.value = nn.Conv3d(channels, channels, kernel_size=1)
+        self.query = PointwiseConv3d(channels, channels)
+        self.key = PointwiseConv3d(channels, channels)
+        self.value = PointwiseConv3d(channels, channels)
         self.alpha = nn.Parameter(torch.zeros(3))
 
     def forward(self, m: torch.Tensor) -> torch.Tensor:
@@ -162,10 +196,10 @@ class NonLocalBlock(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         inner = max(channels // 2, 1)
-        self.theta = nn.Conv3d(channels, inner, kernel_size=1)
-        self.phi = nn.Conv3d(channels, inner, kernel_size=1)
-        self.g = nn.Conv3d(channels, inner, kernel_size=1)
-        self.out = nn.Conv3d(inner, channels, kernel_size=1)
+        self.theta = PointwiseConv3d(channels, inner)
+        self.phi = PointwiseConv3d(channels, inner)
+        self.g = PointwiseConv3d(channels, inner)
+        self.out = PointwiseConv3d(inner, channels)
         self.norm = nn.GroupNorm(_groups(channels), channels)
         nn.init.zeros_(self.norm.weight)  # identity at initialisation
 
@@ -211,7 +245,7 @@ class Up(nn.Module):
 
     def __init__(self, deep_channels: int, channels: int) -> None:
         super().__init__()
-        self.reduce = nn.Conv3d(deep_channels, channels, kernel_size=1)
+        self.reduce = PointwiseConv3d(deep_channels, channels)
         self.block = ConvBlock(2 * channels, channels)
 
     def forward(self, deep: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -280,7 +314,7 @@ class UNet3D(nn.Module):
             [Up(deep, shallow) for shallow, deep in zip(widths[:-1], widths[1:])]
         )  # ups[i]: level i+1 -> level i
         self.head = nn.Sequential(
-            nn.Conv3d(widths[0], widths[0], 3, padding=1), nn.Conv3d(widths[0], num_classes, 1)
+            nn.Conv3d(widths[0], widths[0], 3, padding=1), PointwiseConv3d(widths[0], num_classes)
         )
 
         second = widths[-2]

@@ -2,19 +2,22 @@
 # constraints and every input function.
 import os
 import re
+import sys
 from pathlib import Path
 
 import pandas as pd
 from snakemake.utils import validate
 
+# The package is imported from this checkout even where it is not pip-installed (e.g. a bare
+# Snakemake environment with `--sdm conda`, whose job environments hold only the dependencies).
+_SRC = str(Path(workflow.basedir) / "src")
+sys.path.insert(0, _SRC)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH")) if p)
+
 from rsanet.splits import make_splits
 from rsanet.validation import config_problems, read_sheet, sheet_problems
 
 SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas"
-# Jobs import the package from this checkout even where it is not pip-installed (e.g. in the
-# conda environment of `--sdm conda`, which holds only the dependencies).
-_SRC = str(Path(workflow.basedir) / "src")
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH")) if p)
 ENV = "../../envs/rsanet.yaml"
 DEMO = config.get("subjects") == "demo"
 
