@@ -12,7 +12,7 @@ from snakemake.utils import validate
 # Snakemake environment with `--sdm conda`, whose job environments hold only the dependencies).
 _SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, _SRC)
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH")) if p)
+os.environ.update(PYTHONPATH=os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH")) if p))
 
 from rsanet.splits import make_splits
 from rsanet.validation import config_problems, read_sheet, sheet_problems
