@@ -49,8 +49,11 @@ def most_lesioned_slice(lesions: np.ndarray) -> int:
 
 
 def _overlay(ax: plt.Axes, background: np.ndarray, mask: np.ndarray | None, title: str) -> None:
-    lo, hi = np.percentile(background, [1, 99.5])
-    ax.imshow(axial_view(background), cmap="gray", vmin=lo, vmax=hi, interpolation="nearest", aspect="auto")
+    # Preprocessed images are exactly 0 outside the brain: show that background black.
+    shown = np.ma.masked_equal(background, 0.0)
+    lo, hi = np.percentile(shown.compressed(), [1, 99.5]) if shown.count() else (0.0, 1.0)
+    cmap = matplotlib.colormaps["gray"].with_extremes(bad="black")
+    ax.imshow(axial_view(shown), cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest", aspect="auto")
     if mask is not None:
         rgba = np.zeros(mask.shape + (4,))
         rgba[mask > 0] = (*LESION_RED, 0.85)
@@ -127,7 +130,7 @@ def score_distributions(rows: pd.DataFrame, stem: str, metrics: Sequence[str] = 
         ax.set_xticks(range(1, len(variants) + 1), [VARIANTS[v].display_name for v in variants], rotation=30)
         for i, values in enumerate(data, start=1):
             ax.scatter(i + rng.uniform(-0.15, 0.15, len(values)), values, s=6, alpha=0.5, color="tab:red")
-        ax.set_ylabel(f"per-subject {metric.upper() if metric == 'iou' else metric.capitalize()} (%)")
+        ax.set_ylabel(f"per-subject {'IoU' if metric == 'iou' else metric.capitalize()} (%)")
         ax.set_ylim(-2, 102)
         ax.grid(axis="y", alpha=0.3)
     return save_figure(fig, stem)
