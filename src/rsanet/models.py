@@ -114,6 +114,46 @@ def slice_attention(
     return out.reshape(v_moved.shape).movedim(1, axis)  # back to (N, C, D, H, W)
 
 
+def _projected_slice_attention(
+    m: torch.Tensor, query: nn.Conv3d, key: nn.Conv3d, value: nn.Conv3d, direction: Direction,
+    alpha: torch.Tensor,
+) -> torch.Tensor:
+    """``alpha * slice_attention(query(m), key(m), value(m), direction)``, without copies.
+
+    The same Eq. 1-2 (float32 softmax, no scaling), arranged for speed and memory:
+
+    * the 1x1x1 projections are computed channels-last, ``(N, D, H, W, C)``, and never copied:
+      with ``B`` the dimensions before the slice axis and ``F`` those after it (``C`` included),
+      each is a ``(N*B, S, F)`` view, ``Q K^T`` is the sum over ``B`` of ``B`` batched products
+      (the same dot products, in another order) and ``A V`` a batched product that writes the
+      result straight into the channels-last layout;
+    * ``alpha`` scales the small ``S x S`` map instead of the result (``alpha (A V) =
+      (alpha A) V``), so autograd keeps no copy of the result for alpha's gradient.
+
+    Several times faster than projecting, reshaping three maps and scaling the result (see
+    ``scripts/benchmark.py``). Returns ``(N, C, D, H, W)``, channels-last.
+    """
+    x = m.movedim(1, -1)  # (N, D, H, W, C): a view, contiguous when m is channels-last
+    q = F.linear(x, query.weight.flatten(1), query.bias)  # (N, D, H, W, C), contiguous
+    k = F.linear(x, key.weight.flatten(1), key.bias)
+    v = F.linear(x, value.weight.flatten(1), value.bias)
+    axis = SLICE_AXIS[direction] - 1  # slice axis in (N, D, H, W, C)
+    n, s = q.shape[0], q.shape[axis]
+    before = math.prod(q.shape[1:axis])
+    q3, k3 = q.view(n * before, s, -1), k.view(n * before, s, -1)  # (N*B, S, F)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        logits = torch.bmm(q3.float(), k3.float().transpose(1, 2))  # (N*B, S, S)
+        if before > 1:
+            logits = logits.view(n, before, s, s).sum(1)  # (N, S, S): full dot products
+        attn = torch.softmax(logits, dim=-1)
+        scaled = alpha * attn  # (N, S, S)
+    if before == 1:
+        out = torch.bmm(scaled.to(v.dtype), v.view(n, s, -1))  # (N, S, F)
+    else:
+        out = torch.matmul(scaled.to(v.dtype).unsqueeze(1), v.view(n, before, s, -1))  # (N, B, S, F)
+    return out.view(q.shape).movedim(-1, 1)
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. One SA block: Fig. 2 of the paper
 # ---------------------------------------------------------------------------------------------
@@ -137,8 +177,9 @@ class SliceAttention(nn.Module):
         self.alpha = nn.Parameter(torch.zeros(()))
 
     def forward(self, m: torch.Tensor) -> torch.Tensor:
-        aggregated = slice_attention(self.query(m), self.key(m), self.value(m), self.direction)
-        return self.alpha * aggregated + m
+        # = self.alpha * slice_attention(self.query(m), self.key(m), self.value(m), self.direction)
+        scaled = _projected_slice_attention(m, self.query, self.key, self.value, self.direction, self.alpha)
+        return m + scaled  # m first: the sum keeps m's memory layout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,8 +215,9 @@ class RSABlock(nn.Module):
 
     def forward(self, m: torch.Tensor) -> torch.Tensor:
         for step, direction in enumerate(self.order):
-            aggregated = slice_attention(self.query(m), self.key(m), self.value(m), direction)
-            m = self.alpha[step] * aggregated + m  # (N, C, D, H, W)
+            # = self.alpha[step] * slice_attention(self.query(m), self.key(m), self.value(m), direction)
+            scaled = _projected_slice_attention(m, self.query, self.key, self.value, direction, self.alpha[step])
+            m = m + scaled  # (N, C, D, H, W), in m's memory layout
         return m
 
 

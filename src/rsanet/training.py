@@ -186,7 +186,9 @@ def train(
     # 2-4x faster on NDHWC than on NCDHW (scripts/benchmark.py). Same numbers up to rounding.
     model = model.to(device, memory_format=torch.channels_last_3d)
     criterion = ExpWeightedCrossEntropy(r).to(device)
-    optimiser = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # fused: one kernel for all parameters (the same Adam; ~2x faster step on CPU, see benchmark)
+    optimiser = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                 fused=device.type in ("cpu", "cuda"))
     sampler = CropSampler(subjects, config.crop, config.lesion_crop_prob, config.seed)
     use_amp = config.amp and device.type == "cuda"
 

@@ -1,0 +1,38 @@
+# Attention cost (RSA against non-local) and speed of every variant (issue 6): not part of
+# `all`; run it on an otherwise idle machine with `snakemake benchmark` (it times things).
+
+
+rule benchmark:
+    output:
+        attention=report(
+            "results/benchmarks/attention_cost.csv",
+            caption="../report/benchmark.rst",
+            category="Benchmarks",
+        ),
+        networks=report(
+            "results/benchmarks/networks.csv",
+            caption="../report/benchmark.rst",
+            category="Benchmarks",
+        ),
+        table="results/benchmarks/benchmark.md",
+        figure=report(
+            "results/benchmarks/attention_cost.png",
+            caption="../report/benchmark.rst",
+            category="Benchmarks",
+        ),
+        json="results/benchmarks/benchmark.json",
+    params:
+        train=config["train"],
+        variants=VARIANT_IDS,
+        rounds=7,
+        memory_budget_mib=1500,
+    log:
+        "logs/benchmark.log",
+    threads: config["train"].get("threads", 2)
+    resources:
+        mem_mb=6000,
+        runtime=20,
+    conda:
+        ENV
+    script:
+        "../../scripts/benchmark.py"
