@@ -123,3 +123,19 @@ def test_module_buffer_and_shape_checks():
         loss_fn(torch.randn(1, 2, 2, 2, 3), target)  # spatial mismatch
     with pytest.raises(ValueError):
         ExpWeightedCrossEntropy(R_PAPER, reduction="mean_over_batch")
+
+
+def test_lesion_weight_override_replaces_the_paper_weights():
+    import torch
+
+    from rsanet.losses import ExpWeightedCrossEntropy
+
+    loss = ExpWeightedCrossEntropy(5.15e-4, lesion_weight=0.9)
+    assert torch.allclose(loss.weight, torch.tensor([0.1, 0.9]))
+    paper = ExpWeightedCrossEntropy(5.15e-4)
+    assert paper.weight[1] < paper.weight[0]  # as printed: the background weighs more
+    logits = torch.zeros(1, 2, 2, 2, 2)
+    target = torch.ones(1, 2, 2, 2, dtype=torch.long)
+    assert torch.isclose(loss(logits, target), torch.log(torch.tensor(2.0)))
+    with pytest.raises(ValueError, match="lesion_weight"):
+        ExpWeightedCrossEntropy(0.01, lesion_weight=1.5)

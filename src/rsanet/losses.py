@@ -89,17 +89,27 @@ class ExpWeightedCrossEntropy(nn.Module):
     Args:
         r: average lesion fraction of the training images (e.g. from :func:`lesion_fraction`).
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` as in PyTorch.
+        lesion_weight: ``None`` (default) for the paper's weights as printed; a number ``w`` in
+            (0, 1) replaces them by ``[1 - w, w]`` -- a documented deviation for short trainings,
+            where the printed weights (which favour the background) leave the network predicting
+            no lesion at all (see README, "The loss as printed").
     """
 
     weight: torch.Tensor
 
-    def __init__(self, r: float, reduction: str = "mean") -> None:
+    def __init__(self, r: float, reduction: str = "mean", lesion_weight: float | None = None) -> None:
         super().__init__()
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
         self.r = float(r)
         self.reduction = reduction
-        self.register_buffer("weight", class_weights(r))
+        if lesion_weight is None:
+            weight = class_weights(r)
+        elif 0.0 < lesion_weight < 1.0:
+            weight = torch.tensor([1.0 - lesion_weight, lesion_weight], dtype=torch.float32)
+        else:
+            raise ValueError(f"lesion_weight must be in (0, 1), got {lesion_weight}")
+        self.register_buffer("weight", weight)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Weighted cross-entropy.

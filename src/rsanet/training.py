@@ -50,6 +50,8 @@ class TrainConfig:
         amp: mixed precision (bfloat16 autocast) on CUDA; ignored on CPU.
         rsa_order: order of the SA steps inside RSA blocks.
         dropout: rate of the stem's Dropout3d.
+        lesion_weight: ``None`` for the paper's exponential class weights as printed; a number
+            ``w`` in (0, 1) uses ``[1 - w, w]`` instead (a deviation, see ``rsanet.losses``).
     """
 
     variant: str
@@ -68,6 +70,7 @@ class TrainConfig:
     amp: bool = True
     rsa_order: tuple[str, ...] = PAPER_ORDER
     dropout: float = 0.2
+    lesion_weight: float | None = None
 
     @staticmethod
     def from_dict(d: dict) -> "TrainConfig":
@@ -185,7 +188,7 @@ def train(
     # Channels-last 3D on every device: oneDNN (CPU) and cuDNN (CUDA) run 3x3x3 convolutions
     # 2-4x faster on NDHWC than on NCDHW (scripts/benchmark.py). Same numbers up to rounding.
     model = model.to(device, memory_format=torch.channels_last_3d)
-    criterion = ExpWeightedCrossEntropy(r).to(device)
+    criterion = ExpWeightedCrossEntropy(r, lesion_weight=config.lesion_weight).to(device)
     # fused: one kernel for all parameters (the same Adam; ~2x faster step on CPU, see benchmark)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                  fused=device.type in ("cpu", "cuda"))
