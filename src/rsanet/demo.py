@@ -36,23 +36,23 @@ Conventions
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import json
 import os
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
+
+from .volumes import atomic_path
 
 __all__ = [
     "CONTRASTS",
@@ -715,21 +715,6 @@ SUBJECT_FILES: dict[str, str] = {"T1": "T1.nii.gz", "T2": "T2.nii.gz", "FLAIR": 
 SHEET_COLUMNS: tuple[str, ...] = ("subject", "t1", "t2", "flair", "lesions")
 
 
-@contextlib.contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
-    """Temporary path next to ``path`` (same suffixes), renamed onto it only on success."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.",
-                               suffix="".join(path.suffixes), dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
 def write_subject(subject: dict[str, Any], subject_dir: str | os.PathLike) -> dict[str, Path]:
     """Write a :func:`make_subject` result as ``subject_dir/{T1,T2,FLAIR,lesions}.nii.gz`` and
     ``truth.json`` (each file atomically). Returns ``{item: path}``."""
@@ -737,7 +722,7 @@ def write_subject(subject: dict[str, Any], subject_dir: str | os.PathLike) -> di
     paths: dict[str, Path] = {}
     for key, name in SUBJECT_FILES.items():
         path = subject_dir / name
-        with _atomic(path) as tmp:
+        with atomic_path(path) as tmp:
             if key == "truth":
                 tmp.write_text(json.dumps(subject[key], indent=2) + "\n")
             else:
@@ -766,7 +751,7 @@ def subject_sheet(config: DemoConfig, root: str | os.PathLike = ".",
 def write_subject_sheet(sheet: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write ``sheet`` as a tab-separated file (atomically)."""
     path = Path(path)
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         sheet.to_csv(tmp, sep="\t", index=False)
     return path
 
@@ -806,7 +791,7 @@ def write_attribution(out_dir: str | os.PathLike) -> Path:
         "Licence text: `rsanet/data/lesion_masks_mni/LICENSE.txt` in the installed package.\n"
     )
     path = Path(out_dir) / "ATTRIBUTION.md"
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return path
 
