@@ -103,8 +103,7 @@ def test_env_file_is_valid(path):
 
 def test_rules_with_scripts_or_shell_use_existing_env_files():
     blocks = rule_blocks()
-    if not blocks:
-        pytest.skip("no workflow rules yet")
+    assert blocks, "no rules found in workflow/rules"
     consts = string_constants()
     problems = []
     for f, name, body in blocks:

@@ -104,9 +104,8 @@ def test_gpu_rules_declare_memory_runtime_and_threads():
     """mem_mb, runtime and threads (-> --cpus-per-task) of train/predict are set by the rules."""
     for rule in GPU_RULES:
         block = rule_block(rule)
-        if not block:
-            pytest.skip(f"rule {rule} not written yet")
-        for key in (r"mem_mb\s*=", r"runtime\s*=", r"threads\s*:", r"gpu\s*=\s*1"):
+        assert block, f"rule {rule} not found in workflow/rules"
+        for key in (r"mem_mb\s*=", r"runtime\s*=", r"threads\s*:", r"gpu\s*="):
             assert re.search(key, block), f"rule {rule} lacks {key}"
 
 
@@ -122,8 +121,10 @@ def test_slurm_profile_status_polling_works_without_accounting():
 def test_workstation_profile_limits_gpu_jobs():
     prof = load_profile(DEFAULT_PROFILE)
     assert int(prof["resources"]["gpu"]) >= 1
-    for rule in GPU_RULES:
-        assert int(prof["set-resources"][rule]["gpu"]) == 1
+    rules_text = (ROOT / "workflow" / "rules" / "train.smk").read_text()
+    for rule in GPU_RULES:  # the rules themselves claim the configured number of GPUs
+        block = rules_text.split(f"rule {rule}:")[1].split("\nrule ")[0]
+        assert 'gpu=config["train"].get("gpus", 1)' in block
     assert prof["rerun-incomplete"] is True and int(prof["retries"]) >= 1
     assert "executor" not in prof  # local execution
 
@@ -135,8 +136,7 @@ def test_workstation_profile_is_picked_up_by_default(tmp_path):
     this needs workflow/Snakefile, or a `profiles -> workflow/profiles` link at the root.
     """
     sf = snakefile()
-    if sf is None:
-        pytest.skip("no Snakefile yet")
+    assert sf is not None, "no Snakefile found"
     res = subprocess.run(
         [sys.executable, "-m", "snakemake", "-s", str(sf), "--directory", str(tmp_path),
          "--configfile", str(study_config_file()), "--dry-run", "--quiet", "all"],
@@ -148,10 +148,9 @@ def test_workstation_profile_is_picked_up_by_default(tmp_path):
 
 def test_profiles_name_existing_rules_and_light_rules_run_locally():
     rules, local = workflow_rules()
-    if not rules:
-        pytest.skip("workflow rules not written yet")
+    assert rules, "no rules found in workflow/rules"
     for path in (SLURM_PROFILE, DEFAULT_PROFILE):
-        unknown = set(load_profile(path)["set-resources"]) - rules
+        unknown = set(load_profile(path).get("set-resources", {})) - rules
         assert not unknown, f"{path.relative_to(ROOT)} sets resources of unknown rules {unknown}"
     assert not local & set(GPU_RULES), "GPU rules must be submitted, not run locally"
     missing = [r for r in LIGHT_RULES if r in rules and r not in local]

@@ -18,7 +18,7 @@ rule train:
     resources:
         mem_mb=config["train"].get("mem_mb", 4000),
         runtime=config["train"].get("runtime", 60),
-        gpu=1,
+        gpu=config["train"].get("gpus", 1),
     conda:
         ENV
     script:
@@ -42,7 +42,7 @@ rule predict:
     resources:
         mem_mb=config["predict"].get("mem_mb", 4000),
         runtime=config["predict"].get("runtime", 30),
-        gpu=1,
+        gpu=config["train"].get("gpus", 1),
     conda:
         ENV
     script:
