@@ -67,28 +67,26 @@ def _order(variants: Sequence[str]) -> list[str]:
 
 def table1(rows: pd.DataFrame) -> pd.DataFrame:
     """Table 1: per variant, mean and sd over splits of the four numbers, percent, with the paper's."""
-    per_split = split_scores(rows)
-    records = []
-    for variant in _order(per_split.variant.unique()):
-        g = per_split[per_split.variant == variant]
-        rec = {"variant": variant, "method": VARIANTS[variant].display_name, "n_splits": len(g)}
-        for i, m in enumerate(TABLE1_METRICS):
-            rec[f"{m}_mean"] = 100 * g[m].mean()
-            rec[f"{m}_sd"] = 100 * g[m].std(ddof=1) if len(g) > 1 else float("nan")
-            rec[f"{m}_paper"] = PAPER_TABLE1[variant][i]
-        records.append(rec)
-    return pd.DataFrame(records)
+    out = _mean_sd_over_splits(split_scores(rows), {m: 100 for m in TABLE1_METRICS})
+    for i, m in enumerate(TABLE1_METRICS):
+        out[f"{m}_paper"] = [PAPER_TABLE1[v][i] for v in out.variant]
+    order = ["variant", "method", "n_splits"] + [f"{m}_{k}" for m in TABLE1_METRICS for k in ("mean", "sd", "paper")]
+    return out[order]
 
 
 def table2(rows: pd.DataFrame) -> pd.DataFrame:
     """Lesion-wise detection and lesion-volume error per variant: mean and sd over splits."""
-    per_split = split_scores(rows)
+    scales = {m: 1 if m == "abs_volume_error_ml" else 100 for m in TABLE2_METRICS}
+    return _mean_sd_over_splits(split_scores(rows), scales)
+
+
+def _mean_sd_over_splits(per_split: pd.DataFrame, scales: dict[str, float]) -> pd.DataFrame:
+    """Per variant (Table 1 order): ``<metric>_mean`` and ``<metric>_sd`` over splits, scaled."""
     records = []
     for variant in _order(per_split.variant.unique()):
         g = per_split[per_split.variant == variant]
         rec = {"variant": variant, "method": VARIANTS[variant].display_name, "n_splits": len(g)}
-        for m in TABLE2_METRICS:
-            scale = 100 if m in ("ltpr", "lfpr", "lesion_f1", "rel_volume_error") else 1
+        for m, scale in scales.items():
             rec[f"{m}_mean"] = scale * g[m].mean()
             rec[f"{m}_sd"] = scale * g[m].std(ddof=1) if len(g) > 1 else float("nan")
         records.append(rec)

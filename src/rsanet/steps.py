@@ -44,7 +44,7 @@ CONTRASTS = ("T1", "T2", "FLAIR")
 def preprocess_step(subject: str, images: Mapping[str, str], lesions: str, out: str, margin: int = 2) -> None:
     """Co-registered T1/T2/FLAIR + mask -> ``out`` (.npz, model layout, brain crop, z-scored)."""
     imgs = {c: load_checked(images[c], subject, c) for c in CONTRASTS}
-    mask_img = load_checked(lesions, subject, "lesion mask") if _nonempty(lesions) else None
+    mask_img = load_checked(lesions, subject, "lesion mask")  # raises on a missing or empty mask
     ref = imgs["FLAIR"]
     for c, img in imgs.items():
         if not same_grid(img, ref):
@@ -52,8 +52,6 @@ def preprocess_step(subject: str, images: Mapping[str, str], lesions: str, out: 
                 f"subject {subject!r}, {c} file {images[c]!r}: not on the reference grid after "
                 "co-registration (shape or affine differs). Re-run the co-registration step."
             )
-    if mask_img is None:
-        raise InputError(f"subject {subject!r}, lesion mask {lesions!r}: the mask is empty.")
     if not same_grid(mask_img, ref):
         raise InputError(
             f"subject {subject!r}, lesion mask {lesions!r}: geometry {mask_img.shape} differs from "
@@ -65,10 +63,6 @@ def preprocess_step(subject: str, images: Mapping[str, str], lesions: str, out: 
     log.info("%s: cropped to %s voxels of %s mm, %d lesion voxels",
              subject, pre.lesions.shape, tuple(round(s, 3) for s in pre.spacing), int(pre.lesions.sum()))
     pre.save(out)
-
-
-def _nonempty(path: str) -> bool:
-    return bool(path) and Path(path).exists()
 
 
 # ---------------------------------------------------------------------------------------------
