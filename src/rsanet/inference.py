@@ -8,6 +8,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .training import memory_layout
+
 
 def _starts(size: int, tile: int, step: int) -> list[int]:
     """Tile start positions covering ``[0, size)`` with the last tile flush with the end."""
@@ -44,9 +46,9 @@ def predict_volume(
     x_full = torch.from_numpy(np.ascontiguousarray(image))[None]  # (1, 3, D, H, W)
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        # Channels-last 3D input: oneDNN/cuDNN then run every convolution in NDHWC, 2-4x
-        # faster than NCDHW (scripts/benchmark.py); the weights need not be converted.
-        x = x.to(device).contiguous(memory_format=torch.channels_last_3d)
+        # Channels-last 3D input on CPU: oneDNN then runs every convolution in NDHWC, 2-4x
+        # faster than NCDHW; on CUDA NCDHW is faster (scripts/benchmark.py).
+        x = x.to(device).contiguous(memory_format=memory_layout(device))
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
             logits = model(x)
         return torch.softmax(logits.float(), dim=1)[0, 1].contiguous().cpu()  # (d, h, w)

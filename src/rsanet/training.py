@@ -80,6 +80,11 @@ class TrainConfig:
         return TrainConfig(**kw)
 
 
+def memory_layout(device: torch.device) -> torch.memory_format:
+    """The faster layout for 3D convolutions: channels-last on CPU, NCDHW on CUDA (measured)."""
+    return torch.channels_last_3d if device.type == "cpu" else torch.contiguous_format
+
+
 def resolve_device(name: str) -> torch.device:
     """``"auto"`` -> CUDA if available else CPU; otherwise the named device."""
     if name == "auto":
@@ -185,9 +190,11 @@ def train(
     torch.manual_seed(config.seed)
     r = lesion_fraction([s.lesions for s in subjects])
     model = build_model(config.variant, widths=config.widths, dropout=config.dropout, rsa_order=config.rsa_order)
-    # Channels-last 3D on every device: oneDNN (CPU) and cuDNN (CUDA) run 3x3x3 convolutions
-    # 2-4x faster on NDHWC than on NCDHW (scripts/benchmark.py). Same numbers up to rounding.
-    model = model.to(device, memory_format=torch.channels_last_3d)
+    # Memory layout (scripts/benchmark.py, docs/performance.md): on a CPU oneDNN runs 3x3x3
+    # convolutions 2-4x faster channels-last (NDHWC); on an H200 cuDNN is ~1.3x faster with the
+    # default NCDHW under bf16 autocast. Same numbers up to rounding either way.
+    layout = memory_layout(device)
+    model = model.to(device, memory_format=layout)
     criterion = ExpWeightedCrossEntropy(r, lesion_weight=config.lesion_weight).to(device)
     # fused: one kernel for all parameters (the same Adam; ~2x faster step on CPU, see benchmark)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
@@ -229,7 +236,7 @@ def train(
         for it in range(start + 1, config.iterations + 1):
             x, y = sampler.batch(config.batch_size)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            x = x.contiguous(memory_format=torch.channels_last_3d)
+            x = x.contiguous(memory_format=layout)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits = model(x)  # (B, 2, d, h, w)
             loss = criterion(logits, y)
