@@ -1,4 +1,4 @@
-"""Snakemake script: co-register one subject's contrasts onto the reference contrast."""
+"""Snakemake script: co-register one subject's contrasts onto the reference contrast, with a QC figure."""
 from rsanet.logs import logged
 from rsanet.steps import coregister_step
 
@@ -12,5 +12,6 @@ with logged(snakemake.log[0]):
         engine=snakemake.params.engine,
         dof=snakemake.params.dof,
         max_displacement_mm=snakemake.params.max_displacement_mm,
+        search_deg=snakemake.params.search_deg,
         threads=snakemake.threads,
     )

@@ -1,4 +1,4 @@
-"""Snakemake script: predict the whole test volumes of one split with one trained variant."""
+"""Snakemake script: predict and score the whole test volumes of one split with one trained variant."""
 from pathlib import Path
 
 from rsanet.logs import logged
@@ -10,7 +10,8 @@ with logged(snakemake.log[0]):
         split=int(snakemake.wildcards.split),
         splits_json=snakemake.input.splits,
         preprocessed={Path(p).stem: p for p in snakemake.input.test},
-        out_dir=snakemake.output[0],
+        out_dir=snakemake.output.predictions,
+        out_csv=snakemake.output.metrics,
         tile=snakemake.params.tile,
         overlap=snakemake.params.overlap,
         threads=snakemake.threads,

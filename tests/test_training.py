@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from rsanet.inference import predict_volume
-from rsanet.training import CropSampler, TrainConfig, load_model, save_model, train
+from rsanet.training import CropSampler, TrainConfig, learning_rate, load_model, save_model, train
 from rsanet.volumes import Preprocessed
 
 
@@ -54,6 +54,44 @@ def test_crop_sampler_pads_small_volumes():
 
 CFG = dict(widths=(4, 8), crop=(8, 16, 16), batch_size=2, iterations=8, checkpoint_every=2,
            log_every=2, deterministic=True, device="cpu", seed=3)
+
+
+def test_learning_rate_schedules():
+    const = TrainConfig(variant="unet3d", lr=2e-3, iterations=10)
+    assert [learning_rate(const, i) for i in (1, 5, 10)] == [2e-3] * 3
+    cos = TrainConfig(variant="unet3d", lr=2e-3, iterations=10, lr_schedule="cosine")
+    rates = [learning_rate(cos, i) for i in range(1, 11)]
+    assert rates[0] == pytest.approx(2e-3)
+    assert rates[5] == pytest.approx(1e-3)  # half way: iteration 6 of 10
+    assert all(a > b for a, b in zip(rates, rates[1:])) and 0 < rates[-1] < 0.03 * 2e-3
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(variant="unet3d", lr_schedule="step")
+
+
+def test_cosine_schedule_is_what_training_uses_and_survives_resume(tmp_path, monkeypatch):
+    cfg = TrainConfig(variant="unet3d", **{**CFG, "lr_schedule": "cosine"})
+    full = train(cfg, _subjects())
+    assert [r["lr"] for r in full.log_rows] == pytest.approx([learning_rate(cfg, i) for i in range(1, 9)])
+    # stop at iteration 4 (a checkpoint), resume: the same rates and weights as without stopping
+    ckpt = tmp_path / "ckpt.pt"
+    short = TrainConfig(**{**cfg.__dict__, "checkpoint_every": 4})
+    import rsanet.training as T
+
+    real = T._save_checkpoint
+
+    def stop_after_first(path, payload):
+        real(path, payload)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(T, "_save_checkpoint", stop_after_first)
+        with pytest.raises(KeyboardInterrupt):
+            train(short, _subjects(), checkpoint=ckpt)
+    resumed = train(short, _subjects(), checkpoint=ckpt)
+    assert resumed.resumed_from == 4
+    assert [r["lr"] for r in resumed.log_rows] == pytest.approx([r["lr"] for r in full.log_rows])
+    for k, v in full.state_dict.items():
+        assert torch.equal(v, resumed.state_dict[k]), k
 
 
 def test_training_logs_every_iteration_and_learns_something():

@@ -47,7 +47,8 @@ def predict_volume(
 
     def run(x: torch.Tensor) -> torch.Tensor:
         # Channels-last 3D input on CPU: oneDNN then runs every convolution in NDHWC, 2-4x
-        # faster than NCDHW; on CUDA NCDHW is faster (scripts/benchmark.py).
+        # faster than NCDHW (weights channels-last too: rsanet.training.load_model does it);
+        # on CUDA NCDHW is faster (scripts/benchmark.py).
         x = x.to(device).contiguous(memory_format=memory_layout(device))
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
             logits = model(x)

@@ -106,9 +106,13 @@ def train_step(
 
 def predict_step(
     model_path: str, split: int, splits_json: str, preprocessed: Mapping[str, str], out_dir: str,
-    tile: Sequence[int] | str | None, overlap: float, threads: int = 1, device: str = "auto",
+    out_csv: str, tile: Sequence[int] | str | None, overlap: float, threads: int = 1, device: str = "auto",
 ) -> None:
-    """Predict every test subject of a split; write ``out_dir/<subject>.nii.gz`` (RAS, 0/1).
+    """Predict every test subject of a split and score it.
+
+    Writes ``out_dir/<subject>.nii.gz`` (0/1 on the subject's reference grid, RAS) and the
+    per-subject metrics, one row per test subject, to ``out_csv`` (see :func:`evaluate_case`).
+    Scoring happens here, on the mask just written, so the test volumes are loaded once.
 
     ``tile``: ``None`` tiles the volume with the training crop (so the attention blocks see the
     same extent as in training, and the non-local map stays the size it had in training),
@@ -121,10 +125,13 @@ def predict_step(
 
     torch.set_num_threads(threads)
     with claim_gpu() if device != "cpu" else contextlib.nullcontext():
-        _predict_all(model_path, split, splits_json, preprocessed, out_dir, tile, overlap, resolve_device(device))
+        rows = _predict_all(model_path, split, splits_json, preprocessed, out_dir, tile, overlap, resolve_device(device))
+    from . import evaluation
+
+    evaluation.write_csv(pd.DataFrame(rows), out_csv)
 
 
-def _predict_all(model_path, split, splits_json, preprocessed, out_dir, tile, overlap, dev) -> None:
+def _predict_all(model_path, split, splits_json, preprocessed, out_dir, tile, overlap, dev) -> list[dict]:
     from .inference import predict_volume
     from .training import load_model
 
@@ -136,27 +143,17 @@ def _predict_all(model_path, split, splits_json, preprocessed, out_dir, tile, ov
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = read_split(splits_json, split)["test"]
+    rows = []
     for i, subject in enumerate(names, start=1):
         pre = Preprocessed.load(preprocessed[subject])
         prob = predict_volume(model, pre.image, tile=tile, overlap=overlap, device=dev)
         mask = (prob > 0.5).astype(np.uint8)
         save_nifti(pre.uncrop(mask), out / f"{subject}.nii.gz")
-        log.info("%s split %d: %d/%d %s, %d lesion voxels predicted", cfg.variant, split, i, len(names), subject, int(mask.sum()))
-
-
-def evaluate_step(variant: str, split: int, splits_json: str, pred_dir: str, preprocessed: Mapping[str, str], out_csv: str) -> None:
-    """Per-subject metrics of one (variant, split) -> CSV, one row per test subject."""
-    from . import evaluation
-
-    rows = []
-    for subject in read_split(splits_json, split)["test"]:
-        pre = Preprocessed.load(preprocessed[subject])
-        pred_full, _, _ = ras_to_model(nib.load(str(Path(pred_dir) / f"{subject}.nii.gz")))
-        box = tuple(slice(a, b) for a, b in pre.bbox)
-        rec = {"variant": variant, "split": int(split), "subject": subject}
-        rec.update(evaluate_case(pred_full[box] > 0, pre.lesions > 0, pre.spacing))
-        rows.append(rec)
-    evaluation.write_csv(pd.DataFrame(rows), out_csv)
+        scores = evaluate_case(mask > 0, pre.lesions > 0, pre.spacing)
+        rows.append({"variant": cfg.variant, "split": int(split), "subject": subject, **scores})
+        log.info("%s split %d: %d/%d %s, %d lesion voxels predicted, Dice %.3f", cfg.variant, split, i,
+                 len(names), subject, int(mask.sum()), scores["dice"])
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,11 +240,13 @@ def demo_subject_step(subject: str, demo: Mapping, outputs: Mapping[str, str]) -
 def coregister_step(
     subject: str, images: Mapping[str, str], lesions: str, outputs: Mapping[str, str], reference: str = "FLAIR",
     engine: str = "auto", dof: int = 6, max_displacement_mm: float = 40.0, threads: int = 1,
+    search_deg: float = 30.0,
 ) -> None:
     """Register every non-reference contrast onto ``reference``; resample it onto the reference grid.
 
     Writes the three contrasts and the mask on the reference grid, the transforms of each moving
-    contrast (FLIRT ``.mat`` and ITK ``.txt``) and ``registration.json`` (engine, costs, matrices).
+    contrast (FLIRT ``.mat`` and ITK ``.txt``), ``registration.json`` (engine, costs, matrices)
+    and, when ``outputs`` has ``"qc"``, the QC figure (registered edges over the reference).
     A failed registration raises before anything is written for the subject.
     """
     from .registration import RegistrationError, register, resample_to_fixed, write_transforms
@@ -258,7 +257,7 @@ def coregister_step(
     for contrast in (c for c in CONTRASTS if c != reference):
         log.info("%s: registering %s -> %s", subject, contrast, reference)
         try:
-            res = register(images[contrast], fixed_path, dof=dof, engine=engine,
+            res = register(images[contrast], fixed_path, dof=dof, engine=engine, search_deg=search_deg,
                            max_displacement_mm=max_displacement_mm, threads=threads)
         except RegistrationError as err:
             raise InputError(f"subject {subject!r}: {err}") from err
@@ -285,15 +284,11 @@ def coregister_step(
     save_nifti(mask, outputs["lesions"])
     save_json({"subject": subject, "reference": reference,
                "results": {c: r.to_dict() for c, r in results.items()}}, outputs["record"])
+    if "qc" in outputs:  # edges of the registered contrasts over the reference, three slices
+        from .registration import registration_qc_figure
 
-
-def registration_qc_step(inputs: Mapping[str, str], reference: str, out_png: str) -> None:
-    """Edges of the registered contrasts over the reference, three orthogonal slices."""
-    from .registration import registration_qc_figure
-
-    ref_key = reference.lower()
-    others = {k.upper(): v for k, v in inputs.items() if k != ref_key}
-    registration_qc_figure(inputs[ref_key], others, out_png, title=Path(out_png).stem)
+        others = {c: resampled[c] for c in CONTRASTS if c != reference}
+        registration_qc_figure(resampled[reference], others, outputs["qc"], title=subject)
 
 
 def registration_accuracy_step(records: Sequence[str], truths: Sequence[str], flairs: Sequence[str], out_csv: str, out_png: str) -> None:

@@ -40,6 +40,10 @@ class TrainConfig:
         batch_size: 4 in the paper.
         iterations: 800 in the paper.
         lr, weight_decay: Adam, 1e-3 and 1e-5 in the paper.
+        lr_schedule: ``"constant"`` (the paper states no schedule) or ``"cosine"``: the rate
+            falls from ``lr`` to 0 along half a cosine over the iterations (see
+            :func:`learning_rate`), which makes the final weights of short runs far less
+            dependent on where training stops.
         lesion_crop_prob: probability that a crop is centred near a random lesion voxel
             (otherwise uniform over the volume). Not in the paper; needed with few iterations.
         checkpoint_every: iterations between atomic checkpoints.
@@ -60,6 +64,7 @@ class TrainConfig:
     batch_size: int = 4
     iterations: int = 800
     lr: float = 1e-3
+    lr_schedule: str = "constant"
     weight_decay: float = 1e-5
     lesion_crop_prob: float = 0.5
     checkpoint_every: int = 100
@@ -72,12 +77,28 @@ class TrainConfig:
     dropout: float = 0.2
     lesion_weight: float | None = None
 
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+
     @staticmethod
     def from_dict(d: dict) -> "TrainConfig":
         """Build from a plain mapping (e.g. the workflow config), ignoring unknown keys."""
         names = {f.name for f in dataclasses.fields(TrainConfig)}
         kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
         return TrainConfig(**kw)
+
+
+def learning_rate(config: TrainConfig, iteration: int) -> float:
+    """Learning rate of iteration ``iteration`` (1-based, up to ``config.iterations``).
+
+    ``"constant"``: ``lr``. ``"cosine"``: ``lr * (1 + cos(pi * (i - 1) / n)) / 2``, from ``lr`` at
+    the first iteration down towards 0 at the last. A pure function of the iteration, so a
+    resumed run follows the same schedule without any saved scheduler state.
+    """
+    if config.lr_schedule == "constant":
+        return config.lr
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * (iteration - 1) / config.iterations))
 
 
 def memory_layout(device: torch.device) -> torch.memory_format:
@@ -234,6 +255,8 @@ def train(
     t0 = time.perf_counter()
     try:
         for it in range(start + 1, config.iterations + 1):
+            for group in optimiser.param_groups:
+                group["lr"] = learning_rate(config, it)
             x, y = sampler.batch(config.batch_size)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             x = x.contiguous(memory_format=layout)
@@ -284,12 +307,16 @@ def save_model(result: TrainResult, config: TrainConfig, path: str | os.PathLike
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, TrainConfig]:
-    """Rebuild a network saved by :func:`save_model` (``weights_only`` loading: no code runs)."""
+    """Rebuild a network saved by :func:`save_model` (``weights_only`` loading: no code runs),
+    on ``device``, in eval mode and in :func:`memory_layout` of the device."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
     config = TrainConfig.from_dict(payload["config"])
     model = build_model(config.variant, widths=config.widths, dropout=config.dropout, rsa_order=config.rsa_order)
     model.load_state_dict(payload["model"])
-    return model.to(device).eval(), config
+    device = torch.device(device)
+    # weights in the device's faster layout too (CPU: channels-last, 1.3x faster whole-volume
+    # inference than NCDHW weights with channels-last input; CUDA: NCDHW)
+    return model.to(device, memory_format=memory_layout(device)).eval(), config
 
 
 def write_log_csv(rows: Sequence[dict], path: str | os.PathLike) -> None:

@@ -13,11 +13,18 @@ rule coregister:
         lesions="results/registered/{subject}/lesions.nii.gz",
         transforms=directory("results/registered/{subject}/transforms"),
         record="results/registered/{subject}/registration.json",
+        qc=report(
+            "results/qc/registration/{subject}.png",
+            caption="../report/registration_qc.rst",
+            category="Registration QC",
+            labels={"subject": "{subject}"},
+        ),
     params:
         reference=REFERENCE,
         engine=config["registration"]["engine"],
         dof=config["registration"].get("dof", 6),
         max_displacement_mm=config["registration"].get("max_displacement_mm", 40),
+        search_deg=config["registration"].get("search_deg", 30),
     log:
         "logs/coregister/{subject}.log",
     threads: 1
@@ -28,32 +35,6 @@ rule coregister:
         ENV
     script:
         "../../scripts/coregister.py"
-
-
-rule registration_qc:
-    input:
-        t1="results/registered/{subject}/T1.nii.gz",
-        t2="results/registered/{subject}/T2.nii.gz",
-        flair="results/registered/{subject}/FLAIR.nii.gz",
-    output:
-        report(
-            "results/qc/registration/{subject}.png",
-            caption="../report/registration_qc.rst",
-            category="Registration QC",
-            labels={"subject": "{subject}"},
-        ),
-    params:
-        reference=REFERENCE,
-    log:
-        "logs/registration_qc/{subject}.log",
-    threads: 1
-    resources:
-        mem_mb=1500,
-        runtime=5,
-    conda:
-        ENV
-    script:
-        "../../scripts/registration_qc.py"
 
 
 rule registration_accuracy:

@@ -1,4 +1,5 @@
-# One training job per (variant, split), then whole-volume prediction and per-subject metrics.
+# One training job per (variant, split), then one job predicting its whole test volumes and
+# scoring them (per-subject metrics), so each test volume is loaded once.
 
 
 rule train:
@@ -31,7 +32,8 @@ rule predict:
         splits="results/splits.json",
         test=split_test_preprocessed,
     output:
-        directory("results/predictions/{variant}/split{split}"),
+        predictions=directory("results/predictions/{variant}/split{split}"),
+        metrics="results/metrics/{variant}/split{split}.csv",
     params:
         tile=config["predict"].get("tile"),
         overlap=config["predict"].get("overlap", 0.5),
@@ -47,22 +49,3 @@ rule predict:
         ENV
     script:
         "../../scripts/predict.py"
-
-
-rule evaluate:
-    input:
-        predictions="results/predictions/{variant}/split{split}",
-        splits="results/splits.json",
-        test=split_test_preprocessed,
-    output:
-        "results/metrics/{variant}/split{split}.csv",
-    log:
-        "logs/evaluate/{variant}/split{split}.log",
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
-    conda:
-        ENV
-    script:
-        "../../scripts/evaluate.py"
