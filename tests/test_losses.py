@@ -139,3 +139,46 @@ def test_lesion_weight_override_replaces_the_paper_weights():
     assert torch.isclose(loss(logits, target), torch.log(torch.tensor(2.0)))
     with pytest.raises(ValueError, match="lesion_weight"):
         ExpWeightedCrossEntropy(0.01, lesion_weight=1.5)
+
+
+def test_soft_dice_loss_values_and_gradient():
+    from rsanet.losses import soft_dice_loss
+
+    target = torch.zeros(2, 4, 4, 4, dtype=torch.long)
+    target[0, 1:3, 1:3, 1:3] = 1  # 8 lesion voxels in the first item, none in the second
+    perfect = torch.where(target.bool(), 20.0, -20.0)
+    logits = torch.stack([-perfect, perfect], dim=1)  # (2, 2, 4, 4, 4): class 1 where lesion
+    assert float(soft_dice_loss(logits, target)) == pytest.approx(0.0, abs=1e-6)
+    # inverted: lesion predicted on the 120 other voxels, none on the 8: (0 + 1) / (120 + 8 + 1)
+    assert float(soft_dice_loss(-logits, target)) == pytest.approx(1 - 1 / 129, abs=1e-6)
+    # uniform 0.5 everywhere: 2 * 0.5 * 8 / (0.5 * 128 + 8) with smoothing 1
+    half = torch.zeros(2, 2, 4, 4, 4, requires_grad=True)
+    loss = soft_dice_loss(half, target)
+    assert float(loss) == pytest.approx(1 - (8 + 1) / (64 + 8 + 1), abs=1e-6)
+    loss.backward()
+    g = half.grad[:, 1]
+    assert (g[target.bool()] < 0).all() and (g[~target.bool()] > 0).all()  # raise lesion, lower the rest
+    with pytest.raises(ValueError):
+        soft_dice_loss(torch.zeros(2, 3, 4, 4, 4), target)
+
+
+def test_dice_weight_adds_the_dice_term_to_training():
+    """dice_weight=0 is the paper's loss; a positive weight changes the first loss by exactly it."""
+    import numpy as np
+
+    from rsanet.training import TrainConfig, train
+    from rsanet.volumes import Preprocessed
+
+    rng = np.random.default_rng(0)
+    shape = (8, 16, 16)
+    les = np.zeros(shape, np.uint8)
+    les[3:5, 6:10, 6:10] = 1
+    subj = [Preprocessed(rng.normal(0, 1, (3,) + shape).astype(np.float32), les, np.ones(shape, np.uint8),
+                         (3.0, 1.0, 1.0), np.array([[0, s] for s in shape]), shape, np.eye(4))]
+    base = dict(variant="unet3d", widths=(4, 8), crop=(8, 16, 16), batch_size=1, iterations=1,
+                device="cpu", deterministic=True, lesion_weight=0.9)
+    plain = train(TrainConfig(**base), subj).log_rows[0]["loss"]
+    both = train(TrainConfig(**base, dice_weight=1.0), subj).log_rows[0]["loss"]
+    assert 0 < both - plain < 1.0
+    with pytest.raises(ValueError, match="dice_weight"):
+        TrainConfig(variant="unet3d", dice_weight=-1.0)

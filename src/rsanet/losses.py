@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ExpWeightedCrossEntropy", "class_weights", "lesion_fraction"]
+__all__ = ["ExpWeightedCrossEntropy", "class_weights", "lesion_fraction", "soft_dice_loss"]
 
 
 def lesion_fraction(masks: Iterable[np.ndarray]) -> float:
@@ -146,3 +146,31 @@ class ExpWeightedCrossEntropy(nn.Module):
     def extra_repr(self) -> str:
         w = self.weight.tolist()
         return f"r={self.r:.4g}, weight=[background {w[0]:.4f}, lesion {w[1]:.4f}]"
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """``1 - soft Dice`` of the lesion class over the whole batch (not in the paper).
+
+    ``soft Dice = (2 * sum(p * t) + smooth) / (sum(p) + sum(t) + smooth)`` with ``p`` the
+    softmax probability of class 1 and ``t`` the 0/1 target, summed over every voxel of every
+    item of the batch (so crops without lesion do not each count as a perfect or failed case).
+    Computed in float32 outside autocast.
+
+    Args:
+        logits: ``(N, 2, D, H, W)`` raw scores, any floating dtype.
+        target: ``(N, D, H, W)`` integer labels in {0, 1}.
+        smooth: added to numerator and denominator (a batch without lesion and without
+            predicted lesion then has loss 0).
+
+    Returns:
+        A float32 scalar in [0, 1].
+    """
+    if logits.ndim != target.ndim + 1 or logits.shape[1] != 2:
+        raise ValueError(
+            f"expected logits (N, 2, ...) and target (N, ...), got {tuple(logits.shape)} and {tuple(target.shape)}"
+        )
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        p = torch.softmax(logits.float(), dim=1)[:, 1]
+        t = (target == 1).float()
+        dice = (2.0 * (p * t).sum() + smooth) / (p.sum() + t.sum() + smooth)
+    return 1.0 - dice

@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .losses import ExpWeightedCrossEntropy, lesion_fraction
+from .losses import ExpWeightedCrossEntropy, lesion_fraction, soft_dice_loss
 from .models import PAPER_ORDER, PAPER_WIDTHS, build_model, count_parameters
 from .volumes import Preprocessed, atomic_path
 
@@ -56,6 +56,8 @@ class TrainConfig:
         dropout: rate of the stem's Dropout3d.
         lesion_weight: ``None`` for the paper's exponential class weights as printed; a number
             ``w`` in (0, 1) uses ``[1 - w, w]`` instead (a deviation, see ``rsanet.losses``).
+        dice_weight: the loss is the weighted cross-entropy plus ``dice_weight`` times
+            :func:`rsanet.losses.soft_dice_loss`; 0 (the paper) leaves the cross-entropy alone.
     """
 
     variant: str
@@ -76,10 +78,13 @@ class TrainConfig:
     rsa_order: tuple[str, ...] = PAPER_ORDER
     dropout: float = 0.2
     lesion_weight: float | None = None
+    dice_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if not self.dice_weight >= 0:
+            raise ValueError(f"dice_weight must be >= 0, got {self.dice_weight}")
 
     @staticmethod
     def from_dict(d: dict) -> "TrainConfig":
@@ -201,7 +206,8 @@ def train(
         threads: CPU threads for PyTorch (e.g. the Snakemake rule's ``threads``).
 
     The loss is :class:`rsanet.losses.ExpWeightedCrossEntropy` with ``r`` the mean lesion
-    fraction of the training masks; the optimiser Adam(lr, weight_decay).
+    fraction of the training masks (plus ``dice_weight`` x soft Dice loss when set); the
+    optimiser Adam(lr, weight_decay) at :func:`learning_rate`.
     """
     if threads:
         torch.set_num_threads(threads)
@@ -263,6 +269,8 @@ def train(
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits = model(x)  # (B, 2, d, h, w)
             loss = criterion(logits, y)
+            if config.dice_weight:
+                loss = loss + config.dice_weight * soft_dice_loss(logits, y)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
