@@ -154,7 +154,7 @@ def test_soft_dice_loss_values_and_gradient():
     # uniform 0.5 everywhere: 2 * 0.5 * 8 / (0.5 * 128 + 8) with smoothing 1
     half = torch.zeros(2, 2, 4, 4, 4, requires_grad=True)
     loss = soft_dice_loss(half, target)
-    assert float(loss) == pytest.approx(1 - (8 + 1) / (64 + 8 + 1), abs=1e-6)
+    assert float(loss.detach()) == pytest.approx(1 - (8 + 1) / (64 + 8 + 1), abs=1e-6)
     loss.backward()
     g = half.grad[:, 1]
     assert (g[target.bool()] < 0).all() and (g[~target.bool()] > 0).all()  # raise lesion, lower the rest

@@ -1,0 +1,3 @@
+"""RSANet study: recurrent slice-wise attention for MS lesion segmentation, reproducibly."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,150 @@
+"""The study's figures: Fig. 1 and Fig. 5 of the paper, training curves, score distributions.
+
+Every function takes arrays or tables and one output path stem, and writes ``stem.png`` and
+``stem.pdf`` atomically. Image arrays are in the model layout ``(D, H, W)``; slices shown are
+axial (``array[d]``), displayed with anterior up and the patient's right on the left of the
+picture (radiological convention).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from .models import VARIANTS  # noqa: E402
+from .volumes import atomic_path  # noqa: E402
+
+LESION_RED = (1.0, 0.1, 0.1)
+
+
+def save_figure(fig: plt.Figure, stem: str | os.PathLike) -> list[Path]:
+    """Save ``fig`` as ``stem.png`` (150 dpi) and ``stem.pdf``, atomically; close it."""
+    paths = []
+    for ext in ("png", "pdf"):
+        path = Path(f"{stem}.{ext}")
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=150, bbox_inches="tight")
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def axial_view(slice_hw: np.ndarray) -> np.ndarray:
+    """An axial slice ``(H, W)`` oriented for display: anterior up, radiological left-right."""
+    return np.flipud(slice_hw)[:, ::-1]
+
+
+def most_lesioned_slice(lesions: np.ndarray) -> int:
+    """Index ``d`` of the axial slice with the most lesion voxels (middle slice if none)."""
+    counts = lesions.reshape(lesions.shape[0], -1).sum(axis=1)
+    return int(np.argmax(counts)) if counts.any() else lesions.shape[0] // 2
+
+
+def _overlay(ax: plt.Axes, background: np.ndarray, mask: np.ndarray | None, title: str) -> None:
+    # Preprocessed images are exactly 0 outside the brain: show that background black.
+    shown = np.ma.masked_equal(background, 0.0)
+    lo, hi = np.percentile(shown.compressed(), [1, 99.5]) if shown.count() else (0.0, 1.0)
+    cmap = matplotlib.colormaps["gray"].with_extremes(bad="black")
+    ax.imshow(axial_view(shown), cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest", aspect="auto")
+    if mask is not None:
+        rgba = np.zeros(mask.shape + (4,))
+        rgba[mask > 0] = (*LESION_RED, 0.85)
+        ax.imshow(axial_view(rgba), interpolation="nearest", aspect="auto")
+    ax.set_title(title, fontsize=10)
+    ax.axis("off")
+
+
+def _aspect(spacing: Sequence[float]) -> float:
+    """Height/width ratio of an axial (H, W) pixel from spacing ``(dz, dy, dx)``."""
+    return spacing[1] / spacing[2]
+
+
+def figure1(image: np.ndarray, lesions: np.ndarray, spacing: Sequence[float], subject: str, stem: str) -> list[Path]:
+    """Fig. 1: one subject's T1, T2, FLAIR and the FLAIR with the lesion mask in red.
+
+    Args:
+        image: ``(3, D, H, W)`` T1, T2, FLAIR. lesions: ``(D, H, W)``. spacing: ``(dz, dy, dx)`` mm.
+    """
+    d = most_lesioned_slice(lesions)
+    fig, axes = plt.subplots(1, 4, figsize=(12, 3.6))
+    for ax, channel, name in zip(axes[:3], image, ("T1", "T2", "T2-FLAIR")):
+        _overlay(ax, channel[d], None, name)
+    _overlay(axes[3], image[2, d], lesions[d], "Lesion mask (red)")
+    for ax in axes:
+        ax.set_box_aspect(_aspect(spacing) * image.shape[2] / image.shape[3])
+    fig.suptitle(f"{subject}, axial slice {d}", fontsize=10)
+    return save_figure(fig, stem)
+
+
+def figure5(
+    flair: np.ndarray, truth: np.ndarray, predictions: Mapping[str, np.ndarray],
+    spacing: Sequence[float], subject: str, stem: str, d: int | None = None,
+) -> list[Path]:
+    """Fig. 5: one test slice, ground truth and each variant's prediction in red over the FLAIR.
+
+    ``predictions`` maps variant id -> ``(D, H, W)`` mask, shown in the given order.
+    """
+    d = most_lesioned_slice(truth) if d is None else d
+    panels = [("Ground truth", truth)] + [(VARIANTS[v].display_name, p) for v, p in predictions.items()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6))
+    for ax, (name, mask) in zip(np.atleast_1d(axes), panels):
+        _overlay(ax, flair[d], mask[d], name)
+        ax.set_box_aspect(_aspect(spacing) * flair.shape[1] / flair.shape[2])
+    fig.suptitle(f"{subject}, axial slice {d}", fontsize=10)
+    return save_figure(fig, stem)
+
+
+def training_curves(logs: pd.DataFrame, stem: str, smooth: int = 10) -> list[Path]:
+    """Training loss against iteration, one line per variant (median over splits, smoothed).
+
+    ``logs`` has columns ``variant, split, iteration, loss``.
+    """
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for variant in [v for v in VARIANTS if v in set(logs.variant)]:
+        g = logs[logs.variant == variant].groupby("iteration").loss.median()
+        ax.plot(g.index, g.rolling(smooth, min_periods=1).mean(), label=VARIANTS[variant].display_name)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("weighted cross-entropy (median over splits)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8, ncol=2)
+    ax.grid(alpha=0.3)
+    return save_figure(fig, stem)
+
+
+def score_distributions(rows: pd.DataFrame, stem: str, metrics: Sequence[str] = ("dice", "iou")) -> list[Path]:
+    """Per-subject scores per variant (all splits pooled): box plots with the points on top."""
+    variants = [v for v in VARIANTS if v in set(rows.variant)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False)
+    rng = np.random.default_rng(0)
+    for ax, metric in zip(axes[0], metrics):
+        data = [rows.loc[rows.variant == v, metric].to_numpy() * 100 for v in variants]
+        ax.boxplot(data, showfliers=False)
+        ax.set_xticks(range(1, len(variants) + 1), [VARIANTS[v].display_name for v in variants], rotation=30)
+        for i, values in enumerate(data, start=1):
+            ax.scatter(i + rng.uniform(-0.15, 0.15, len(values)), values, s=6, alpha=0.5, color="tab:red")
+        ax.set_ylabel(f"per-subject {'IoU' if metric == 'iou' else metric.capitalize()} (%)")
+        ax.set_ylim(-2, 102)
+        ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, stem)
+
+
+def registration_errors(table: pd.DataFrame, stem: str) -> list[Path]:
+    """Registration error against the known truth (demo cohort): one box per contrast.
+
+    ``table`` has columns ``contrast`` and ``mean_error_mm``.
+    """
+    contrasts = sorted(table.contrast.unique())
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.boxplot([table.loc[table.contrast == c, "mean_error_mm"] for c in contrasts], showfliers=True)
+    ax.set_xticks(range(1, len(contrasts) + 1), [f"{c} -> reference" for c in contrasts])
+    ax.set_ylabel("mean displacement error over the brain (mm)")
+    ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, stem)

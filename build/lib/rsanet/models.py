@@ -1,0 +1,454 @@
+"""The networks of the RSANet study, read top-down: blocks first, then the U-Net that holds them.
+
+Every tensor here is a 3D feature map laid out ``(N, C, D, H, W)``:
+
+* ``N`` batch, ``C`` channels,
+* ``D`` the **axial** axis (inferior -> superior),
+* ``H`` the **coronal** axis (posterior -> anterior),
+* ``W`` the **sagittal** axis (left -> right).
+
+Images are reoriented to RAS+ and stored ``(z, y, x)`` to get there (see
+:func:`rsanet.volumes.ras_to_model`). "Slice-wise attention along the axial direction" means
+the ``D`` slices attend to each other.
+
+Contents
+--------
+0. :class:`PointwiseConv3d` - a 1x1x1 ``nn.Conv3d`` computed as a matrix product on CPU (speed).
+1. :func:`slice_attention` - Eq. 1-2 of the paper for one direction (a pure function).
+2. :class:`SliceAttention` - one SA block (own projections, own alpha).
+3. :class:`RSABlock` - three SA steps in sequence (sagittal -> coronal -> axial) sharing one
+   set of query/key/value projections, each step with its own alpha.
+4. :class:`NonLocalBlock` - the embedded-Gaussian non-local block (the NCL baseline).
+5. :class:`UNet3D` - the backbone (5 levels, 32..512 channels, ~24.5 M parameters) with the
+   attention blocks placed by a 3-bit code: ``010`` bottom, ``101`` encoder + decoder of the
+   second-bottom level, ``111`` all three.
+6. :data:`VARIANTS` and :func:`build_model` - the seven Table 1 variants.
+
+All blocks start as the identity (their residual scale is zero at initialisation), so a
+variant begins training as the plain 3D U-Net.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Direction = Literal["axial", "coronal", "sagittal"]
+
+#: Which tensor dimension of ``(N, C, D, H, W)`` each slice direction runs along.
+SLICE_AXIS: dict[str, int] = {"axial": 2, "coronal": 3, "sagittal": 4}
+
+#: The paper's order of the three SA steps inside an RSA block (Section 2.2, Fig. 4).
+PAPER_ORDER: tuple[Direction, Direction, Direction] = ("sagittal", "coronal", "axial")
+
+
+# ---------------------------------------------------------------------------------------------
+# 0. 1x1x1 convolutions as matrix products (a speed detail, not a modelling choice)
+# ---------------------------------------------------------------------------------------------
+class PointwiseConv3d(nn.Conv3d):
+    """A 1x1x1 ``nn.Conv3d`` (same parameters, initialisation and state-dict keys).
+
+    On CPU its forward is the equivalent matrix product over channels: oneDNN's 1x1x1 3D
+    convolution (its backward above all) is 5-20x slower than a GEMM for the small maps and
+    channel counts of this network (measured by ``scripts/benchmark.py``). A channels-last
+    input stays channels-last. Elsewhere (CUDA) it is the ordinary convolution.
+
+    Shapes: ``(N, C_in, D, H, W) -> (N, C_out, D, H, W)``.
+    """
+
+    #: Use the matrix product on CPU (``False``: always the convolution; for benchmarks).
+    gemm_on_cpu: bool = True
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
+        super().__init__(in_channels, out_channels, kernel_size=1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.gemm_on_cpu or x.device.type != "cpu" or x.dim() != 5:
+            return super().forward(x)
+        weight = self.weight.flatten(1)  # (C_out, C_in)
+        if x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+            # (N, D, H, W, C) is a view of a channels-last tensor: one GEMM, no copies
+            return F.linear(x.movedim(1, -1), weight, self.bias).movedim(-1, 1)
+        y = torch.matmul(weight, x.flatten(2))  # (N, C_out, D*H*W)
+        if self.bias is not None:
+            y = y + self.bias[:, None]
+        return y.view(x.shape[0], -1, *x.shape[2:])
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Slice-wise attention, Eq. 1-2, as a pure function
+# ---------------------------------------------------------------------------------------------
+def slice_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, direction: Direction
+) -> torch.Tensor:
+    """Aggregate each slice as an attention-weighted sum of all slices along ``direction``.
+
+    With ``S`` the number of slices along ``direction`` and ``F = C * (other two sizes)``:
+    ``A = softmax(Q K^T)`` is an ``S x S`` map (Eq. 1, **no** ``1/sqrt(F)`` scaling, softmax
+    over the key slice, computed in float32 because the logits can be very large), and the
+    result is ``A V`` reshaped back to the input layout (the ``RT(A M3)`` of Eq. 2).
+
+    Args:
+        query, key, value: ``(N, C, D, H, W)`` projections of the feature map.
+        direction: ``"axial"`` (D slices), ``"coronal"`` (H slices) or ``"sagittal"`` (W).
+
+    Returns:
+        ``(N, C, D, H, W)``, dtype of ``value``. Only the ``S x S`` map is materialised.
+    """
+    axis = SLICE_AXIS[direction]
+    n = value.shape[0]
+    # Move the slice axis next to the batch axis and flatten each slice: (N, S, C*rest)
+    q = query.movedim(axis, 1).reshape(n, query.shape[axis], -1)
+    k = key.movedim(axis, 1).reshape(n, key.shape[axis], -1)
+    v_moved = value.movedim(axis, 1)  # (N, S, C, ., .)
+    v = v_moved.reshape(n, value.shape[axis], -1)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        logits = torch.bmm(q.float(), k.float().transpose(1, 2))  # (N, S, S)
+        attn = torch.softmax(logits, dim=-1)  # rows sum to 1 over the key slice
+    out = torch.bmm(attn.to(v.dtype), v)  # (N, S, C*rest)
+    return out.reshape(v_moved.shape).movedim(1, axis)  # back to (N, C, D, H, W)
+
+
+def _projected_slice_attention(
+    m: torch.Tensor, query: nn.Conv3d, key: nn.Conv3d, value: nn.Conv3d, direction: Direction,
+    alpha: torch.Tensor,
+) -> torch.Tensor:
+    """``alpha * slice_attention(query(m), key(m), value(m), direction)``, without copies.
+
+    The same Eq. 1-2 (float32 softmax, no scaling), arranged for speed and memory:
+
+    * the 1x1x1 projections are computed channels-last, ``(N, D, H, W, C)``, and never copied:
+      with ``B`` the dimensions before the slice axis and ``F`` those after it (``C`` included),
+      each is a ``(N*B, S, F)`` view, ``Q K^T`` is the sum over ``B`` of ``B`` batched products
+      (the same dot products, in another order) and ``A V`` a batched product that writes the
+      result straight into the channels-last layout;
+    * ``alpha`` scales the small ``S x S`` map instead of the result (``alpha (A V) =
+      (alpha A) V``), so autograd keeps no copy of the result for alpha's gradient.
+
+    Several times faster than projecting, reshaping three maps and scaling the result (see
+    ``scripts/benchmark.py``). Returns ``(N, C, D, H, W)``, channels-last.
+    """
+    x = m.movedim(1, -1)  # (N, D, H, W, C): a view, contiguous when m is channels-last
+    q = F.linear(x, query.weight.flatten(1), query.bias)  # (N, D, H, W, C), contiguous
+    k = F.linear(x, key.weight.flatten(1), key.bias)
+    v = F.linear(x, value.weight.flatten(1), value.bias)
+    axis = SLICE_AXIS[direction] - 1  # slice axis in (N, D, H, W, C)
+    n, s = q.shape[0], q.shape[axis]
+    before = math.prod(q.shape[1:axis])
+    q3, k3 = q.view(n * before, s, -1), k.view(n * before, s, -1)  # (N*B, S, F)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        logits = torch.bmm(q3.float(), k3.float().transpose(1, 2))  # (N*B, S, S)
+        if before > 1:
+            logits = logits.view(n, before, s, s).sum(1)  # (N, S, S): full dot products
+        attn = torch.softmax(logits, dim=-1)
+        scaled = alpha * attn  # (N, S, S)
+    if before == 1:
+        out = torch.bmm(scaled.to(v.dtype), v.view(n, s, -1))  # (N, S, F)
+    else:
+        out = torch.matmul(scaled.to(v.dtype).unsqueeze(1), v.view(n, before, s, -1))  # (N, B, S, F)
+    return out.view(q.shape).movedim(-1, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. One SA block: Fig. 2 of the paper
+# ---------------------------------------------------------------------------------------------
+class SliceAttention(nn.Module):
+    """A single slice-wise attention (SA) block: ``M' = alpha * RT(A V) + M``.
+
+    Query, key and value are 1x1x1 convolutions ``C -> C`` with bias (no channel reduction);
+    ``alpha`` is a learnable scalar initialised to 0, so the block starts as the identity.
+
+    Shapes: input and output ``(N, C, D, H, W)``.
+    """
+
+    def __init__(self, channels: int, direction: Direction = "axial") -> None:
+        super().__init__()
+        if direction not in SLICE_AXIS:
+            raise ValueError(f"direction must be one of {sorted(SLICE_AXIS)}, got {direction!r}")
+        self.direction: Direction = direction
+        self.query = PointwiseConv3d(channels, channels)
+        self.key = PointwiseConv3d(channels, channels)
+        self.value = PointwiseConv3d(channels, channels)
+        self.alpha = nn.Parameter(torch.zeros(()))
+
+    def forward(self, m: torch.Tensor) -> torch.Tensor:
+        # = self.alpha * slice_attention(self.query(m), self.key(m), self.value(m), self.direction)
+        scaled = _projected_slice_attention(m, self.query, self.key, self.value, self.direction, self.alpha)
+        return m + scaled  # m first: the sum keeps m's memory layout
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. RSA block: Fig. 3-4 of the paper
+# ---------------------------------------------------------------------------------------------
+class RSABlock(nn.Module):
+    """Recurrent slice-wise attention: three SA steps, one per direction, in sequence.
+
+    ``M -> M' -> M'' -> E``: step ``i`` recomputes query, key and value from the current map
+    with the **shared** projections ``query``, ``key``, ``value`` (1x1x1, ``C -> C``, bias) and
+    adds ``alpha[i] * RT(A V)``. ``alpha`` has shape ``(3,)``, all zeros at initialisation, so
+    the block starts as the identity. After the three steps each voxel depends on every voxel.
+
+    Args:
+        channels: ``C``.
+        order: the three directions in the order they are applied; the paper's
+            ``("sagittal", "coronal", "axial")`` by default (the authors' public code used
+            ``("coronal", "sagittal", "axial")``).
+
+    Shapes: input and output ``(N, C, D, H, W)``.
+    """
+
+    def __init__(self, channels: int, order: Sequence[Direction] = PAPER_ORDER) -> None:
+        super().__init__()
+        order = tuple(order)
+        if len(order) != 3 or sorted(order) != sorted(SLICE_AXIS):
+            raise ValueError(f"order must be a permutation of {PAPER_ORDER}, got {order!r}")
+        self.order: tuple[Direction, ...] = order
+        self.query = PointwiseConv3d(channels, channels)
+        self.key = PointwiseConv3d(channels, channels)
+        self.value = PointwiseConv3d(channels, channels)
+        self.alpha = nn.Parameter(torch.zeros(3))
+
+    def forward(self, m: torch.Tensor) -> torch.Tensor:
+        for step, direction in enumerate(self.order):
+            # = self.alpha[step] * slice_attention(self.query(m), self.key(m), self.value(m), direction)
+            scaled = _projected_slice_attention(m, self.query, self.key, self.value, direction, self.alpha[step])
+            m = m + scaled  # (N, C, D, H, W), in m's memory layout
+        return m
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Non-local block (Wang et al. 2018), the NCL baseline
+# ---------------------------------------------------------------------------------------------
+class NonLocalBlock(nn.Module):
+    """Embedded-Gaussian non-local block: every position attends to every position.
+
+    ``theta, phi, g``: 1x1x1 convs ``C -> C/2``; ``f = softmax(theta^T phi)`` is an
+    ``N_pos x N_pos`` map with ``N_pos = D*H*W`` (computed in float32); ``y = f g``; the output
+    projection ``C/2 -> C`` is followed by a GroupNorm whose scale starts at 0, so
+    ``z = norm(W y) + x`` is the identity at initialisation.
+
+    Shapes: input and output ``(N, C, D, H, W)``. Memory grows as ``(D*H*W)^2``.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        inner = max(channels // 2, 1)
+        self.theta = PointwiseConv3d(channels, inner)
+        self.phi = PointwiseConv3d(channels, inner)
+        self.g = PointwiseConv3d(channels, inner)
+        self.out = PointwiseConv3d(inner, channels)
+        self.norm = nn.GroupNorm(_groups(channels), channels)
+        nn.init.zeros_(self.norm.weight)  # identity at initialisation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, d, h, w = x.shape
+        theta = self.theta(x).flatten(2).transpose(1, 2)  # (N, P, C/2), P = D*H*W
+        phi = self.phi(x).flatten(2)  # (N, C/2, P)
+        g = self.g(x).flatten(2).transpose(1, 2)  # (N, P, C/2)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            attn = torch.softmax(torch.bmm(theta.float(), phi.float()), dim=-1)  # (N, P, P)
+        y = torch.bmm(attn.to(g.dtype), g)  # (N, P, C/2)
+        y = y.transpose(1, 2).reshape(n, -1, d, h, w)  # (N, C/2, D, H, W)
+        return self.norm(self.out(y)) + x
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The 3D U-Net backbone
+# ---------------------------------------------------------------------------------------------
+def _groups(channels: int, preferred: int = 8) -> int:
+    """GroupNorm groups: 8 as in the paper's backbone, fewer when ``channels`` is small."""
+    return math.gcd(channels, preferred)
+
+
+class ConvBlock(nn.Sequential):
+    """Two ``[3x3x3 conv (no bias) -> GroupNorm(8) -> ReLU]``: ``(N, Cin, ...) -> (N, Cout, ...)``."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(
+            nn.Conv3d(in_channels, out_channels, 3, padding=1, bias=False),
+            nn.GroupNorm(_groups(out_channels), out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv3d(out_channels, out_channels, 3, padding=1, bias=False),
+            nn.GroupNorm(_groups(out_channels), out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class Up(nn.Module):
+    """1x1x1 conv halving channels, nearest x2 upsampling, concat the skip, :class:`ConvBlock`.
+
+    ``(N, C_deep, d, h, w)`` and skip ``(N, C, 2d, 2h, 2w)`` -> ``(N, C, 2d, 2h, 2w)``.
+    """
+
+    def __init__(self, deep_channels: int, channels: int) -> None:
+        super().__init__()
+        self.reduce = PointwiseConv3d(deep_channels, channels)
+        self.block = ConvBlock(2 * channels, channels)
+
+    def forward(self, deep: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        up = F.interpolate(self.reduce(deep), scale_factor=2, mode="nearest")
+        return self.block(torch.cat([up, skip], dim=1))
+
+
+def _attention(kind: str | None, channels: int, order: Sequence[Direction]) -> nn.Module:
+    if kind is None:
+        return nn.Identity()
+    if kind == "rsa":
+        return RSABlock(channels, order)
+    if kind == "ncl":
+        return NonLocalBlock(channels)
+    raise ValueError(f"unknown attention kind {kind!r}; expected 'rsa', 'ncl' or None")
+
+
+class UNet3D(nn.Module):
+    """3D U-Net with optional attention blocks at the paper's three places.
+
+    Args:
+        in_channels: input contrasts (3: T1, T2, FLAIR).
+        num_classes: output classes (2: background, lesion).
+        widths: channels per level, shallow to deep; ``(32, 64, 128, 256, 512)`` is the
+            paper's backbone. At least 2 levels.
+        attention: ``None``, ``"rsa"`` or ``"ncl"``.
+        placement: 3-bit code ``"abc"``: ``a`` after the encoder of the second-bottom level,
+            ``b`` at the bottom (bottleneck), ``c`` after the decoder of the second-bottom level.
+        dropout: rate of the ``Dropout3d`` after the stem (the only dropout).
+        rsa_order: order of the SA steps inside RSA blocks.
+
+    Shapes: ``(N, in_channels, D, H, W) -> (N, num_classes, D, H, W)`` logits. Any ``D, H, W``
+    work: inputs are zero-padded up to a multiple of ``2 ** (levels - 1)`` and the logits
+    cropped back; crops divisible by 16 (paper backbone) need no padding.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        num_classes: int = 2,
+        widths: Sequence[int] = (32, 64, 128, 256, 512),
+        attention: str | None = None,
+        placement: str = "000",
+        dropout: float = 0.2,
+        rsa_order: Sequence[Direction] = PAPER_ORDER,
+    ) -> None:
+        super().__init__()
+        widths = tuple(int(w) for w in widths)
+        if len(widths) < 2:
+            raise ValueError(f"widths needs at least 2 levels, got {widths}")
+        if len(placement) != 3 or set(placement) - {"0", "1"}:
+            raise ValueError(f"placement must be a 3-bit code such as '010', got {placement!r}")
+        self.widths = widths
+        self.divisor = 2 ** (len(widths) - 1)
+        enc_bit, bottom_bit, dec_bit = (bit == "1" for bit in placement)
+
+        self.stem = nn.Sequential(
+            nn.Conv3d(in_channels, widths[0], 3, padding=1, bias=False), nn.Dropout3d(dropout)
+        )
+        self.encoders = nn.ModuleList([ConvBlock(widths[0], widths[0])])
+        self.downs = nn.ModuleList()
+        for shallow, deep in zip(widths[:-1], widths[1:]):
+            self.downs.append(nn.Conv3d(shallow, deep, 3, stride=2, padding=1))
+            self.encoders.append(ConvBlock(deep, deep))
+        self.ups = nn.ModuleList(
+            [Up(deep, shallow) for shallow, deep in zip(widths[:-1], widths[1:])]
+        )  # ups[i]: level i+1 -> level i
+        self.head = nn.Sequential(
+            nn.Conv3d(widths[0], widths[0], 3, padding=1), PointwiseConv3d(widths[0], num_classes)
+        )
+
+        second = widths[-2]
+        self.attn_encoder = _attention(attention if enc_bit else None, second, rsa_order)
+        self.attn_bottom = _attention(attention if bottom_bit else None, widths[-1], rsa_order)
+        self.attn_decoder = _attention(attention if dec_bit else None, second, rsa_order)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[2:]
+        pad = [(-s) % self.divisor for s in size]  # D, H, W padding to a multiple of divisor
+        if any(pad):
+            x = F.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]))
+        levels = len(self.widths)
+
+        # Encoder: level i has widths[i] channels at 1/2**i of the input size.
+        skips = []
+        h = self.stem(x)  # (N, w0, D, H, W)
+        for i in range(levels):
+            if i > 0:
+                skips.append(h)
+                h = self.downs[i - 1](h)  # (N, w_i, D/2^i, H/2^i, W/2^i)
+            h = self.encoders[i](h)
+            if i == levels - 2:
+                h = self.attn_encoder(h)  # second-bottom encoder ("1.." bit); also its skip
+        h = self.attn_bottom(h)  # bottleneck (".1." bit), (N, w_last, D/2^(L-1), ...)
+
+        # Decoder: back up one level at a time.
+        for i in range(levels - 2, -1, -1):
+            h = self.ups[i](h, skips[i])  # (N, w_i, D/2^i, H/2^i, W/2^i)
+            if i == levels - 2:
+                h = self.attn_decoder(h)  # second-bottom decoder ("..1" bit)
+
+        logits = self.head(h)  # (N, num_classes, D+pad, H+pad, W+pad)
+        return logits[:, :, : size[0], : size[1], : size[2]]
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. The seven Table 1 variants
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Variant:
+    """One row of Table 1: an id for file names, the paper's display name, the block and where."""
+
+    id: str
+    display_name: str
+    attention: str | None
+    placement: str
+
+
+VARIANTS: dict[str, Variant] = {
+    v.id: v
+    for v in (
+        Variant("unet3d", "3D U-Net", None, "000"),
+        Variant("ncl-010", "NCL-010", "ncl", "010"),
+        Variant("ncl-101", "NCL-101", "ncl", "101"),
+        Variant("ncl-111", "NCL-111", "ncl", "111"),
+        Variant("rsa-010", "RSA-010", "rsa", "010"),
+        Variant("rsa-101", "RSA-101", "rsa", "101"),
+        Variant("rsa-111", "RSA-111", "rsa", "111"),
+    )
+}
+
+PAPER_WIDTHS: tuple[int, ...] = (32, 64, 128, 256, 512)
+
+
+def build_model(
+    variant: str,
+    in_channels: int = 3,
+    num_classes: int = 2,
+    widths: Sequence[int] = PAPER_WIDTHS,
+    dropout: float = 0.2,
+    rsa_order: Sequence[Direction] = PAPER_ORDER,
+) -> UNet3D:
+    """Build a Table 1 variant by id (``"unet3d"``, ``"rsa-101"``, ...; see :data:`VARIANTS`).
+
+    The default widths give the paper's backbone (about 24.5 M parameters for ``unet3d``);
+    smaller widths or fewer levels, e.g. ``(8, 16, 32, 64)``, give CPU-sized networks.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    v = VARIANTS[variant]
+    return UNet3D(
+        in_channels=in_channels,
+        num_classes=num_classes,
+        widths=widths,
+        attention=v.attention,
+        placement=v.placement,
+        dropout=dropout,
+        rsa_order=rsa_order,
+    )
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

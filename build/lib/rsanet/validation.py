@@ -1,0 +1,157 @@
+"""Catch every input problem up front, in one pass, with messages that say what to fix.
+
+Three levels:
+* :func:`config_problems` - the config against its JSON schema (all violations, not the first)
+  plus checks a schema cannot express (split sizes against the cohort size).
+* :func:`sheet_problems` - the subject sheet: columns, duplicate or unsafe ids, missing files.
+* :func:`subject_problems` - each subject's images opened and checked (3D, finite, non-empty,
+  binary mask on its reference grid); :func:`validate_cohort` runs it for all subjects and
+  writes a TSV report of every problem found.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import jsonschema
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import yaml
+
+from .volumes import InputError, atomic_path, check_binary_mask, load_checked, same_grid
+
+log = logging.getLogger(__name__)
+
+SHEET_COLUMNS = ("subject", "t1", "t2", "flair", "lesions")
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+ROLE_COLUMNS = {"T1": "t1", "T2": "t2", "FLAIR": "flair", "lesion mask": "lesions"}
+
+
+class ValidationError(ValueError):
+    """Raised with every problem found, one per line."""
+
+
+def config_problems(config: Mapping, schema_path: str | Path, n_subjects: int | None = None) -> list[str]:
+    """All schema violations of ``config`` plus cross-field checks, as readable lines."""
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    problems = []
+    for err in sorted(validator.iter_errors(dict(config)), key=lambda e: list(e.absolute_path)):
+        where = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+        problems.append(f"config {where}: {err.message}")
+    splits = config.get("splits", {}) if isinstance(config.get("splits"), Mapping) else {}
+    n_train, n_test = splits.get("n_train"), splits.get("n_test")
+    if n_subjects is not None and isinstance(n_train, int):
+        need = n_train + (n_test if isinstance(n_test, int) else 1)
+        if need > n_subjects:
+            problems.append(
+                f"config splits: n_train={n_train} + n_test={n_test} needs {need} subjects, "
+                f"but the cohort has {n_subjects}"
+            )
+    return problems
+
+
+def read_sheet(path: str | Path) -> pd.DataFrame:
+    """Read a subject sheet (TSV) as strings; relative paths resolve against its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValidationError(f"subject sheet {str(path)!r} not found; set `subjects:` in the config")
+    df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    df.columns = [c.strip() for c in df.columns]
+    for col in SHEET_COLUMNS[1:]:
+        if col in df:
+            df[col] = [str(p) if Path(p).is_absolute() else str(path.parent / p) for p in df[col]]
+    return df
+
+
+def sheet_problems(df: pd.DataFrame, sheet: str = "subject sheet") -> list[str]:
+    """Missing columns, duplicate ids, ids unsafe in file names, paths that do not exist."""
+    problems = []
+    missing = [c for c in SHEET_COLUMNS if c not in df.columns]
+    if missing:
+        return [f"{sheet}: missing column(s) {', '.join(missing)}; expected {', '.join(SHEET_COLUMNS)}"]
+    for sid, count in df.subject.value_counts().items():
+        if count > 1:
+            problems.append(f"{sheet}: subject id {sid!r} appears {count} times; ids must be unique")
+    for _, row in df.iterrows():
+        sid = row.subject
+        if not SAFE_ID.match(sid):
+            problems.append(
+                f"{sheet}: subject id {sid!r} is not safe in file names; use letters, digits, '_' and '-'"
+            )
+        for role, col in ROLE_COLUMNS.items():
+            p = row[col]
+            if not p or not Path(p).is_file():
+                problems.append(f"subject {sid!r}, {role} file {p!r}: file not found")
+    return problems
+
+
+def subject_problems(
+    subject: str, files: Mapping[str, str], reference: str = "FLAIR", allow_empty_mask: bool = False
+) -> tuple[list[str], list[str]]:
+    """Open and check one subject's images. Returns ``(errors, warnings)``.
+
+    ``files`` maps ``"T1"``, ``"T2"``, ``"FLAIR"``, ``"lesion mask"`` to paths. The mask must be
+    binary and on the grid of the ``reference`` contrast; an empty mask is an error unless
+    ``allow_empty_mask`` (then a warning).
+    """
+    errors, warnings, images = [], [], {}
+    for role in ("T1", "T2", "FLAIR"):
+        try:
+            images[role] = load_checked(files[role], subject, role)
+        except InputError as err:
+            errors.append(str(err))
+    mask_path = files["lesion mask"]
+    try:
+        mask_img = load_checked(mask_path, subject, "lesion mask")
+        check_binary_mask(np.asarray(mask_img.dataobj), subject, mask_path)
+        ref = images.get(reference)
+        if ref is not None and not same_grid(mask_img, ref):
+            errors.append(
+                f"subject {subject!r}, lesion mask {mask_path!r}: geometry {mask_img.shape} differs from "
+                f"its reference {reference} image {files[reference]!r} {ref.shape}; the mask must be on "
+                f"the {reference} grid"
+            )
+    except InputError as err:
+        msg = str(err)
+        if msg.endswith("the image is all zero."):
+            (warnings if allow_empty_mask else errors).append(
+                f"subject {subject!r}, lesion mask {mask_path!r}: the mask is empty"
+                + ("" if allow_empty_mask else " (set preprocess.allow_empty_masks: true to accept)")
+            )
+        else:
+            errors.append(msg)
+    return errors, warnings
+
+
+def validate_cohort(
+    subjects: Mapping[str, Mapping[str, str]], report: str | Path, reference: str = "FLAIR",
+    allow_empty_masks: bool = False,
+) -> None:
+    """Check every subject, write ``report`` (TSV: subject, level, message), raise if any error.
+
+    The report is written in all cases, so a user fixes every problem in one pass.
+    """
+    rows = []
+    for sid, files in subjects.items():
+        errors, warnings = subject_problems(sid, files, reference, allow_empty_masks)
+        rows += [{"subject": sid, "level": "error", "message": m} for m in errors]
+        rows += [{"subject": sid, "level": "warning", "message": m} for m in warnings]
+        log.info("%s: %d error(s), %d warning(s)", sid, len(errors), len(warnings))
+    table = pd.DataFrame(rows, columns=["subject", "level", "message"])
+    n_err = int((table.level == "error").sum())
+    if n_err:
+        failed = Path(report).with_suffix(".failed.tsv")
+        with atomic_path(failed) as tmp:
+            table.to_csv(tmp, sep="\t", index=False)
+        raise ValidationError(
+            f"{n_err} problem(s) in the input data (all listed in {failed}):\n"
+            + "\n".join(f"  - {m}" for m in table[table.level == "error"].message)
+        )
+    with atomic_path(report) as tmp:
+        table.to_csv(tmp, sep="\t", index=False)
+    log.info("all %d subjects passed validation (%d warnings)", len(subjects), len(table))
