@@ -22,6 +22,7 @@ Nothing here reads or writes files.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Iterable
 
@@ -31,6 +32,13 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["ExpWeightedCrossEntropy", "class_weights", "lesion_fraction", "soft_dice_loss"]
+
+
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast switched off on devices that have it (losses are computed in float32)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def lesion_fraction(masks: Iterable[np.ndarray]) -> float:
@@ -134,14 +142,17 @@ class ExpWeightedCrossEntropy(nn.Module):
             )
         device_type = logits.device.type
         weight = self.weight.to(device=logits.device, dtype=torch.float32)
-        if torch.amp.is_autocast_available(device_type):
-            with torch.autocast(device_type=device_type, enabled=False):
-                return F.cross_entropy(
-                    logits.float(), target.long(), weight=weight, reduction=self.reduction
-                )
-        return F.cross_entropy(
-            logits.float(), target.long(), weight=weight, reduction=self.reduction
-        )
+        with _no_autocast(device_type):
+            # Per voxel w[y] * -log p_y, then PyTorch's weighted mean by hand: the same value as
+            # F.cross_entropy(..., weight=w), but built from element-wise ops and plain sums,
+            # which have deterministic CUDA kernels (the fused weighted mean has none).
+            target = target.long()
+            per_voxel = F.cross_entropy(logits.float(), target, weight=weight, reduction="none")
+            if self.reduction == "none":
+                return per_voxel
+            if self.reduction == "sum":
+                return per_voxel.sum()
+            return per_voxel.sum() / weight[target].sum()
 
     def extra_repr(self) -> str:
         w = self.weight.tolist()
@@ -169,7 +180,7 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
         raise ValueError(
             f"expected logits (N, 2, ...) and target (N, ...), got {tuple(logits.shape)} and {tuple(target.shape)}"
         )
-    with torch.autocast(device_type=logits.device.type, enabled=False):
+    with _no_autocast(logits.device.type):
         p = torch.softmax(logits.float(), dim=1)[:, 1]
         t = (target == 1).float()
         dice = (2.0 * (p * t).sum() + smooth) / (p.sum() + t.sum() + smooth)

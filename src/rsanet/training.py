@@ -49,7 +49,8 @@ class TrainConfig:
         checkpoint_every: iterations between atomic checkpoints.
         log_every: iterations between progress lines in the log.
         seed: seeds torch and the crop sampler.
-        deterministic: ``torch.use_deterministic_algorithms`` (CPU runs are then bit-exact).
+        deterministic: ``torch.use_deterministic_algorithms`` (CPU runs are then bit-exact; on
+            CUDA only where PyTorch has deterministic kernels, with warnings for the rest).
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
         amp: mixed precision (bfloat16 autocast) on CUDA; ignored on CPU.
         rsa_order: order of the SA steps inside RSA blocks.
@@ -213,7 +214,17 @@ def train(
         torch.set_num_threads(threads)
     device = resolve_device(config.device)
     if config.deterministic:
-        torch.use_deterministic_algorithms(True)
+        if device.type == "cuda":
+            # Some CUDA kernels this network needs (e.g. the backward of nearest upsampling)
+            # have no deterministic version: use deterministic ones where they exist, warn for
+            # the rest. Bit-exact repeats are guaranteed on the CPU only.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.backends.cudnn.deterministic = True
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            log.warning("deterministic: true on CUDA: deterministic kernels where PyTorch has them; "
+                        "runs are bit-exact on the CPU only")
+        else:
+            torch.use_deterministic_algorithms(True)
     torch.manual_seed(config.seed)
     r = lesion_fraction([s.lesions for s in subjects])
     model = build_model(config.variant, widths=config.widths, dropout=config.dropout, rsa_order=config.rsa_order)
