@@ -15,7 +15,9 @@ config), for each variant of the config:
    tiling (median of 3) and its peak GPU memory;
 
 then the time the whole study's training and prediction would take on this GPU (35 trainings
-of ``train.iterations`` and 7 x 5 x ``n_test`` predictions, one job at a time).
+of ``train.iterations`` and 7 x 5 x ``n_test`` predictions, one job at a time; variants not
+timed count at the mean of those timed). Deterministic mode (``train.deterministic``) is set
+process-wide by the first training and stays on for the rest of the run, as in a workflow job.
 Writes ``gpu_check.json`` and ``gpu_check.md`` in ``--out``. Exits 1 without a CUDA GPU.
 """
 from __future__ import annotations
@@ -103,6 +105,8 @@ def main(argv=None) -> int:
     p.add_argument("--volume", nargs=3, type=int, default=PAPER_VOLUME, help="synthetic subjects' (D, H, W)")
     p.add_argument("--device", default="cuda", help="'cpu' for a dry run of this script (no agreement check)")
     args = p.parse_args(argv)
+    if args.iterations < 12:
+        p.error("--iterations must be at least 12 (the first 10 are not timed)")
     cpu = args.device == "cpu"
     if not cpu and not torch.cuda.is_available():
         print("no CUDA GPU visible to PyTorch: nothing to check", file=sys.stderr)
@@ -110,8 +114,8 @@ def main(argv=None) -> int:
     cfg = yaml.safe_load(Path(args.config).read_text())
     tcfg = dict(cfg["train"])
     variants = args.variants or cfg["variants"]
-    tile = cfg["predict"].get("tile")
-    tile = None if tile in (None, "whole") else tuple(tile)
+    tile = cfg["predict"].get("tile")  # as the workflow: null = tiles of the training crop
+    tile = None if tile == "whole" else tuple(tcfg["crop"]) if tile is None else tuple(tile)
     n_test = int(cfg["splits"]["n_test"])
     n_splits = int(cfg["splits"]["n_splits"])
     out = Path(args.out)
@@ -143,7 +147,8 @@ def main(argv=None) -> int:
             b = np.array([r["loss"] for r in full.log_rows])
             row["resume_max_rel_loss_diff"] = float(np.max(np.abs(a - b) / np.abs(b)))
         device = torch.device(args.device)
-        model = build_model(variant, widths=config.widths).to(device, memory_format=memory_layout(device)).eval()
+        model = build_model(variant, widths=config.widths, dropout=config.dropout, rsa_order=config.rsa_order)
+        model = model.to(device, memory_format=memory_layout(device)).eval()
         model.load_state_dict(full.state_dict)
         times = []
         _reset_peak(cpu)
@@ -162,8 +167,10 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
 
     iters = int(cfg["train"]["iterations"])
-    train_h = sum(r["s_per_iteration"] for r in rows) * iters * n_splits / 3600
-    predict_h = sum(r["predict_s"] for r in rows) * n_splits * n_test / 3600
+    # the study's variants, those not run here counted at the mean of those that were
+    scale = len(cfg["variants"]) / len(rows)
+    train_h = scale * sum(r["s_per_iteration"] for r in rows) * iters * n_splits / 3600
+    predict_h = scale * sum(r["predict_s"] for r in rows) * n_splits * n_test / 3600
     summary = {"gpu": gpu, "torch": torch.__version__, "config": args.config, "volume": volume,
                "timed_iterations": args.iterations, "tile": tile, "rows": rows,
                "study_train_hours": train_h, "study_predict_hours": predict_h}
@@ -178,9 +185,9 @@ def main(argv=None) -> int:
                      f"{r['s_per_iteration']:.3f} | {r['train_peak_gib']:.1f} | {r['predict_s']:.2f} | "
                      f"{r['predict_peak_gib']:.1f} | from {r['resumed_from']}, "
                      f"losses within {r['resume_max_rel_loss_diff']:.1e} |")
-    lines += ["", f"Whole study, one job at a time on this GPU: training {train_h:.1f} h "
-              f"({len(rows)} variants x {n_splits} splits x {iters} iterations), prediction "
-              f"{predict_h:.2f} h ({n_splits} x {n_test} volumes per variant)."]
+    lines += ["", f"Whole study ({len(cfg['variants'])} variants; {len(rows)} timed here), one job at a time "
+              f"on this GPU: training {60 * train_h:.0f} min ({n_splits} splits x {iters} iterations "
+              f"per variant), prediction {60 * predict_h:.1f} min ({n_splits} x {n_test} volumes per variant)."]
     (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
     return 0
