@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(REPO / "results" / "benchmarks"), help="output folder")
     p.add_argument("--config", default=str(REPO / "config" / "config.yaml"))
-    p.add_argument("--threads", type=int, default=None, help="default: the config's train.threads")
+    p.add_argument("--threads", type=int, default=None, help="default: the config's resources.train.threads")
     p.add_argument("--rounds", type=int, default=7, help="timed rounds of the training steps")
     p.add_argument("--variants", nargs="*", default=None, help="default: the config's variants")
     p.add_argument("--memory-budget-mib", type=float, default=1500, help="skip measurements needing more")
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         widths=train.get("widths", (8, 16, 32, 64)),
         crop=train.get("crop", (16, 64, 64)),
         batch=int(train.get("batch_size", 2)),
-        threads=args.threads or int(train.get("threads", 2)),
+        threads=args.threads or int(cfg.get("resources", {}).get("train", {}).get("threads", 2)),
         device=train.get("device", "auto"),
         rounds=args.rounds,
         variants=args.variants or cfg.get("variants"),

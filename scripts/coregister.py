@@ -14,4 +14,5 @@ with logged(snakemake.log[0]):
         max_displacement_mm=snakemake.params.max_displacement_mm,
         search_deg=snakemake.params.search_deg,
         threads=snakemake.threads,
+        allow_empty_mask=snakemake.params.allow_empty,
     )

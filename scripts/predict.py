@@ -1,10 +1,11 @@
-"""Snakemake script: predict and score the whole test volumes of one split with one trained variant."""
+"""Snakemake script: predict and score the test (or validation) volumes of one split with one trained model."""
 from pathlib import Path
 
 from rsanet.logs import logged
 from rsanet.steps import predict_step
 
 with logged(snakemake.log[0]):
+    policy = snakemake.params.predict
     predict_step(
         model_path=snakemake.input.model,
         split=int(snakemake.wildcards.split),
@@ -12,8 +13,14 @@ with logged(snakemake.log[0]):
         preprocessed={Path(p).stem: p for p in snakemake.input.test},
         out_dir=snakemake.output.predictions,
         out_csv=snakemake.output.metrics,
-        tile=snakemake.params.tile,
-        overlap=snakemake.params.overlap,
+        tile=policy["tile"],
+        overlap=policy["overlap"],
+        blending=policy["blending"],
+        batch_size=policy["batch_size"],
         threads=snakemake.threads,
         device=snakemake.params.device,
+        memory_limit_mb=snakemake.resources.mem_mb,
+        part=snakemake.params.part,
+        seed=int(snakemake.wildcards.seed),
+        save_probabilities=policy["save_probabilities"],
     )

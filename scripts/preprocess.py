@@ -9,4 +9,5 @@ with logged(snakemake.log[0]):
         snakemake.input.lesions,
         snakemake.output[0],
         margin=snakemake.params.margin,
+        allow_empty_mask=snakemake.params.allow_empty,
     )

@@ -1,7 +1,6 @@
-"""Snakemake script: write the seeded random train/test splits."""
+"""Snakemake script: write the seeded random train/validation/test splits the workflow planned with."""
 from rsanet.logs import logged
 from rsanet.steps import splits_step
 
 with logged(snakemake.log[0]):
-    p = snakemake.params
-    splits_step(p.subjects, snakemake.output[0], p.n_splits, p.n_train, p.n_test, p.seed)
+    splits_step(snakemake.params.splits, snakemake.output[0], snakemake.params.seed)

@@ -1,4 +1,4 @@
-"""Snakemake script: train one variant on one split (resumes from its checkpoint)."""
+"""Snakemake script: train one variant on one split with one seed (resumes from its checkpoint)."""
 from pathlib import Path
 
 from rsanet.logs import logged
@@ -15,4 +15,5 @@ with logged(snakemake.log[0]):
         out_log=snakemake.output.log_csv,
         checkpoint=snakemake.params.checkpoint,
         threads=snakemake.threads,
+        seed_index=int(snakemake.wildcards.seed),
     )

@@ -51,14 +51,60 @@ def test_table1_is_percent_mean_sd_over_splits_with_paper_numbers():
     assert "±" in shown["Voxel Dice"][0]
 
 
-def test_paired_tests_against_unet():
-    t = evaluation.paired_tests(_rows())
-    assert t.variant.tolist() == ["rsa-111"]
-    r = _rows()
-    diff = r[r.variant == "rsa-111"].dice.to_numpy() - r[r.variant == "unet3d"].dice.to_numpy()
-    assert t.mean_difference_pp[0] == pytest.approx(100 * diff.mean())
-    assert t.n_pairs[0] == 4 and t.splits_won[0] == 2
-    assert 0 < t.wilcoxon_p[0] <= 1
+def test_corrected_resampled_ttest_by_hand():
+    """Nadeau & Bengio's corrected t on d = (1, 2, 3), n_train 20, n_test 23, computed by hand."""
+    d = [0.01, 0.02, 0.03]
+    res = evaluation.corrected_resampled_ttest(d, n_train=20, n_test=23)
+    # mean 0.02, var (ddof=1) 1e-4; corrected variance (1/3 + 23/20) * 1e-4 = 1.48333e-4
+    se = np.sqrt((1 / 3 + 23 / 20) * 1e-4)
+    assert res["mean"] == pytest.approx(0.02)
+    assert res["t"] == pytest.approx(0.02 / se)  # 1.642142
+    assert res["t"] == pytest.approx(1.642142, abs=1e-6)
+    assert res["dof"] == 2
+    # two-sided p of t = 1.642142 with 2 dof: 1 - t / sqrt(2 + t^2) (closed form for 2 dof)
+    t = res["t"]
+    assert res["p"] == pytest.approx(1 - t / np.sqrt(2 + t**2), rel=1e-9)
+    # 95 % interval: mean +/- t_{0.975, 2} se with t_{0.975, 2} = 4.302653
+    assert res["ci_low"] == pytest.approx(0.02 - 4.302653 * se, rel=1e-6)
+    assert res["ci_high"] == pytest.approx(0.02 + 4.302653 * se, rel=1e-6)
+    # the uncorrected test would be far more confident: the correction widens the interval
+    assert (1 / 3 + 23 / 20) / (1 / 3) > 4
+
+
+def test_corrected_ttest_undefined_cases_are_nan():
+    assert np.isnan(evaluation.corrected_resampled_ttest([0.1], 20, 23)["p"])
+    constant = evaluation.corrected_resampled_ttest([0.1, 0.1, 0.1], 20, 23)
+    assert constant["mean"] == pytest.approx(0.1) and np.isnan(constant["p"])
+
+
+def test_paired_tests_are_over_splits_on_every_table1_metric():
+    per_split = evaluation.split_scores(_rows())
+    t = evaluation.paired_tests(per_split, n_train=2)
+    assert t.variant.unique().tolist() == ["rsa-111"]
+    assert t.metric.tolist() == list(evaluation.TABLE1_METRICS)
+    ps = per_split.set_index(["variant", "split"])
+    for _, row in t.iterrows():
+        d = [ps.loc[("rsa-111", k), row.metric] - ps.loc[("unet3d", k), row.metric] for k in (0, 1)]
+        want = evaluation.corrected_resampled_ttest(d, n_train=2, n_test=2)
+        assert row.mean_difference_pp == pytest.approx(100 * np.mean(d))
+        assert row.ci_low_pp == pytest.approx(100 * want["ci_low"])
+        assert row.p == pytest.approx(want["p"])
+        assert row.splits_won == sum(x > 0 for x in d) and row.n_splits == 2
+    shown = evaluation.paired_tests_display(t)
+    assert shown.Metric.tolist() == ["Sample Dice", "Voxel Dice", "Sample IoU", "Voxel IoU"]
+
+
+def test_seeds_are_averaged_per_split_before_tables_and_tests():
+    a, b = _rows().assign(seed=0), _rows().assign(seed=1)
+    b["dice"] = b["dice"] * 0.5
+    both = pd.concat([a, b], ignore_index=True)
+    m = evaluation.mean_over_seeds(both).set_index(["variant", "split"])
+    s0 = evaluation.split_scores(a).set_index(["variant", "split"])
+    s1 = evaluation.split_scores(b).set_index(["variant", "split"])
+    assert m.loc[("unet3d", 0), "sample_dice"] == pytest.approx((s0.loc[("unet3d", 0), "sample_dice"] + s1.loc[("unet3d", 0), "sample_dice"]) / 2)
+    assert len(m) == 4 and (m.n_test == 2).all()
+    t = evaluation.table1(both).set_index("variant")
+    assert t.loc["unet3d", "n_splits"] == 2
 
 
 def test_markdown_and_latex_writers():

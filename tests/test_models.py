@@ -9,6 +9,7 @@ import torch
 
 from rsanet.models import (
     PAPER_ORDER,
+    PAPER_WIDTHS,
     SLICE_AXIS,
     VARIANTS,
     NonLocalBlock,
@@ -134,16 +135,58 @@ def _slow_rsa_no_grad(block: RSABlock, m: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("order", [PAPER_ORDER, ("coronal", "sagittal", "axial")])
 def test_rsa_block_equals_slow_equations(order):
-    block = RSABlock(3, order=order)
+    """A float64 block equals the float64 element-by-element Eq. 1-2 to rounding (1e-10)."""
+    torch.manual_seed(3)
+    block = RSABlock(3, order=order).double()
     with torch.no_grad():
-        block.alpha.copy_(torch.tensor([0.7, -0.4, 1.3]))
+        block.alpha.copy_(torch.tensor([0.7, -0.4, 1.3], dtype=torch.float64))
         for conv in (block.query, block.key, block.value):
             conv.weight.mul_(0.3)  # keep the unscaled logits in a range where softmax is not one-hot
-    m = torch.randn(2, 3, 4, 5, 3) * 0.5
+    m = torch.randn(2, 3, 4, 5, 3, dtype=torch.float64) * 0.5
     with torch.no_grad():
         fast = block(m)
+    assert fast.dtype == torch.float64  # never downcast to float32
     slow = _slow_rsa(block, m)
-    assert torch.allclose(fast.double(), slow, atol=1e-5)
+    assert (fast - slow).abs().max().item() < 1e-10
+
+
+def test_rsa_block_float32_is_close_to_the_float64_reference():
+    torch.manual_seed(4)
+    block = RSABlock(3)
+    with torch.no_grad():
+        block.alpha.copy_(torch.tensor([0.7, -0.4, 1.3]))
+    m = torch.randn(1, 3, 4, 5, 3) * 0.5
+    with torch.no_grad():
+        fast = block(m)
+    assert torch.allclose(fast.double(), _slow_rsa(block, m), atol=1e-5)
+
+
+def test_attention_logits_are_float32_under_bf16_autocast():
+    """Under bf16 autocast the query/key projections feeding the logits stay float32.
+
+    The block's output under autocast must match a float32 run far better than a run whose
+    query and key were rounded to bf16 before the product (the defect this guards against).
+    """
+    torch.manual_seed(5)
+    block = RSABlock(16)
+    with torch.no_grad():
+        block.alpha.fill_(1.0)
+        block.query.weight.mul_(4.0)  # large logits: the regime where bf16 rounding matters
+    m = torch.randn(1, 16, 6, 8, 8)
+    seen = []
+    hook = lambda mod, args, out: seen.append(out.dtype)
+    with torch.no_grad():
+        ref = block(m)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = block(m)
+    from rsanet.models import logit_dtype
+
+    assert logit_dtype(torch.bfloat16) == torch.float32
+    assert logit_dtype(torch.float64, torch.float32) == torch.float64
+    # the value path may be bf16; the attention map itself must agree closely with float32
+    assert torch.isfinite(got.float()).all()
+    err = (got.float() - ref).abs().max().item()
+    assert err < 0.05 * ref.abs().max().item()
 
 
 @pytest.mark.parametrize("direction", ["axial", "coronal", "sagittal"])
@@ -179,17 +222,20 @@ def test_slice_attention_softmax_is_float32_under_half_inputs():
 
 
 def test_non_local_block_matches_dense_formula():
-    block = NonLocalBlock(4)
+    """In float64 (the GroupNorm amplifies float32 rounding, so compare in float64)."""
+    torch.manual_seed(6)
+    block = NonLocalBlock(4).double()
     with torch.no_grad():
         block.norm.weight.fill_(1.0)
-    x = torch.randn(1, 4, 2, 3, 2)
+    x = torch.randn(1, 4, 2, 3, 2, dtype=torch.float64)
     with torch.no_grad():
         got = block(x)
         flat = lambda conv: conv(x).flatten(2)[0]  # (C/2, P)
         f = torch.softmax(flat(block.theta).T @ flat(block.phi), dim=-1)  # (P, P)
         y = (f @ flat(block.g).T).T.reshape(1, 2, 2, 3, 2)
         want = block.norm(block.out(y)) + x
-    assert torch.allclose(got, want, atol=1e-6)
+    assert got.dtype == torch.float64
+    assert (got - want).abs().max().item() < 1e-10
 
 
 def test_placement_bits_put_blocks_where_the_paper_says():
@@ -207,13 +253,26 @@ def test_placement_bits_put_blocks_where_the_paper_says():
 
 
 def test_paper_backbone_parameter_counts():
-    """Exact counts of the paper-width backbone (see README, "Models", on the 24.5 M figure)."""
+    """The authors' backbone: 23.77 M for the U-Net, 24.55 M for RSA-010 (method notes)."""
     unet = count_parameters(build_model("unet3d"))
-    assert unet == 30_818_082
+    assert abs(unet / 1e6 - 23.77) <= 0.01
+    assert unet == 23_766_368
     rsa_block = 3 * (512 * 512 + 512) + 3  # ~0.79 M, as the method notes say
     assert count_parameters(build_model("rsa-010")) - unet == rsa_block
+    assert abs(count_parameters(build_model("rsa-010")) / 1e6 - 24.55) <= 0.01
     assert count_parameters(build_model("rsa-101")) - unet == 2 * (3 * (256 * 256 + 256) + 3)
     assert math.isclose(rsa_block / 1e6, 0.79, abs_tol=0.01)
+
+
+def test_backbone_widens_in_the_level_block_not_in_the_down_convolution():
+    m = build_model("unet3d")
+    for i, down in enumerate(m.downs):
+        assert down.in_channels == down.out_channels == PAPER_WIDTHS[i]
+        assert down.stride == (2, 2, 2) and down.bias is None
+        assert m.encoders[i + 1][0].in_channels == PAPER_WIDTHS[i]
+        assert m.encoders[i + 1][0].out_channels == PAPER_WIDTHS[i + 1]
+    assert all(up.reduce.bias is None for up in m.ups)
+    assert all(layer.bias is None for layer in m.head)
 
 
 @pytest.mark.parametrize("widths", [(4, 8), SMALL, (4, 8, 8, 8)])

@@ -124,7 +124,7 @@ def test_workstation_profile_limits_gpu_jobs():
     rules_text = (ROOT / "workflow" / "rules" / "train.smk").read_text()
     for rule in GPU_RULES:  # the rules themselves claim the configured number of GPUs
         block = rules_text.split(f"rule {rule}:")[1].split("\nrule ")[0]
-        assert 'gpu=config["train"].get("gpus", 1)' in block
+        assert 'gpu=job_resources("' + rule + '")["gpus"]' in block
     assert prof["rerun-incomplete"] is True and int(prof["retries"]) >= 1
     assert "executor" not in prof  # local execution
 
@@ -314,7 +314,7 @@ def test_tiny_study_runs_through_slurm(slurm_cluster: SlurmCluster, tmp_path):
         assert (workdir / out).is_file(), f"missing {out}"
     for variant in ("unet3d", "rsa-111"):
         for split in (0, 1):
-            assert (workdir / f"results/models/{variant}/split{split}/model.pt").is_file()
+            assert (workdir / f"results/models/{variant}/split{split}/seed0/model.pt").is_file()
 
     # the jobs really went through SLURM: ids announced by the plugin ...
     announced = re.findall(

@@ -36,6 +36,30 @@ def test_splits_are_seeded_disjoint_and_order_independent():
         make_splits(ids, 5, 30, 20)
 
 
+def test_validation_part_is_carved_out_of_the_training_subjects():
+    ids = [f"s{i:02d}" for i in range(43)]
+    paper = make_splits(ids, 5, 20, 23, seed=0)
+    with_val = make_splits(ids, 5, 20, 23, seed=0, n_val=4)
+    for p, v in zip(paper, with_val):
+        assert v["test"] == p["test"]  # the test subjects do not move
+        assert sorted(v["train"] + v["val"]) == p["train"]
+        assert len(v["train"]) == 16 and len(v["val"]) == 4
+        assert not set(v["val"]) & set(v["train"]) and not set(v["val"]) & set(v["test"])
+    assert all(s["val"] == [] for s in paper)
+    with pytest.raises(ValueError, match="n_val"):
+        make_splits(ids, 5, 20, 23, n_val=20)
+
+
+def test_small_cohorts_give_distinct_splits_or_say_how_many_they_can():
+    ids = ["patient07", "patient19", "patient26"]
+    two = make_splits(ids, 2, 2, 1, seed=0)
+    assert two[0] != two[1]  # the first draws of this cohort repeat: redrawn
+    three = make_splits(ids, 3, 2, 1, seed=0)
+    assert len({tuple(s["test"]) for s in three}) == 3
+    with pytest.raises(ValueError, match="gives only 3 distinct splits"):
+        make_splits(ids, 4, 2, 1, seed=0)
+
+
 @pytest.mark.parametrize("name", ["config.yaml", "paper.yaml", "test.yaml"])
 def test_shipped_configs_are_valid(name):
     cfg = yaml.safe_load((ROOT / "config" / name).read_text())
@@ -111,3 +135,65 @@ def test_sheet_problems(tmp_path):
     text = "\n".join(sheet_problems(df))
     assert "'a' appears 2 times" in text and "not safe" in text and "nope.nii.gz" in text
     assert "missing column(s) lesions" in sheet_problems(df.drop(columns="lesions"))[0]
+
+
+def test_dataclass_defaults_equal_the_schemas():
+    """The JSON schema is the one home of the defaults; the package's dataclasses agree with it."""
+    import dataclasses
+
+    from rsanet.demo import DemoConfig
+    from rsanet.training import TrainConfig
+    from rsanet.validation import with_defaults
+
+    schema = yaml.safe_load(SCHEMA.read_text())
+    cfg = with_defaults({"subjects": "demo"}, schema)
+    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name != "variant"}
+    for name, default in fields.items():
+        value = cfg["train"][name]
+        assert (list(default) if isinstance(default, tuple) else default) == value, name
+    assert set(cfg["train"]) - set(fields) == {"seeds"}  # seeds: how many trainings, not one run's setting
+    demo = DemoConfig()
+    names = {"n_subjects": "n_subjects", "seed": "seed", "grid_scale": "inplane_scale",
+             "max_rotation_deg": "max_rotation_deg", "max_translation_mm": "max_translation_mm"}
+    for key, attr in names.items():
+        assert cfg["demo"][key] == getattr(demo, attr), key
+
+
+def test_every_schema_key_has_a_description_and_a_default():
+    schema = yaml.safe_load(SCHEMA.read_text())
+
+    def walk(node, path):
+        if "$ref" in node:
+            node = schema["$defs"][node["$ref"].split("/")[-1]]
+        for key, sub in node.get("properties", {}).items():
+            here = f"{path}.{key}" if path else key
+            target = schema["$defs"][sub["$ref"].split("/")[-1]] if "$ref" in sub else sub
+            assert "description" in sub or "description" in target, f"{here} has no description"
+            if here != "subjects":
+                assert "default" in sub, f"{here} has no default"
+            walk(sub, here)
+
+    walk(schema, "")
+
+
+def test_a_config_with_only_subjects_is_complete_after_defaults():
+    from rsanet.validation import config_problems, with_defaults
+
+    schema = yaml.safe_load(SCHEMA.read_text())
+    cfg = with_defaults({"subjects": "demo", "splits": {"n_splits": 2}}, schema)
+    assert config_problems(cfg, SCHEMA) == []
+    assert cfg["splits"] == {"n_splits": 2, "n_train": 20, "n_val": 0, "n_test": None, "seed": 0}
+    assert cfg["resources"]["train"]["gpus"] == 0 and cfg["predict"]["blending"] == "gaussian"
+
+
+def test_subject_sheet_with_bom_and_crlf_is_read_and_logged(tmp_path, caplog):
+    from rsanet.validation import read_sheet
+
+    text = "subject\tt1\tt2\tflair\tlesions\r\np01\ta/T1.nii.gz\ta/T2.nii.gz\ta/FLAIR.nii.gz\ta/m.nii.gz\r\n"
+    sheet = tmp_path / "subjects.tsv"
+    sheet.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    with caplog.at_level("INFO", logger="rsanet.validation"):
+        df = read_sheet(sheet)
+    assert list(df.columns) == ["subject", "t1", "t2", "flair", "lesions"]
+    assert df.subject.tolist() == ["p01"] and df.lesions[0] == str(tmp_path / "a" / "m.nii.gz")
+    assert "byte-order mark" in caplog.text and "CRLF" in caplog.text

@@ -13,7 +13,7 @@ from rsanet.volumes import (
     Preprocessed,
     atomic_path,
     bounding_box,
-    check_binary_mask,
+    binarise_mask,
     load_checked,
     normalise_in_mask,
     preprocess_subject,
@@ -100,8 +100,42 @@ def test_truncated_gzip_is_reported(tmp_path):
 
 def test_non_binary_mask_lists_values():
     with pytest.raises(InputError, match="binary"):
-        check_binary_mask(np.array([0, 1, 2]), "s", "m.nii.gz")
-    assert check_binary_mask(np.array([0.0, 1.0]), "s", "m").dtype == np.uint8
+        binarise_mask(np.array([0, 1, 2]), "s", "m.nii.gz")
+    with pytest.raises(InputError, match="0.5"):
+        binarise_mask(np.array([0.0, 0.5, 1.0]), "s", "m.nii.gz")  # a probability map, not a mask
+    assert binarise_mask(np.array([0.0, 1.0]), "s", "m").dtype == np.uint8
+
+
+def test_real_world_mask_encodings_are_accepted_and_logged(caplog):
+    with caplog.at_level("INFO", logger="rsanet.volumes"):
+        assert binarise_mask(np.array([0, 255, 255], np.uint8), "s", "m255.nii.gz").tolist() == [0, 1, 1]
+        residue = np.array([0.0, 0.999, 1.0001, 0.002], np.float32)
+        assert binarise_mask(residue, "s", "mres.nii.gz").tolist() == [0, 1, 1, 0]
+    assert "m255.nii.gz" in caplog.text and "0/255" in caplog.text
+    assert "mres.nii.gz" in caplog.text and "interpolation residue" in caplog.text
+
+
+def test_non_finite_scaling_reads_unscaled_and_disagreeing_qform_sform_is_a_clear_error(tmp_path):
+    data = np.ones((4, 4, 4), np.float32)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "inf.nii")
+    raw = bytearray((tmp_path / "inf.nii").read_bytes())
+    raw[112:116] = np.float32(np.inf).tobytes()  # scl_slope sits at byte 112 of a NIfTI-1 header
+    (tmp_path / "inf.nii").write_bytes(bytes(raw))
+    # an infinite (or NaN) slope is "no scaling": the stored voxels, not infinities
+    assert np.array_equal(np.asarray(load_checked(tmp_path / "inf.nii", "s1", "T1").dataobj), data)
+    twisted = nib.Nifti1Image(data, np.eye(4))
+    twisted.set_qform(np.diag([1.0, 1.0, 1.0, 1.0]), code=1)
+    shifted = np.eye(4)
+    shifted[:3, 3] = [5.0, 0, 0]
+    twisted.set_sform(shifted, code=1)
+    nib.save(twisted, tmp_path / "twisted.nii.gz")
+    with pytest.raises(InputError, match="qform and sform disagree by up to 5.0 mm") as err:
+        load_checked(tmp_path / "twisted.nii.gz", "s1", "FLAIR")
+    assert "'s1'" in str(err.value) and "twisted.nii.gz" in str(err.value)
+    nan_slope = nib.Nifti1Image(data, np.eye(4))  # nibabel writes NaN = "no scaling": accepted
+    nib.save(nan_slope, tmp_path / "nan.nii.gz")
+    assert np.isnan(float(nib.load(tmp_path / "nan.nii.gz").header["scl_slope"]))
+    assert np.array_equal(np.asarray(load_checked(tmp_path / "nan.nii.gz", "s1", "T1").dataobj), data)
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):
@@ -134,3 +168,51 @@ def test_preprocess_roundtrip_and_uncrop(tmp_path):
     full = back.uncrop(back.lesions)
     assert np.array_equal(np.asarray(full.dataobj), les)
     assert np.allclose(full.affine, affine)
+
+
+def _reoriented(img: nib.Nifti1Image, codes: tuple[str, str, str]) -> nib.Nifti1Image:
+    """The same image stored in another voxel order (exact: axes permuted/flipped)."""
+    from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+
+    t = ornt_transform(io_orientation(img.affine), axcodes2ornt(codes))
+    data = apply_orientation(np.asarray(img.dataobj), t)
+    return nib.Nifti1Image(data, img.affine @ inv_ornt_aff(t, img.shape))
+
+
+def _oblique(img: nib.Nifti1Image, degrees: float = 20.0) -> nib.Nifti1Image:
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    rot = np.array([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+    return nib.Nifti1Image(np.asarray(img.dataobj), rot @ img.affine)
+
+
+@pytest.mark.parametrize("make", [lambda i: _reoriented(i, ("L", "P", "S")), lambda i: _reoriented(i, ("L", "A", "S")),
+                                  lambda i: _reoriented(i, ("P", "S", "R")), _oblique])
+def test_uncrop_returns_to_the_reference_files_own_grid(make):
+    """Preprocess on an LPS / LAS / permuted / oblique reference, uncrop: the reference's exact grid."""
+    rng = np.random.default_rng(2)
+    shape = (12, 14, 10)
+    brain = np.zeros(shape, bool)
+    brain[2:10, 3:12, 2:8] = True
+    affine = np.diag([0.9, 1.1, 3.0, 1.0])
+    ras = [_img(np.where(brain, rng.uniform(50, 100, shape), 0), affine) for _ in range(3)]
+    les = np.zeros(shape, np.uint8)
+    les[5, 6, 4] = les[6, 6, 4] = 1
+    ras_mask = nib.Nifti1Image(les, affine)
+    ref = [make(i) for i in ras]
+    ref_mask = make(ras_mask)
+    pre_ras = preprocess_subject(*ras, ras_mask, margin=1)
+    pre = preprocess_subject(*ref, ref_mask, margin=1)
+    assert np.array_equal(pre.image, pre_ras.image) and np.allclose(pre.spacing, pre_ras.spacing)
+    out = pre.uncrop(pre.lesions)
+    assert out.shape == ref_mask.shape and np.allclose(out.affine, ref_mask.affine, atol=1e-6)
+    assert np.array_equal(np.asarray(out.dataobj), np.asarray(ref_mask.dataobj))  # voxel for voxel
+
+
+def test_spacing_comes_from_the_affine_and_pixdim_disagreement_is_logged(caplog):
+    data = np.ones((4, 5, 6), np.float32)
+    img = nib.Nifti1Image(data, np.diag([0.5, 0.8, 2.0, 1.0]))
+    img.header.set_zooms((1.0, 1.0, 1.0))  # a converter that wrote pixdim and sform differently
+    with caplog.at_level("WARNING", logger="rsanet.volumes"):
+        _, _, spacing = ras_to_model(img, "subject 'x', FLAIR")
+    assert spacing == (2.0, 0.8, 0.5)
+    assert "subject 'x', FLAIR" in caplog.text and "differ from the affine" in caplog.text

@@ -50,10 +50,42 @@ def test_table1_has_seven_variants_with_metrics_in_range(study):
     assert md.count("\n|") >= 8 and "63.984" in md
     assert r"\toprule" in (study / "tables" / "table1.tex").read_text()
     tests = pd.read_csv(study / "tables" / "paired_tests.csv")
-    assert len(tests) == 6 and (tests.reference == "3D U-Net").all()
+    assert len(tests) == 6 * 4 and (tests.reference == "3D U-Net").all()
     per_subject = pd.read_csv(study / "tables" / "per_subject_metrics.csv")
+    # the corrected resampled t-tests are recomputable from the per-subject scores
+    from rsanet import evaluation
+
+    again = evaluation.paired_tests(evaluation.mean_over_seeds(per_subject), n_train=3)
+    np.testing.assert_allclose(again.mean_difference_pp, tests.mean_difference_pp, rtol=1e-9)
+    np.testing.assert_allclose(again.p.fillna(-1), tests.p.fillna(-1), rtol=1e-9)
+    assert (tests.n_train == 3).all() and (tests.n_test == 2).all()
     assert len(per_subject) == 7 * 2 * 2  # variants x splits x test subjects
     assert per_subject[["dice", "iou", "ltpr", "lfpr", "lesion_f1"]].apply(lambda c: c.between(0, 1)).all().all()
+
+
+def test_deviations_table_is_computed_from_the_config_that_ran(study):
+    dev = pd.read_csv(study / "tables" / "deviations.csv").set_index("setting")
+    assert dev.loc["train.iterations", "this_run"] == "4" and dev.loc["train.iterations", "status"] == "deviates"
+    assert dev.loc["train.crop", "status"] == "not stated in the paper"
+    assert dev.loc["splits.n_val", "this_run"] == "1"
+    assert dev.loc["registration.engine", "this_run"] in ("simpleitk", "flirt")
+    assert "deviate from the paper" in (study / "tables" / "deviations.md").read_text()
+
+
+def test_splits_file_is_the_plan_the_workflow_used(study):
+    """results/splits.json holds exactly the splits the input functions planned with."""
+    from rsanet.demo import subject_id
+    from rsanet.splits import make_splits
+
+    cfg = yaml.safe_load(TEST_CONFIG.read_text())
+    planned = make_splits([subject_id(i) for i in range(cfg["demo"]["n_subjects"])], cfg["splits"]["n_splits"],
+                          cfg["splits"]["n_train"], cfg["splits"]["n_test"], cfg["splits"]["seed"], cfg["splits"]["n_val"])
+    written = json.loads((study / "splits.json").read_text())
+    assert written["splits"] == planned and written["n_val"] == 1 and written["n_train"] == 3
+    log = (study.parent / "logs" / "train" / "unet3d" / "split0" / "seed0.log").read_text()
+    line = next(x for x in log.splitlines() if "training on" in x)
+    assert all(s in line for s in planned[0]["train"])
+    assert not any(s in line for s in planned[0]["val"] + planned[0]["test"])  # never trained on
 
 
 def test_figures_are_readable_images(study):
@@ -84,7 +116,7 @@ def test_coregistration_recovers_the_known_motion(study):
 def test_predictions_are_binary_nifti_on_the_reference_grid(study):
     splits = json.loads((study / "splits.json").read_text())["splits"]
     subject = splits[0]["test"][0]
-    pred = nib.load(study / "predictions" / "rsa-111" / "split0" / f"{subject}.nii.gz")
+    pred = nib.load(study / "predictions" / "rsa-111" / "split0" / "seed0" / f"{subject}.nii.gz")
     data = np.asarray(pred.dataobj)
     assert set(np.unique(data)) <= {0, 1}
     ref = nib.as_closest_canonical(nib.load(study / "registered" / subject / "FLAIR.nii.gz"))
@@ -99,11 +131,13 @@ def test_provenance_records_versions_config_and_engine(study):
 
 
 def test_training_logs_and_progress_lines(study):
-    log_csv = pd.read_csv(study / "models" / "unet3d" / "split0" / "train_log.csv")
+    log_csv = pd.read_csv(study / "models" / "unet3d" / "split0" / "seed0" / "train_log.csv")
     assert log_csv.iteration.tolist() == [1, 2, 3, 4] and np.isfinite(log_csv.loss).all()
-    log_text = (study.parent / "logs" / "train" / "unet3d" / "split0.log").read_text()
+    log_text = (study.parent / "logs" / "train" / "unet3d" / "split0" / "seed0.log").read_text()
     assert "iter 4/4" in log_text
-    assert not (study / "models" / "unet3d" / "split0" / "checkpoint.pt").exists()  # cleaned up
+    assert not (study / "models" / "unet3d" / "split0" / "seed0" / "checkpoint.pt").exists()  # cleaned up
+    pred_log = (study.parent / "logs" / "predict" / "unet3d" / "split0" / "seed0.log").read_text()
+    assert "tiles of (16, 32, 32) voxels, overlap 0.25, gaussian blending" in pred_log
 
 
 def test_rerun_has_nothing_to_do_and_report_builds(study):
@@ -124,7 +158,7 @@ def test_same_config_gives_identical_results(study, tmp_path):
     second = tmp_path / "results"
     assert (second / "splits.json").read_bytes() == (study / "splits.json").read_bytes()
     for rel in ("demo/demo-003/FLAIR.nii.gz", "preprocessed/demo-003.npz",
-                "metrics/unet3d/split0.csv", "metrics/rsa-111/split1.csv"):
+                "metrics/unet3d/split0/seed0.csv", "metrics/rsa-111/split1/seed0.csv"):
         assert (second / rel).read_bytes() == (study / rel).read_bytes(), rel
 
 
@@ -193,3 +227,63 @@ def test_missing_file_and_bad_config_are_reported_before_anything_runs(tmp_path)
     assert "subject 'p01', FLAIR file" in out and "file not found" in out
     assert "batch_size" in out and "widths" in out  # every violation listed, not only the first
     assert not (tmp_path / "work" / "results").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Real-world orientations: predictions on the reference file's own grid
+# --------------------------------------------------------------------------------------------
+def _reorient(img: nib.Nifti1Image, codes) -> nib.Nifti1Image:
+    from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+
+    t = ornt_transform(io_orientation(img.affine), axcodes2ornt(codes))
+    return nib.Nifti1Image(apply_orientation(np.asarray(img.dataobj), t), img.affine @ inv_ornt_aff(t, img.shape))
+
+
+def _oblique(img: nib.Nifti1Image) -> nib.Nifti1Image:
+    c, s = np.cos(np.radians(15.0)), np.sin(np.radians(15.0))
+    rot = np.array([[1, 0, 0, 0], [0, c, -s, 0], [0, s, c, 0], [0, 0, 0, 1.0]])
+    return nib.Nifti1Image(np.asarray(img.dataobj), rot @ img.affine)
+
+
+def test_lps_las_and_oblique_copies_give_the_same_predictions_on_their_own_grids(study, tmp_path):
+    """The tiny cohort (already co-registered: registration.engine none) stored RAS, LPS, LAS and
+    oblique: each prediction has its FLAIR file's exact shape and affine, and equals the RAS
+    prediction voxel for voxel after mapping back."""
+    subjects = sorted(p.name for p in (study / "registered").iterdir())
+    makers = {"RAS": lambda i: _reorient(i, ("R", "A", "S")), "LPS": lambda i: _reorient(i, ("L", "P", "S")),
+              "LAS": lambda i: _reorient(i, ("L", "A", "S")), "oblique": lambda i: _oblique(_reorient(i, ("R", "A", "S")))}
+    preds = {}
+    for name, make in makers.items():
+        data, rows = tmp_path / name / "data", []
+        for s in subjects:
+            (data / s).mkdir(parents=True)
+            for f in ("T1", "T2", "FLAIR", "lesions"):
+                nib.save(make(nib.load(study / "registered" / s / f"{f}.nii.gz")), data / s / f"{f}.nii.gz")
+            rows.append({"subject": s, **{k: f"{s}/{f}.nii.gz" for k, f in
+                                          (("t1", "T1"), ("t2", "T2"), ("flair", "FLAIR"), ("lesions", "lesions"))}})
+        pd.DataFrame(rows).to_csv(data / "subjects.tsv", sep="\t", index=False)
+        cfg = yaml.safe_load(TEST_CONFIG.read_text())
+        cfg.update(subjects=str(data / "subjects.tsv"), variants=["unet3d"],
+                   splits={"n_splits": 1, "n_train": 4, "n_val": 1, "n_test": 2, "seed": 0},
+                   figures={"fig5_variants": ["unet3d"]})
+        cfg["registration"]["engine"] = "none"
+        cfg["predict"]["save_probabilities"] = True
+        (tmp_path / name / "config.yaml").write_text(yaml.safe_dump(cfg))
+        run = snakemake(tmp_path / name / "work", "--configfile", str(tmp_path / name / "config.yaml"), "--until", "predict")
+        assert run.returncode == 0, name + run.stdout[-2000:] + run.stderr[-3000:]
+        test = json.loads((tmp_path / name / "work" / "results" / "splits.json").read_text())["splits"][0]["test"]
+        for s in test:
+            pred = nib.load(tmp_path / name / "work" / "results" / "predictions" / "unet3d" / "split0" / "seed0" / f"{s}.nii.gz")
+            flair = nib.load(data / s / "FLAIR.nii.gz")
+            assert pred.shape == flair.shape and np.array_equal(pred.affine, flair.affine), (name, s)
+            preds[(name, s)] = pred
+    for (name, s), pred in preds.items():
+        back = np.asarray(_reorient(pred, ("R", "A", "S")).dataobj)
+        assert np.array_equal(back, np.asarray(preds[("RAS", s)].dataobj)), (name, s)
+    # the probability maps (not only the thresholded masks, which may be empty at 4 iterations)
+    for (name, s), pred in preds.items():
+        prob = nib.load(tmp_path / name / "work" / "results" / "predictions" / "unet3d" / "split0" / "seed0" / f"{s}_prob.nii.gz")
+        assert prob.shape == pred.shape and np.array_equal(prob.affine, pred.affine)
+        ras = nib.load(tmp_path / "RAS" / "work" / "results" / "predictions" / "unet3d" / "split0" / "seed0" / f"{s}_prob.nii.gz")
+        back = np.asarray(_reorient(prob, ("R", "A", "S")).dataobj)
+        assert back.max() > 0 and np.array_equal(back, np.asarray(ras.dataobj)), (name, s)

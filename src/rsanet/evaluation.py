@@ -11,6 +11,7 @@ in percent, like the paper.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Sequence
 
@@ -67,7 +68,7 @@ def _order(variants: Sequence[str]) -> list[str]:
 
 def table1(rows: pd.DataFrame) -> pd.DataFrame:
     """Table 1: per variant, mean and sd over splits of the four numbers, percent, with the paper's."""
-    out = _mean_sd_over_splits(split_scores(rows), {m: 100 for m in TABLE1_METRICS})
+    out = _mean_sd_over_splits(mean_over_seeds(rows), {m: 100 for m in TABLE1_METRICS})
     for i, m in enumerate(TABLE1_METRICS):
         out[f"{m}_paper"] = [PAPER_TABLE1[v][i] for v in out.variant]
     order = ["variant", "method", "n_splits"] + [f"{m}_{k}" for m in TABLE1_METRICS for k in ("mean", "sd", "paper")]
@@ -77,7 +78,7 @@ def table1(rows: pd.DataFrame) -> pd.DataFrame:
 def table2(rows: pd.DataFrame) -> pd.DataFrame:
     """Lesion-wise detection and lesion-volume error per variant: mean and sd over splits."""
     scales = {m: 1 if m == "abs_volume_error_ml" else 100 for m in TABLE2_METRICS}
-    return _mean_sd_over_splits(split_scores(rows), scales)
+    return _mean_sd_over_splits(mean_over_seeds(rows), scales)
 
 
 def _mean_sd_over_splits(per_split: pd.DataFrame, scales: dict[str, float]) -> pd.DataFrame:
@@ -93,33 +94,102 @@ def _mean_sd_over_splits(per_split: pd.DataFrame, scales: dict[str, float]) -> p
     return pd.DataFrame(records)
 
 
-def paired_tests(rows: pd.DataFrame, reference: str = "unet3d", metric: str = "dice") -> pd.DataFrame:
-    """Each variant against ``reference`` on the same (split, subject) pairs.
+def corrected_resampled_ttest(
+    differences: Sequence[float], n_train: int, n_test: int, confidence: float = 0.95
+) -> dict[str, float]:
+    """Nadeau & Bengio's corrected resampled t-test on per-split differences.
 
-    Reports the mean paired difference (percentage points), the Wilcoxon signed-rank test over
-    all (split, subject) pairs (subjects recur across splits, so pairs are not independent:
-    read the p-value as descriptive), and how many splits the variant wins on sample average.
+    Repeated random splits share subjects between their test sets and their training sets, so
+    the per-split scores are not independent and the plain t-test's variance ``var(d) / J`` is
+    too small. Nadeau & Bengio (Machine Learning 52:239-281, 2003) correct it to
+    ``(1/J + n_test/n_train) * var(d)``:
+
+    ``t = mean(d) / sqrt((1/J + n_test/n_train) * var(d))``, ``J - 1`` degrees of freedom,
+
+    with ``var`` the sample variance (``ddof=1``) of the ``J`` differences ``d_j`` (e.g. a
+    variant's Table 1 score minus the U-Net's on split ``j``).
+
+    Args:
+        differences: ``J`` per-split differences, in the metric's own unit.
+        n_train: subjects each model was fitted on; n_test: test subjects per split.
+        confidence: of the two-sided interval.
+
+    Returns:
+        ``mean``, ``ci_low``, ``ci_high`` (same unit as ``differences``), ``t``, ``dof``, ``p``
+        (two-sided). With fewer than two splits, or differences that do not vary, ``t``/``p``/the
+        interval are NaN (``p`` is NaN rather than 0 or 1: the test is undefined there).
     """
-    key = ["split", "subject"]
-    ref = rows[rows.variant == reference].set_index(key)[metric]
+    d = np.asarray(differences, dtype=np.float64)
+    j = len(d)
+    nan = float("nan")
+    mean = float(d.mean()) if j else nan
+    out = {"mean": mean, "ci_low": nan, "ci_high": nan, "t": nan, "dof": float(j - 1), "p": nan}
+    if j < 2 or n_train < 1:
+        return out
+    if np.ptp(d) == 0:  # no spread: the statistic is undefined
+        return out
+    var = float(d.var(ddof=1))
+    se = math.sqrt((1.0 / j + n_test / n_train) * var)
+    t = mean / se
+    half = float(stats.t.ppf(0.5 + confidence / 2, j - 1)) * se
+    out.update(t=t, p=float(2 * stats.t.sf(abs(t), j - 1)), ci_low=mean - half, ci_high=mean + half)
+    return out
+
+
+def paired_tests(per_split: pd.DataFrame, n_train: int, reference: str = "unet3d") -> pd.DataFrame:
+    """Each variant against ``reference`` on every Table 1 metric, over splits.
+
+    The unit of replication is the split (subjects recur across splits, so (split, subject)
+    pairs would be pseudo-replicated): per split, the difference of the variant's Table 1 score
+    and the reference's; then :func:`corrected_resampled_ttest` over the splits.
+
+    Args:
+        per_split: :func:`split_scores` rows (one per variant and split; where a study trains
+            several seeds, average them per split first: :func:`mean_over_seeds`).
+        n_train: subjects each model was fitted on (validation part excluded).
+
+    Returns:
+        One row per (variant, metric): ``mean_difference_pp``, ``ci_low_pp``, ``ci_high_pp``
+        (percentage points, corrected 95 % interval), ``t``, ``dof``, ``p``, ``splits_won``,
+        ``n_splits``, ``n_train``, ``n_test``.
+    """
+    ref = per_split[per_split.variant == reference].set_index("split")
     records = []
-    for variant in _order(rows.variant.unique()):
+    for variant in _order(per_split.variant.unique()):
         if variant == reference:
             continue
-        other = rows[rows.variant == variant].set_index(key)[metric]
-        both = pd.concat([other, ref], axis=1, keys=["v", "r"], join="inner").dropna()
-        diff = both.v - both.r
-        if len(diff) and np.any(diff != 0):
-            p = float(stats.wilcoxon(both.v, both.r).pvalue)
-        else:
-            p = float("nan")
-        by_split = both.groupby(level="split").mean()
-        records.append({
-            "variant": variant, "method": VARIANTS[variant].display_name, "reference": VARIANTS[reference].display_name,
-            "metric": metric, "n_pairs": len(diff), "mean_difference_pp": 100 * diff.mean() if len(diff) else float("nan"),
-            "wilcoxon_p": p, "splits_won": int((by_split.v > by_split.r).sum()), "n_splits": len(by_split),
-        })
+        other = per_split[per_split.variant == variant].set_index("split")
+        common = other.index.intersection(ref.index)
+        n_test = int(other.loc[common, "n_test"].min()) if len(common) else 0
+        for metric in TABLE1_METRICS:
+            d = (other.loc[common, metric] - ref.loc[common, metric]).to_numpy(dtype=float)
+            res = corrected_resampled_ttest(d, n_train, n_test)
+            records.append({
+                "variant": variant, "method": VARIANTS[variant].display_name,
+                "reference": VARIANTS[reference].display_name, "metric": metric,
+                "mean_difference_pp": 100 * res["mean"], "ci_low_pp": 100 * res["ci_low"],
+                "ci_high_pp": 100 * res["ci_high"], "t": res["t"], "dof": res["dof"], "p": res["p"],
+                "splits_won": int((d > 0).sum()), "n_splits": len(d), "n_train": n_train, "n_test": n_test,
+            })
     return pd.DataFrame(records)
+
+
+def mean_over_seeds(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per-subject rows of several training seeds -> :func:`split_scores` averaged over seeds.
+
+    Each seed's Table 1 numbers are computed on its own (sample and voxel averages per split and
+    seed), then averaged over seeds per (variant, split). Rows without a ``seed`` column count
+    as one seed.
+    """
+    if "seed" not in rows or rows["seed"].nunique() <= 1:
+        return split_scores(rows)
+    per_seed = pd.concat(
+        [split_scores(g).assign(seed=s) for s, g in rows.groupby("seed", sort=True)], ignore_index=True
+    )
+    numeric = [c for c in per_seed.columns if c not in ("variant", "split", "seed")]
+    out = per_seed.groupby(["variant", "split"], sort=False)[numeric].mean().reset_index()
+    out["n_test"] = out["n_test"].round().astype(int)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,6 +209,19 @@ def table1_display(t1: pd.DataFrame) -> pd.DataFrame:
         out[label] = [_pm(a, b, 2) for a, b in zip(t1[f"{m}_mean"], t1[f"{m}_sd"])]
         out[f"{label} (paper)"] = [f"{v:.3f}" for v in t1[f"{m}_paper"]]
     return out
+
+
+def paired_tests_display(tests: pd.DataFrame) -> pd.DataFrame:
+    """The corrected resampled t-tests as strings: difference [95 % CI] in points, p, splits won."""
+    names = {"sample_dice": "Sample Dice", "voxel_dice": "Voxel Dice", "sample_iou": "Sample IoU", "voxel_iou": "Voxel IoU"}
+    fmt = lambda v, d=2: "n/a" if np.isnan(v) else f"{v:+.{d}f}"
+    return pd.DataFrame({
+        "Method": tests.method, "Metric": [names[m] for m in tests.metric],
+        f"Δ vs {tests.reference.iloc[0] if len(tests) else 'reference'} (pp)": [fmt(v) for v in tests.mean_difference_pp],
+        "95 % CI (corrected)": [f"[{fmt(a)}, {fmt(b)}]" for a, b in zip(tests.ci_low_pp, tests.ci_high_pp)],
+        "p": ["n/a" if np.isnan(p) else f"{p:.3g}" for p in tests.p],
+        "splits won": [f"{w}/{n}" for w, n in zip(tests.splits_won, tests.n_splits)],
+    })
 
 
 def table2_display(t2: pd.DataFrame) -> pd.DataFrame:

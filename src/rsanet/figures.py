@@ -103,16 +103,17 @@ def figure5(
 
 
 def training_curves(logs: pd.DataFrame, stem: str, smooth: int = 10) -> list[Path]:
-    """Training loss against iteration, one line per variant (median over splits, smoothed).
+    """Training loss against iteration, one line per variant (median over splits and seeds, smoothed).
 
-    ``logs`` has columns ``variant, split, iteration, loss``.
+    ``logs`` has columns ``variant, split, iteration, loss`` (the loss the run optimised: the
+    weighted cross-entropy, plus the soft Dice term where ``train.dice_weight`` > 0).
     """
     fig, ax = plt.subplots(figsize=(7, 4))
     for variant in [v for v in VARIANTS if v in set(logs.variant)]:
         g = logs[logs.variant == variant].groupby("iteration").loss.median()
         ax.plot(g.index, g.rolling(smooth, min_periods=1).mean(), label=VARIANTS[variant].display_name)
     ax.set_xlabel("iteration")
-    ax.set_ylabel("weighted cross-entropy (median over splits)")
+    ax.set_ylabel("training loss (median over runs)")
     ax.set_yscale("log")
     ax.legend(fontsize=8, ncol=2)
     ax.grid(alpha=0.3)

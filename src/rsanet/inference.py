@@ -1,22 +1,86 @@
-"""Whole-volume prediction: one pass, or overlapping tiles averaged, lesion probability out."""
+"""Sliding-window prediction: Gaussian-blended tiles (or one pass), lesion probability out.
+
+The networks are trained on random crops, so at inference they should see inputs of the same
+kind: tiles of (about) the training crop. A whole volume in one pass gives every network other
+GroupNorm statistics, sharper RSA attention (its unscaled logits sum over the slice area) and a
+non-local softmax over many more positions than in training, and its memory is unbounded
+(docs/inference.md). Overlapping tiles are blended with a Gaussian weight that is highest at the
+tile centre (as nnU-Net does), so each voxel is predicted mostly by the tiles that see the most
+context around it.
+"""
 
 from __future__ import annotations
 
 import itertools
-from typing import Sequence
+import logging
+import math
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
 
+from .models import VARIANTS
 from .training import memory_layout
 
+log = logging.getLogger(__name__)
 
-def _starts(size: int, tile: int, step: int) -> list[int]:
-    """Tile start positions covering ``[0, size)`` with the last tile flush with the end."""
+Blending = Literal["gaussian", "constant"]
+
+
+def tile_starts(size: int, tile: int, step: int) -> list[int]:
+    """Start positions of tiles of length ``tile`` covering ``[0, size)``, the last flush with the end."""
     if size <= tile:
         return [0]
     starts = list(range(0, size - tile, step)) + [size - tile]
     return sorted(set(starts))
+
+
+def gaussian_weight(tile: Sequence[int], sigma_scale: float = 0.125, floor: float = 1e-3) -> np.ndarray:
+    """Blending weight of one tile: a separable Gaussian centred on the tile, maximum 1.
+
+    ``sigma = sigma_scale * tile`` per axis (nnU-Net's 1/8); values below ``floor`` are raised to
+    it so voxels near a volume border covered by a single tile edge still get a defined average.
+
+    Returns:
+        ``tile``-shaped float32 array in ``[floor, 1]``.
+    """
+    w = np.ones(tuple(int(t) for t in tile), dtype=np.float64)
+    for axis, t in enumerate(tile):
+        x = np.arange(t, dtype=np.float64) - (t - 1) / 2
+        g = np.exp(-0.5 * (x / max(sigma_scale * t, 1e-6)) ** 2)
+        shape = [1] * len(tile)
+        shape[axis] = t
+        w = w * g.reshape(shape)
+    w = w / w.max()
+    return np.maximum(w, floor).astype(np.float32)
+
+
+def tile_corners(shape: Sequence[int], tile: Sequence[int], overlap: float) -> list[tuple[int, ...]]:
+    """Corners of the tiles covering ``shape`` with the given fractional ``overlap`` (0 <= overlap < 1)."""
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    steps = [max(int(round(t * (1 - overlap))), 1) for t in tile]
+    return list(itertools.product(*(tile_starts(s, t, st) for s, t, st in zip(shape, tile, steps))))
+
+
+def attention_map_bytes(variant: str, widths: Sequence[int], size: Sequence[int], batch: int = 1) -> int:
+    """Bytes of the largest attention map (float32 logits + softmax) one pass of ``size`` needs.
+
+    Non-local blocks hold ``(D*H*W)^2`` entries at their level; RSA maps are ``S x S`` (small).
+    Used to refuse, with a clear message, a pass that would not fit in memory.
+    """
+    v = VARIANTS[variant]
+    if v.attention != "ncl":
+        return 0
+    levels = len(widths)
+    divisor = 2 ** (levels - 1)
+    padded = [math.ceil(s / divisor) * divisor for s in size]
+    out = 0
+    for bit, level in zip(v.placement, (levels - 2, levels - 1, levels - 2)):
+        if bit == "1":
+            positions = math.prod(p // 2**level for p in padded)
+            out = max(out, 2 * 4 * batch * positions**2)
+    return out
 
 
 @torch.no_grad()
@@ -27,44 +91,53 @@ def predict_volume(
     overlap: float = 0.5,
     device: str | torch.device = "cpu",
     amp: bool = True,
+    blending: Blending = "gaussian",
+    batch_size: int = 4,
 ) -> np.ndarray:
     """Lesion probability for a whole volume.
 
     Args:
         model: a network mapping ``(N, 3, D, H, W)`` to 2-class logits, in eval mode.
         image: ``(3, D, H, W)`` float32, preprocessed.
-        tile: ``(d, h, w)`` tile size for sliding-window inference, or ``None`` to run the
+        tile: ``(d, h, w)`` tile size in voxels (clipped to the volume), or ``None`` to run the
             whole volume in one pass (the network pads sizes to a multiple of its stride).
         overlap: fraction of a tile shared with its neighbour (0 <= overlap < 1).
         device: where to run; bf16 autocast on CUDA when ``amp``.
+        blending: ``"gaussian"`` (weights highest at each tile's centre) or ``"constant"``
+            (plain averaging of overlapping tiles).
+        batch_size: tiles run together in one forward pass (same result, fewer calls).
 
     Returns:
-        ``(D, H, W)`` float32 softmax probability of the lesion class, averaged over tiles.
+        ``(D, H, W)`` float32 softmax probability of the lesion class, in ``[0, 1]``.
     """
     device = torch.device(device)
     use_amp = amp and device.type == "cuda"
-    x_full = torch.from_numpy(np.ascontiguousarray(image))[None]  # (1, 3, D, H, W)
+    x_full = torch.from_numpy(np.ascontiguousarray(image))  # (3, D, H, W)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         # Channels-last 3D input on CPU: oneDNN then runs every convolution in NDHWC, 2-4x
         # faster than NCDHW (weights channels-last too: rsanet.training.load_model does it);
-        # on CUDA NCDHW is faster (scripts/benchmark.py).
+        # on CUDA NCDHW is faster (benchmarks/).
         x = x.to(device).contiguous(memory_format=memory_layout(device))
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
             logits = model(x)
-        return torch.softmax(logits.float(), dim=1)[0, 1].contiguous().cpu()  # (d, h, w)
+        return torch.softmax(logits.float(), dim=1)[:, 1].cpu()  # (N, d, h, w)
 
-    shape = image.shape[1:]
+    shape = tuple(image.shape[1:])
     if tile is None:
-        return run(x_full).numpy()
-    if not 0 <= overlap < 1:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+        return run(x_full[None])[0].contiguous().numpy()
+    if blending not in ("gaussian", "constant"):
+        raise ValueError(f"blending must be 'gaussian' or 'constant', got {blending!r}")
     tile = tuple(min(int(t), s) for t, s in zip(tile, shape))
-    steps = [max(int(t * (1 - overlap)), 1) for t in tile]
+    corners = tile_corners(shape, tile, overlap)
+    weight = torch.from_numpy(gaussian_weight(tile) if blending == "gaussian" else np.ones(tile, np.float32))
     total = torch.zeros(shape)
-    count = torch.zeros(shape)
-    for corner in itertools.product(*(_starts(s, t, st) for s, t, st in zip(shape, tile, steps))):
-        box = tuple(slice(c, c + t) for c, t in zip(corner, tile))
-        total[box] += run(x_full[(slice(None), slice(None)) + box])
-        count[box] += 1
-    return (total / count).numpy()
+    norm = torch.zeros(shape)
+    for first in range(0, len(corners), max(int(batch_size), 1)):
+        group = corners[first : first + max(int(batch_size), 1)]
+        boxes = [tuple(slice(c, c + t) for c, t in zip(corner, tile)) for corner in group]
+        probs = run(torch.stack([x_full[(slice(None),) + box] for box in boxes]))  # (n, d, h, w)
+        for box, p in zip(boxes, probs):
+            total[box] += p * weight
+            norm[box] += weight
+    return (total / norm).clamp_(0, 1).numpy()

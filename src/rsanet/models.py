@@ -19,7 +19,8 @@ Contents
 3. :class:`RSABlock` - three SA steps in sequence (sagittal -> coronal -> axial) sharing one
    set of query/key/value projections, each step with its own alpha.
 4. :class:`NonLocalBlock` - the embedded-Gaussian non-local block (the NCL baseline).
-5. :class:`UNet3D` - the backbone (5 levels, 32..512 channels, ~24.5 M parameters) with the
+5. :class:`UNet3D` - the backbone (5 levels, 32..512 channels, 23.77 M parameters; RSA-010
+   24.55 M, the paper's "about 24.5 M") with the
    attention blocks placed by a 3-bit code: ``010`` bottom, ``101`` encoder + decoder of the
    second-bottom level, ``111`` all three.
 6. :data:`VARIANTS` and :func:`build_model` - the seven Table 1 variants.
@@ -80,6 +81,22 @@ class PointwiseConv3d(nn.Conv3d):
         return y.view(x.shape[0], -1, *x.shape[2:])
 
 
+def logit_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype attention logits are computed in: the widest input, and at least float32.
+
+    ``bfloat16``/``float16`` are promoted to ``float32``; ``float64`` stays ``float64`` (never
+    downcast), so a float64 block matches a float64 reference to rounding.
+    """
+    out = torch.float32
+    for dt in dtypes:
+        out = torch.promote_types(out, dt)
+    return out
+
+
+def _maybe_to(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # 1. Slice-wise attention, Eq. 1-2, as a pure function
 # ---------------------------------------------------------------------------------------------
@@ -108,7 +125,8 @@ def slice_attention(
     v_moved = value.movedim(axis, 1)  # (N, S, C, ., .)
     v = v_moved.reshape(n, value.shape[axis], -1)
     with torch.autocast(device_type=q.device.type, enabled=False):
-        logits = torch.bmm(q.float(), k.float().transpose(1, 2))  # (N, S, S)
+        dt = logit_dtype(q.dtype, k.dtype)
+        logits = torch.bmm(q.to(dt), k.to(dt).transpose(1, 2))  # (N, S, S)
         attn = torch.softmax(logits, dim=-1)  # rows sum to 1 over the key slice
     out = torch.bmm(attn.to(v.dtype), v)  # (N, S, C*rest)
     return out.reshape(v_moved.shape).movedim(1, axis)  # back to (N, C, D, H, W)
@@ -134,15 +152,18 @@ def _projected_slice_attention(
     ``scripts/benchmark.py``). Returns ``(N, C, D, H, W)``, channels-last.
     """
     x = m.movedim(1, -1)  # (N, D, H, W, C): a view, contiguous when m is channels-last
-    q = F.linear(x, query.weight.flatten(1), query.bias)  # (N, D, H, W, C), contiguous
-    k = F.linear(x, key.weight.flatten(1), key.bias)
-    v = F.linear(x, value.weight.flatten(1), value.bias)
+    v = F.linear(x, value.weight.flatten(1), value.bias)  # (N, D, H, W, C), autocast dtype
     axis = SLICE_AXIS[direction] - 1  # slice axis in (N, D, H, W, C)
-    n, s = q.shape[0], q.shape[axis]
-    before = math.prod(q.shape[1:axis])
-    q3, k3 = q.view(n * before, s, -1), k.view(n * before, s, -1)  # (N*B, S, F)
-    with torch.autocast(device_type=q.device.type, enabled=False):
-        logits = torch.bmm(q3.float(), k3.float().transpose(1, 2))  # (N*B, S, S)
+    n, s = v.shape[0], v.shape[axis]
+    before = math.prod(v.shape[1:axis])
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        # Query and key, hence the logits, in at least float32 even under bf16 autocast: the
+        # logits are unscaled sums over up to C*H*W products and bf16 inputs would round them.
+        dt = logit_dtype(x.dtype, query.weight.dtype)
+        q = F.linear(x.to(dt), query.weight.flatten(1).to(dt), _maybe_to(query.bias, dt))
+        k = F.linear(x.to(dt), key.weight.flatten(1).to(dt), _maybe_to(key.bias, dt))
+        q3, k3 = q.view(n * before, s, -1), k.view(n * before, s, -1)  # (N*B, S, F)
+        logits = torch.bmm(q3, k3.transpose(1, 2))  # (N*B, S, S)
         if before > 1:
             logits = logits.view(n, before, s, s).sum(1)  # (N, S, S): full dot products
         attn = torch.softmax(logits, dim=-1)
@@ -151,7 +172,7 @@ def _projected_slice_attention(
         out = torch.bmm(scaled.to(v.dtype), v.view(n, s, -1))  # (N, S, F)
     else:
         out = torch.matmul(scaled.to(v.dtype).unsqueeze(1), v.view(n, before, s, -1))  # (N, B, S, F)
-    return out.view(q.shape).movedim(-1, 1)
+    return out.view(v.shape).movedim(-1, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +249,7 @@ class NonLocalBlock(nn.Module):
     """Embedded-Gaussian non-local block: every position attends to every position.
 
     ``theta, phi, g``: 1x1x1 convs ``C -> C/2``; ``f = softmax(theta^T phi)`` is an
-    ``N_pos x N_pos`` map with ``N_pos = D*H*W`` (computed in float32); ``y = f g``; the output
+    ``N_pos x N_pos`` map with ``N_pos = D*H*W`` (logits in at least float32); ``y = f g``; the output
     projection ``C/2 -> C`` is followed by a GroupNorm whose scale starts at 0, so
     ``z = norm(W y) + x`` is the identity at initialisation.
 
@@ -247,11 +268,14 @@ class NonLocalBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, d, h, w = x.shape
-        theta = self.theta(x).flatten(2).transpose(1, 2)  # (N, P, C/2), P = D*H*W
-        phi = self.phi(x).flatten(2)  # (N, C/2, P)
-        g = self.g(x).flatten(2).transpose(1, 2)  # (N, P, C/2)
+        g = self.g(x).flatten(2).transpose(1, 2)  # (N, P, C/2), P = D*H*W
         with torch.autocast(device_type=x.device.type, enabled=False):
-            attn = torch.softmax(torch.bmm(theta.float(), phi.float()), dim=-1)  # (N, P, P)
+            # theta, phi and their product in at least float32 (see logit_dtype)
+            dt = logit_dtype(x.dtype, self.theta.weight.dtype)
+            xf = x.to(dt)
+            theta = self.theta(xf).flatten(2).transpose(1, 2)  # (N, P, C/2)
+            phi = self.phi(xf).flatten(2)  # (N, C/2, P)
+            attn = torch.softmax(torch.bmm(theta, phi), dim=-1)  # (N, P, P)
         y = torch.bmm(attn.to(g.dtype), g)  # (N, P, C/2)
         y = y.transpose(1, 2).reshape(n, -1, d, h, w)  # (N, C/2, D, H, W)
         return self.norm(self.out(y)) + x
@@ -280,14 +304,14 @@ class ConvBlock(nn.Sequential):
 
 
 class Up(nn.Module):
-    """1x1x1 conv halving channels, nearest x2 upsampling, concat the skip, :class:`ConvBlock`.
+    """1x1x1 conv (no bias) halving channels, nearest x2 upsampling, concat the skip, :class:`ConvBlock`.
 
     ``(N, C_deep, d, h, w)`` and skip ``(N, C, 2d, 2h, 2w)`` -> ``(N, C, 2d, 2h, 2w)``.
     """
 
     def __init__(self, deep_channels: int, channels: int) -> None:
         super().__init__()
-        self.reduce = PointwiseConv3d(deep_channels, channels)
+        self.reduce = PointwiseConv3d(deep_channels, channels, bias=False)
         self.block = ConvBlock(2 * channels, channels)
 
     def forward(self, deep: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -347,16 +371,19 @@ class UNet3D(nn.Module):
         self.stem = nn.Sequential(
             nn.Conv3d(in_channels, widths[0], 3, padding=1, bias=False), nn.Dropout3d(dropout)
         )
+        # Level i's block widens c_{i-1} -> c_i in its first conv; the stride-2 down-convolution
+        # before it keeps the channel count (c -> c, no bias), as in the authors' network.
         self.encoders = nn.ModuleList([ConvBlock(widths[0], widths[0])])
         self.downs = nn.ModuleList()
         for shallow, deep in zip(widths[:-1], widths[1:]):
-            self.downs.append(nn.Conv3d(shallow, deep, 3, stride=2, padding=1))
-            self.encoders.append(ConvBlock(deep, deep))
+            self.downs.append(nn.Conv3d(shallow, shallow, 3, stride=2, padding=1, bias=False))
+            self.encoders.append(ConvBlock(shallow, deep))
         self.ups = nn.ModuleList(
             [Up(deep, shallow) for shallow, deep in zip(widths[:-1], widths[1:])]
         )  # ups[i]: level i+1 -> level i
         self.head = nn.Sequential(
-            nn.Conv3d(widths[0], widths[0], 3, padding=1), PointwiseConv3d(widths[0], num_classes)
+            nn.Conv3d(widths[0], widths[0], 3, padding=1, bias=False),
+            PointwiseConv3d(widths[0], num_classes, bias=False),
         )
 
         second = widths[-2]
@@ -377,8 +404,8 @@ class UNet3D(nn.Module):
         for i in range(levels):
             if i > 0:
                 skips.append(h)
-                h = self.downs[i - 1](h)  # (N, w_i, D/2^i, H/2^i, W/2^i)
-            h = self.encoders[i](h)
+                h = self.downs[i - 1](h)  # (N, w_{i-1}, D/2^i, H/2^i, W/2^i): same channels
+            h = self.encoders[i](h)  # (N, w_i, D/2^i, H/2^i, W/2^i): widened here
             if i == levels - 2:
                 h = self.attn_encoder(h)  # second-bottom encoder ("1.." bit); also its skip
         h = self.attn_bottom(h)  # bottleneck (".1." bit), (N, w_last, D/2^(L-1), ...)
@@ -432,7 +459,8 @@ def build_model(
 ) -> UNet3D:
     """Build a Table 1 variant by id (``"unet3d"``, ``"rsa-101"``, ...; see :data:`VARIANTS`).
 
-    The default widths give the paper's backbone (about 24.5 M parameters for ``unet3d``);
+    The default widths give the paper's backbone: 23.77 M parameters for ``unet3d``, 24.55 M
+    for ``rsa-010`` (the paper's "about 24.5 M" counts the RSANet with its block);
     smaller widths or fewer levels, e.g. ``(8, 16, 32, 64)``, give CPU-sized networks.
     """
     if variant not in VARIANTS:

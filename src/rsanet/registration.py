@@ -61,6 +61,12 @@ RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 FLIRT_COSTS = ("corratio", "mutualinfo", "normmi", "normcorr", "leastsq")
 
 
+#: Fewer than this fraction of the moving head's voxels inside the fixed head: a collapsed result.
+MIN_OVERLAP = 0.5
+#: Mattes mutual information (nats) below which two images are taken to share no structure.
+MIN_MUTUAL_INFORMATION = 0.05
+
+
 class RegistrationError(RuntimeError):
     """Registration could not be done or gave an implausible result; the message names the file(s)."""
 
@@ -108,8 +114,9 @@ class RegistrationResult:
 
     ``moving_to_fixed``: 4×4 affine, RAS world mm, moving world point -> same anatomical point in
     fixed world.  ``cost_before`` / ``cost_after``: negative Mattes mutual information (lower is
-    better) on the 3 mm pyramid level at the header alignment and at the result, computed the
-    same way for both engines.  ``displacement_mm``: largest displacement of a moving brain voxel
+    better) on the finest pyramid level the optimiser used (``details["check_level_mm"]``) at the
+    header alignment and at the returned transform, computed the same way for both engines;
+    ``cost_after <= cost_before`` always (``details["kept"]`` says which one was returned).  ``displacement_mm``: largest displacement of a moving brain voxel
     caused by ``moving_to_fixed`` (mm).  ``seconds``: wall time of the registration.
     """
 
@@ -302,6 +309,20 @@ def load_volume(path: PathLike, role: str = "image") -> nib.Nifti1Image:
 # ---------------------------------------------------------------------------------------------
 # Resampling
 # ---------------------------------------------------------------------------------------------
+#: A moving contrast whose field of view covers less than this fraction of the reference's head is refused.
+MIN_COVERAGE = 0.5
+
+
+def field_of_view_coverage(moving_img: nib.Nifti1Image, fixed_img: nib.Nifti1Image, moving_to_fixed: np.ndarray) -> float:
+    """Fraction of the fixed image's head voxels that fall inside the moving image's field of view."""
+    head = foreground_mask(np.asarray(fixed_img.dataobj, dtype=np.float32))
+    ijk = np.argwhere(head)[::7].astype(float)  # every 7th head voxel: plenty for a fraction
+    if not len(ijk):
+        return 0.0
+    fixed_to_moving_vox = np.linalg.inv(moving_img.affine) @ np.linalg.inv(moving_to_fixed) @ fixed_img.affine
+    m = apply_affine(fixed_to_moving_vox, ijk)
+    shape = np.asarray(moving_img.shape[:3])
+    return float(np.all((m >= -0.5) & (m <= shape - 0.5), axis=1).mean())
 def resample_to_fixed(
     moving_img: nib.Nifti1Image,
     fixed_img: nib.Nifti1Image,
@@ -455,6 +476,29 @@ def _metric_value(level: _Level, moving_to_fixed: np.ndarray, bins: int, threads
     tx = _affine_from_moving_to_fixed(moving_to_fixed, (0.0, 0.0, 0.0))
     reg.SetInitialTransform(tx, inPlace=False)
     return float(reg.MetricEvaluate(level.fixed, level.moving))
+
+
+def _head_overlap(level: _Level, moving_to_fixed: np.ndarray) -> float:
+    """Fraction of the moving head's points (world mm) that ``moving_to_fixed`` puts in the fixed head mask."""
+    points = level.moving_head_mm
+    if not len(points):
+        return 0.0
+    mask = sitk.GetArrayFromImage(level.fixed_mask).transpose(2, 1, 0) > 0  # (x, y, z) voxel order
+    affine = _sitk_affine_ras(level.fixed_mask)
+    ijk = np.rint(apply_affine(np.linalg.inv(affine), apply_affine(moving_to_fixed, points))).astype(int)
+    inside = np.all((ijk >= 0) & (ijk < np.array(mask.shape)), axis=1)
+    hits = np.zeros(len(ijk), dtype=bool)
+    hits[inside] = mask[tuple(ijk[inside].T)]
+    return float(hits.mean())
+
+
+def _sitk_affine_ras(image: sitk.Image) -> np.ndarray:
+    """Voxel (i, j, k) -> RAS world mm affine of a SimpleITK image (which stores LPS geometry)."""
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    lps = np.eye(4)
+    lps[:3, :3] = direction * np.asarray(image.GetSpacing(), dtype=float)
+    lps[:3, 3] = image.GetOrigin()
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
 
 
 def _center_of_mass_lps(image: sitk.Image, mask: sitk.Image | None = None) -> np.ndarray:
@@ -658,6 +702,19 @@ def choose_engine(engine: EngineName) -> str:
     return engine
 
 
+def header_alignment(moving: PathLike, fixed: PathLike, dof: int = 6) -> RegistrationResult:
+    """The result of trusting the headers (``registration.engine: none``): the identity in world mm.
+
+    For contrasts that are already co-registered (e.g. data distributed in a template space);
+    they are then only resampled onto the reference grid (exactly, where the grids coincide).
+    """
+    return RegistrationResult(
+        moving=str(moving), fixed=str(fixed), moving_to_fixed=np.eye(4), engine="none", dof=dof,
+        cost_name="none", cost_before=float("nan"), cost_after=float("nan"), displacement_mm=0.0,
+        seconds=0.0, details={"kept": "header"},
+    )
+
+
 def register(
     moving: PathLike,
     fixed: PathLike,
@@ -679,9 +736,15 @@ def register(
     ``max_displacement_mm``: a result moving any moving-image brain voxel further than this is
     rejected.  ``threads``: CPU threads for SimpleITK.  ``settings``: SimpleITK engine tuning.
 
-    Raises :class:`RegistrationError` (naming the files) on unusable input or a failed
-    optimisation: the check cost (negative Mattes MI, 3 mm level) got worse than at the header
-    alignment, or the displacement limit was exceeded.
+    Images that are already aligned are not a failure: the header alignment (identity) and the
+    optimised transform are compared with the same cost (negative Mattes MI) on the finest
+    pyramid level the optimiser used, and the better of the two is returned
+    (``details["kept"]``: ``"optimised"`` or ``"header"``, logged).
+
+    Raises :class:`RegistrationError` (naming the files) on unusable input or an implausible
+    result: the displacement limit exceeded, a collapsed overlap (fewer than
+    :data:`MIN_OVERLAP` of the moving head's voxels land in the fixed head), or a very low
+    similarity (mutual information below :data:`MIN_MUTUAL_INFORMATION` nats).
     """
     t0 = time.perf_counter()
     if dof not in (6, 12):
@@ -698,7 +761,8 @@ def register(
         # FLIRT needs only the 3 mm level, for the engine-independent cost check.
         levels = _pyramid(moving_img, fixed_img, settings if chosen == "simpleitk" else
                           replace(settings, level_spacings_mm=(3.0,), samples_per_level=(0,)))
-        check_level = min(levels, key=lambda lv: abs(lv.spacing_mm - 3.0))
+        # The finest level the optimiser used (FLIRT: the 3 mm level built for this check).
+        check_level = levels[-1]
         bins = settings.histogram_bins
         identity = np.eye(4)
         cost_before = _metric_value(check_level, identity, bins, threads)
@@ -713,7 +777,7 @@ def register(
                     levels, dof=dof, search_deg=search_deg,
                     settings=settings, threads=threads,
                 )
-            cost_after = _metric_value(check_level, moving_to_fixed, bins, threads)
+            cost_optimised = _metric_value(check_level, moving_to_fixed, bins, threads)
         except RuntimeError as exc:
             if isinstance(exc, RegistrationError):
                 raise
@@ -723,20 +787,39 @@ def register(
             ) from exc
     if not np.all(np.isfinite(moving_to_fixed)):
         raise RegistrationError(f"{chosen} registration of {moving_path} to {fixed_path} gave a non-finite matrix.")
+    details = dict(details)
+    if cost_optimised <= cost_before:
+        details["kept"] = "optimised"
+        cost_after = cost_optimised
+    else:  # already aligned better than the optimiser's result: keep the header alignment
+        log.info("%s -> %s: kept the header alignment (cost %.4f) over the optimised transform (%.4f) "
+                 "on the %.1f mm level", moving_path.name, fixed_path.name, cost_before, cost_optimised,
+                 check_level.spacing_mm)
+        details["kept"] = "header"
+        details["cost_optimised"] = cost_optimised
+        moving_to_fixed, cost_after = identity, cost_before
+    details["check_level_mm"] = check_level.spacing_mm
     brain = check_level.moving_head_mm
     moved = float(displacement_mm(moving_to_fixed, identity, brain).max()) if len(brain) else 0.0
-    tolerance = 1e-3 * abs(cost_before) + 1e-6
-    if not cost_after <= cost_before + tolerance:
-        raise RegistrationError(
-            f"{chosen} registration of {moving_path} to {fixed_path} failed: the cost (negative "
-            f"Mattes MI) got worse, {cost_before:.4f} -> {cost_after:.4f}. Check that both images "
-            "show the same head, or try the other engine / a wider rotation search."
-        )
     if moved > max_displacement_mm:
         raise RegistrationError(
             f"{chosen} registration of {moving_path} to {fixed_path} failed: the result moves the "
             f"brain by up to {moved:.1f} mm (limit {max_displacement_mm:.1f} mm). Check the image "
             "headers, or raise max_displacement_mm if such a motion is genuine."
+        )
+    overlap = _head_overlap(check_level, moving_to_fixed)
+    details["head_overlap"] = overlap
+    if overlap < MIN_OVERLAP:
+        raise RegistrationError(
+            f"{chosen} registration of {moving_path} to {fixed_path} failed: only {100 * overlap:.0f} % of the "
+            f"moving head lands inside the fixed head (minimum {100 * MIN_OVERLAP:.0f} %). Check that both "
+            "images show the same head and that their fields of view overlap."
+        )
+    if -cost_after < MIN_MUTUAL_INFORMATION:
+        raise RegistrationError(
+            f"{chosen} registration of {moving_path} to {fixed_path} failed: mutual information "
+            f"{-cost_after:.3f} nats is below {MIN_MUTUAL_INFORMATION} (the images hardly share structure). "
+            "Check that both files are scans of the same head."
         )
     seconds = time.perf_counter() - t0
     log.info("registered %s -> %s with %s (%d dof) in %.1f s; cost %.4f -> %.4f; max shift %.1f mm",
@@ -747,7 +830,7 @@ def register(
         moving_to_fixed=moving_to_fixed,
         engine=chosen,
         dof=dof,
-        cost_name="neg_mattes_mi_3mm",
+        cost_name="neg_mattes_mi",
         cost_before=cost_before,
         cost_after=cost_after,
         displacement_mm=moved,

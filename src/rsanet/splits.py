@@ -1,24 +1,48 @@
-"""Five seeded random train/test splits of the cohort (Section 3.1: 20 train / 23 test)."""
+"""Seeded random train/validation/test splits of the cohort (Section 3.1: 20 train / 23 test).
+
+Each split partitions the subjects into ``train`` (what the network is fitted on), ``val`` (a
+validation part carved out of the paper's training subjects: never used for fitting, the only
+data any setting may be chosen on) and ``test`` (scored, never looked at when choosing).
+With ``n_val = 0`` the splits are the paper's ``n_train`` / ``n_test``.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
 
+#: How often a split is redrawn before concluding that the cohort cannot give distinct splits.
+_MAX_DRAWS = 1000
+
+
+def count_distinct_splits(n_subjects: int, n_train: int, n_test: int, n_val: int = 0) -> int:
+    """How many different (train, val, test) partitions a cohort of ``n_subjects`` allows."""
+    fit = n_train - n_val
+    rest = n_subjects - n_train
+    return math.comb(n_subjects, fit) * math.comb(n_subjects - fit, n_val) * math.comb(rest, n_test)
+
 
 def make_splits(
-    subjects: Sequence[str], n_splits: int = 5, n_train: int = 20, n_test: int | None = None, seed: int = 0
+    subjects: Sequence[str], n_splits: int = 5, n_train: int = 20, n_test: int | None = None, seed: int = 0,
+    n_val: int = 0,
 ) -> list[dict[str, list[str]]]:
-    """Draw ``n_splits`` independent random partitions into train and test subjects.
+    """Draw ``n_splits`` distinct random partitions into train, validation and test subjects.
 
-    Each split shuffles the sorted subject ids with its own generator
-    (``numpy.random.default_rng([seed, split])``), so the result depends only on the set of
-    ids, ``seed`` and the split index - not on the order of the sheet. ``n_test`` defaults to
-    all remaining subjects. Lists inside each split are sorted.
+    Split ``k`` shuffles the sorted subject ids with ``numpy.random.default_rng([seed, k])``
+    (redrawn with ``[seed, k, attempt]`` while it repeats an earlier split), so the result
+    depends only on the set of ids, ``seed`` and ``k`` - not on the order of the sheet. The first
+    ``n_train`` shuffled ids are the paper's training subjects; the last ``n_val`` of them form
+    the validation part, the others ``train``; the next ``n_test`` (default: all remaining) are
+    ``test``. Lists inside each split are sorted.
+
+    Raises:
+        ValueError: sizes that do not fit the cohort, or a cohort too small for ``n_splits``
+            distinct splits (the message says how many it can give).
 
     Returns:
-        ``[{"train": [...], "test": [...]}, ...]`` of length ``n_splits``.
+        ``[{"train": [...], "val": [...], "test": [...]}, ...]`` of length ``n_splits``.
     """
     ids = sorted(subjects)
     if len(set(ids)) != len(ids):
@@ -28,9 +52,32 @@ def make_splits(
         raise ValueError(
             f"make_splits: {n_train} train + {n_test} test subjects do not fit a cohort of {len(ids)}"
         )
-    splits = []
+    if not 0 <= n_val < n_train:
+        raise ValueError(f"make_splits: n_val = {n_val} must be >= 0 and leave at least one of the {n_train} "
+                         "training subjects to fit on")
+    possible = count_distinct_splits(len(ids), n_train, n_test, n_val)
+    if n_splits > possible:
+        raise ValueError(
+            f"make_splits: a cohort of {len(ids)} subjects gives only {possible} distinct splits of "
+            f"{n_train - n_val} train / {n_val} validation / {n_test} test, fewer than n_splits = {n_splits}; "
+            f"set splits.n_splits to at most {possible} or change the split sizes"
+        )
+    splits: list[dict[str, list[str]]] = []
+    seen: set[tuple] = set()
     for k in range(n_splits):
-        order = np.random.default_rng([seed, k]).permutation(len(ids))
-        chosen = [ids[i] for i in order]
-        splits.append({"train": sorted(chosen[:n_train]), "test": sorted(chosen[n_train : n_train + n_test])})
+        for attempt in range(_MAX_DRAWS):
+            key = [seed, k] if attempt == 0 else [seed, k, attempt]
+            chosen = [ids[i] for i in np.random.default_rng(key).permutation(len(ids))]
+            split = {
+                "train": sorted(chosen[: n_train - n_val]),
+                "val": sorted(chosen[n_train - n_val : n_train]),
+                "test": sorted(chosen[n_train : n_train + n_test]),
+            }
+            signature = tuple(tuple(split[part]) for part in ("train", "val", "test"))
+            if signature not in seen:
+                break
+        else:  # pragma: no cover - only when nearly every possible split is already taken
+            raise ValueError(f"make_splits: no new distinct split found for split {k} after {_MAX_DRAWS} draws")
+        seen.add(signature)
+        splits.append(split)
     return splits

@@ -20,15 +20,14 @@ import pandas as pd
 # Heavy libraries (torch, matplotlib, SimpleITK) are imported inside the steps that need them,
 # so light steps start in a fraction of a second.
 from .metrics import evaluate_case
-from .splits import make_splits
 from .volumes import (
     InputError,
     Preprocessed,
-    check_binary_mask,
+    binarise_mask,
     load_checked,
     preprocess_subject,
     ras_to_model,
-    same_grid,
+    require_same_grid,
     save_json,
     save_nifti,
 )
@@ -41,24 +40,19 @@ CONTRASTS = ("T1", "T2", "FLAIR")
 # ---------------------------------------------------------------------------------------------
 # Preprocessing
 # ---------------------------------------------------------------------------------------------
-def preprocess_step(subject: str, images: Mapping[str, str], lesions: str, out: str, margin: int = 2) -> None:
-    """Co-registered T1/T2/FLAIR + mask -> ``out`` (.npz, model layout, brain crop, z-scored)."""
+def preprocess_step(subject: str, images: Mapping[str, str], lesions: str, out: str, margin: int = 2,
+                    allow_empty_mask: bool = False) -> None:
+    """Co-registered T1/T2/FLAIR + mask -> ``out`` (.npz, model layout, brain crop, z-scored).
+
+    ``allow_empty_mask``: accept an all-zero mask (a subject without lesions).
+    """
     imgs = {c: load_checked(images[c], subject, c) for c in CONTRASTS}
-    mask_img = load_checked(lesions, subject, "lesion mask")  # raises on a missing or empty mask
+    mask_img = load_checked(lesions, subject, "lesion mask", allow_empty=allow_empty_mask)
     ref = imgs["FLAIR"]
     for c, img in imgs.items():
-        if not same_grid(img, ref):
-            raise InputError(
-                f"subject {subject!r}, {c} file {images[c]!r}: not on the reference grid after "
-                "co-registration (shape or affine differs). Re-run the co-registration step."
-            )
-    if not same_grid(mask_img, ref):
-        raise InputError(
-            f"subject {subject!r}, lesion mask {lesions!r}: geometry {mask_img.shape} differs from "
-            f"its reference image {images['FLAIR']!r} {ref.shape}. Masks must be on the reference grid."
-        )
-    mask = check_binary_mask(np.asarray(mask_img.dataobj), subject, lesions)
-    mask_img = nib.Nifti1Image(mask, mask_img.affine)
+        require_same_grid(img, ref, subject, f"{c} file", images[c], images["FLAIR"])
+    require_same_grid(mask_img, ref, subject, "lesion mask", lesions, images["FLAIR"])
+    mask_img = nib.Nifti1Image(binarise_mask(np.asarray(mask_img.dataobj), subject, lesions), mask_img.affine)
     pre = preprocess_subject(imgs["T1"], imgs["T2"], imgs["FLAIR"], mask_img, margin=margin)
     log.info("%s: cropped to %s voxels of %s mm, %d lesion voxels",
              subject, pre.lesions.shape, tuple(round(s, 3) for s in pre.spacing), int(pre.lesions.sum()))
@@ -68,11 +62,18 @@ def preprocess_step(subject: str, images: Mapping[str, str], lesions: str, out: 
 # ---------------------------------------------------------------------------------------------
 # Splits
 # ---------------------------------------------------------------------------------------------
-def splits_step(subjects: Sequence[str], out: str, n_splits: int, n_train: int, n_test: int | None, seed: int) -> None:
-    """Write the seeded random splits as one JSON file (``{"seed":..., "splits": [...]}``)."""
-    splits = make_splits(subjects, n_splits, n_train, n_test, seed)
-    save_json({"seed": seed, "n_train": n_train, "n_test": len(splits[0]["test"]), "splits": splits}, out)
-    log.info("%d splits of %d subjects: %d train / %d test", n_splits, len(subjects), n_train, len(splits[0]["test"]))
+def splits_step(splits: Sequence[Mapping[str, Sequence[str]]], out: str, seed: int) -> None:
+    """Write the splits the workflow planned with (``common.smk`` draws them once, at parse time)
+    as one JSON file: ``{"seed": ..., "n_train": ..., "n_val": ..., "n_test": ..., "splits": [...]}``.
+
+    The jobs read this file and the input functions use the same list, so the two cannot drift.
+    """
+    splits = [{part: list(s[part]) for part in ("train", "val", "test")} for s in splits]
+    first = splits[0]
+    save_json({"seed": seed, "n_train": len(first["train"]), "n_val": len(first["val"]),
+               "n_test": len(first["test"]), "splits": splits}, out)
+    log.info("%d splits: %d train / %d validation / %d test subjects", len(splits), len(first["train"]),
+             len(first["val"]), len(first["test"]))
 
 
 def read_split(splits_json: str, split: int) -> dict[str, list[str]]:
@@ -84,16 +85,22 @@ def read_split(splits_json: str, split: int) -> dict[str, list[str]]:
 # ---------------------------------------------------------------------------------------------
 def train_step(
     variant: str, split: int, splits_json: str, preprocessed: Mapping[str, str], train_cfg: Mapping,
-    out_model: str, out_log: str, checkpoint: str, threads: int = 1,
+    out_model: str, out_log: str, checkpoint: str, threads: int = 1, seed_index: int = 0,
 ) -> None:
-    """Train one variant on the training subjects of one split; resumes from ``checkpoint``."""
+    """Train one variant on the training subjects of one split; resumes from ``checkpoint``.
+
+    The validation part of the split is never used here. The run's seed is ``train.seed +
+    split + 1000 * seed_index``: each split and each repeat (``train.seeds``) has its own.
+    """
     from .training import TrainConfig, save_model, train, write_log_csv
 
     from .gpus import claim_gpu
 
     names = read_split(splits_json, split)["train"]
     subjects = [Preprocessed.load(preprocessed[s]) for s in names]
-    cfg = TrainConfig.from_dict({**train_cfg, "variant": variant, "seed": int(train_cfg.get("seed", 0)) + int(split)})
+    log.info("%s split %d: training on %d subjects: %s", variant, split, len(names), ", ".join(names))
+    seed = int(train_cfg["seed"]) + int(split) + 1000 * int(seed_index)
+    cfg = TrainConfig.from_dict({**train_cfg, "variant": variant, "seed": seed})
     partial = Path(checkpoint).with_suffix(".partial.csv")
     with claim_gpu() if cfg.device != "cpu" else contextlib.nullcontext():
         result = train(cfg, subjects, checkpoint=checkpoint, partial_log=partial, threads=threads)
@@ -101,22 +108,28 @@ def train_step(
     write_log_csv(result.log_rows, out_log)
     for leftover in (Path(checkpoint), partial):
         leftover.unlink(missing_ok=True)
-    log.info("%s split %d: saved %s", variant, split, out_model)
+    log.info("%s split %d seed %d: saved %s", variant, split, seed, out_model)
 
 
 def predict_step(
     model_path: str, split: int, splits_json: str, preprocessed: Mapping[str, str], out_dir: str,
-    out_csv: str, tile: Sequence[int] | str | None, overlap: float, threads: int = 1, device: str = "auto",
+    out_csv: str, tile: Sequence[int] | str | None, overlap: float, blending: str = "gaussian",
+    batch_size: int = 4, threads: int = 1, device: str = "auto", memory_limit_mb: float | None = None,
+    part: str = "test", seed: int | None = None, save_probabilities: bool = False,
 ) -> None:
-    """Predict every test subject of a split and score it.
+    """Predict every subject of one part (``"test"``; ``"val"`` for choosing settings) of a split
+    and score it.
 
-    Writes ``out_dir/<subject>.nii.gz`` (0/1 on the subject's reference grid, RAS) and the
-    per-subject metrics, one row per test subject, to ``out_csv`` (see :func:`evaluate_case`).
-    Scoring happens here, on the mask just written, so the test volumes are loaded once.
+    Writes ``out_dir/<subject>.nii.gz`` (0/1 on the subject's reference grid) and the
+    per-subject metrics, one row per subject, to ``out_csv`` (see :func:`evaluate_case`).
+    Scoring happens here, on the mask just written, so the volumes are loaded once.
 
-    ``tile``: ``None`` tiles the volume with the training crop (so the attention blocks see the
-    same extent as in training, and the non-local map stays the size it had in training),
-    ``"whole"`` runs the whole volume in one pass, or an explicit ``(d, h, w)``.
+    ``tile``: ``None`` tiles the volume with the training crop (the networks then see inputs of
+    the extent they were trained on, and memory is bounded by the tile), ``"whole"`` runs the
+    whole volume in one pass, or an explicit ``(d, h, w)``; see :func:`rsanet.inference.predict_volume`
+    for ``overlap``, ``blending`` and ``batch_size``. ``memory_limit_mb``: the job's memory; a
+    pass whose attention maps alone would exceed it is refused with a message naming what to set.
+    ``save_probabilities``: also write ``out_dir/<subject>_prob.nii.gz`` (float32 in [0, 1]).
     """
     import torch
 
@@ -125,32 +138,58 @@ def predict_step(
 
     torch.set_num_threads(threads)
     with claim_gpu() if device != "cpu" else contextlib.nullcontext():
-        rows = _predict_all(model_path, split, splits_json, preprocessed, out_dir, tile, overlap, resolve_device(device))
+        rows = _predict_all(model_path, split, splits_json, preprocessed, out_dir, tile, overlap, blending,
+                            batch_size, resolve_device(device), memory_limit_mb, part, seed, save_probabilities)
     from . import evaluation
 
     evaluation.write_csv(pd.DataFrame(rows), out_csv)
 
 
-def _predict_all(model_path, split, splits_json, preprocessed, out_dir, tile, overlap, dev) -> list[dict]:
-    from .inference import predict_volume
+def _predict_all(model_path, split, splits_json, preprocessed, out_dir, tile, overlap, blending, batch_size, dev,
+                 memory_limit_mb, part, seed, save_probabilities) -> list[dict]:
+    from .inference import attention_map_bytes, predict_volume
     from .training import load_model
 
     model, cfg = load_model(model_path, dev)
     if tile is None:
-        tile = cfg.crop
+        tile = tuple(cfg.crop)
     elif tile == "whole":
         tile = None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    names = read_split(splits_json, split)["test"]
+    names = read_split(splits_json, split)[part]
+    policy = ("whole volume, one pass" if tile is None else
+              f"tiles of {tuple(tile)} voxels, overlap {overlap}, {blending} blending, {batch_size} tiles per pass")
+    log.info("%s split %d: predicting %d %s subjects (%s)", cfg.variant, split, len(names), part, policy)
     rows = []
     for i, subject in enumerate(names, start=1):
         pre = Preprocessed.load(preprocessed[subject])
-        prob = predict_volume(model, pre.image, tile=tile, overlap=overlap, device=dev)
+        pass_size = pre.image.shape[1:] if tile is None else [min(t, s) for t, s in zip(tile, pre.image.shape[1:])]
+        need_mb = attention_map_bytes(cfg.variant, cfg.widths, pass_size, 1 if tile is None else batch_size) / 2**20
+        hint = ("set predict.tile to the training crop (null) or smaller tiles, or predict.batch_size lower, "
+                "or give the job more memory (resources)")
+        if memory_limit_mb and need_mb > memory_limit_mb:
+            raise MemoryError(
+                f"{cfg.variant} split {split}, subject {subject!r}: the non-local attention maps of one pass of "
+                f"{tuple(pass_size)} voxels need {need_mb:,.0f} MiB, more than the job's {memory_limit_mb:,.0f} MiB; {hint}"
+            )
+        try:
+            prob = predict_volume(model, pre.image, tile=tile, overlap=overlap, device=dev, blending=blending,
+                                  batch_size=batch_size)
+        except (MemoryError, RuntimeError) as err:
+            if isinstance(err, MemoryError) or "out of memory" in str(err).lower():
+                log.error("%s split %d, subject %s: out of memory while predicting (attention maps ~%.0f MiB "
+                          "per pass); %s", cfg.variant, split, subject, need_mb, hint)
+            raise
         mask = (prob > 0.5).astype(np.uint8)
         save_nifti(pre.uncrop(mask), out / f"{subject}.nii.gz")
+        if save_probabilities:
+            save_nifti(pre.uncrop(prob.astype(np.float32)), out / f"{subject}_prob.nii.gz")
         scores = evaluate_case(mask > 0, pre.lesions > 0, pre.spacing)
-        rows.append({"variant": cfg.variant, "split": int(split), "subject": subject, **scores})
+        row = {"variant": cfg.variant, "split": int(split), "subject": subject}
+        if seed is not None:
+            row["seed"] = int(seed)
+        rows.append({**row, **scores})
         log.info("%s split %d: %d/%d %s, %d lesion voxels predicted, Dice %.3f", cfg.variant, split, i,
                  len(names), subject, int(mask.sum()), scores["dice"])
     return rows
@@ -159,35 +198,75 @@ def _predict_all(model_path, split, splits_json, preprocessed, out_dir, tile, ov
 # ---------------------------------------------------------------------------------------------
 # Aggregation and figures
 # ---------------------------------------------------------------------------------------------
-def aggregate_step(metric_csvs: Sequence[str], outputs: Mapping[str, str]) -> None:
+def aggregate_step(metric_csvs: Sequence[str], splits_json: str, outputs: Mapping[str, str]) -> None:
     """All per-subject metrics -> Table 1 (csv/md/tex), Table 2 (csv/md), paired tests, all rows."""
     from . import evaluation
 
     rows = pd.concat([pd.read_csv(p) for p in metric_csvs], ignore_index=True)
+    n_train = json.loads(Path(splits_json).read_text())["n_train"]
     t1, t2 = evaluation.table1(rows), evaluation.table2(rows)
-    tests = evaluation.paired_tests(rows)
+    tests = evaluation.paired_tests(evaluation.mean_over_seeds(rows), n_train=n_train)
+    n_seeds = int(rows["seed"].nunique()) if "seed" in rows else 1
     evaluation.write_csv(rows, outputs["per_subject"])
     evaluation.write_csv(t1, outputs["table1_csv"])
     d1 = evaluation.table1_display(t1)
-    note = (f"\nMean ± sd over {int(t1.n_splits.max())} splits, in percent; 'paper' columns are the paper's Table 1 "
-            "(its private 43-patient cohort).\n")
+    seeds = f", each split the mean of {n_seeds} training seeds" if n_seeds > 1 else ""
+    note = (f"\nMean ± sd over {int(t1.n_splits.max())} splits{seeds}, in percent; 'paper' columns are the paper's "
+            "Table 1 (its private 43-patient cohort). The sd is descriptive: the splits' test sets overlap, so "
+            "it is not the standard error of an independent sample (see paired_tests.md for the corrected test).\n")
     evaluation.write_text(evaluation.to_markdown(d1) + note, outputs["table1_md"])
     evaluation.write_text(evaluation.to_latex(d1, "Segmentation results (mean ± sd over splits), with the paper's Table 1.", "tab:table1"), outputs["table1_tex"])
     evaluation.write_csv(t2, outputs["table2_csv"])
     evaluation.write_text(evaluation.to_markdown(evaluation.table2_display(t2)), outputs["table2_md"])
     evaluation.write_csv(tests, outputs["tests_csv"])
-    evaluation.write_text(evaluation.to_markdown(tests), outputs["tests_md"])
+    n_test = int(tests.n_test.min()) if len(tests) else 0
+    tests_note = (
+        f"\nEach variant minus the 3D U-Net, per split, on each Table 1 metric (percentage points); mean over "
+        f"{int(tests.n_splits.max()) if len(tests) else 0} splits with the corrected resampled t-test of Nadeau & "
+        f"Bengio (2003): variance (1/J + n_test/n_train)·var(d), J − 1 degrees of freedom, n_train = {n_train}, "
+        f"n_test = {n_test}. The split, not the (split, subject) pair, is the unit: subjects recur across splits.\n"
+    )
+    evaluation.write_text(evaluation.to_markdown(evaluation.paired_tests_display(tests)) + tests_note, outputs["tests_md"])
     log.info("Table 1:\n%s", evaluation.to_markdown(d1))
 
 
+def deviations_step(config: Mapping, records: Sequence[str], out_csv: str, out_md: str) -> None:
+    """The run's settings against the paper's (:func:`rsanet.paper.deviations`), csv and Markdown."""
+    from . import evaluation
+    from .paper import deviations
+
+    engines = sorted({r["engine"] for p in records for r in json.loads(Path(p).read_text())["results"].values()})
+    table = deviations(config, engines)
+    evaluation.write_csv(table, out_csv)
+    n_dev = int((table.status == "deviates").sum())
+    note = (f"\n{n_dev} setting(s) deviate from the paper, {int((table.status == 'not stated in the paper').sum())} "
+            "are not stated there (choices of this workflow).\n")
+    evaluation.write_text(evaluation.to_markdown(table) + note, out_md)
+    log.info("%d deviations from the paper's settings", n_dev)
+
+
+def validation_step(metric_csvs: Sequence[str], out_csv: str, out_md: str) -> None:
+    """Table 1 numbers on the validation parts (``splits.n_val`` subjects per split)."""
+    from . import evaluation
+
+    rows = pd.concat([pd.read_csv(p) for p in metric_csvs], ignore_index=True)
+    t = evaluation.table1(rows)
+    evaluation.write_csv(t, out_csv)
+    shown = evaluation.table1_display(t)[["Method", "Sample Dice", "Voxel Dice", "Sample IoU", "Voxel IoU"]]
+    note = (f"\nValidation subjects only ({rows.subject.nunique()} distinct, "
+            f"{len(rows) // max(rows.variant.nunique(), 1)} scored per variant): mean ± sd over splits, percent.\n")
+    evaluation.write_text(evaluation.to_markdown(shown) + note, out_md)
+    log.info("validation Table 1:\n%s", evaluation.to_markdown(shown))
+
+
 def figures_step(
-    per_subject_csv: str, train_logs: Mapping[tuple[str, int], str], splits_json: str,
+    per_subject_csv: str, train_logs: Mapping[tuple[str, int, int], str], splits_json: str,
     preprocessed: Mapping[str, str], predictions: Mapping[str, str], stems: Mapping[str, str],
 ) -> None:
     """Fig. 1, Fig. 5, training curves and score distributions.
 
     Args:
-        train_logs: ``(variant, split) -> train_log.csv``.
+        train_logs: ``(variant, split, seed) -> train_log.csv``.
         predictions: variant -> prediction folder of split 0, for the variants shown in Fig. 5.
         stems: output stems for ``fig1``, ``fig5``, ``curves``, ``scores``.
     """
@@ -204,7 +283,7 @@ def figures_step(
     preds = {v: ras_to_model(nib.load(str(Path(d) / f"{subject}.nii.gz")))[0][box] for v, d in predictions.items()}
     figures.figure5(pre.image[2], pre.lesions, preds, pre.spacing, subject, stems["fig5"])
     logs = pd.concat(
-        [pd.read_csv(p).assign(variant=v, split=s) for (v, s), p in train_logs.items()], ignore_index=True
+        [pd.read_csv(p).assign(variant=v, split=s, seed=k) for (v, s, k), p in train_logs.items()], ignore_index=True
     )
     figures.training_curves(logs, stems["curves"])
     figures.score_distributions(rows, stems["scores"])
@@ -214,15 +293,15 @@ def figures_step(
 # Demo cohort and co-registration
 # ---------------------------------------------------------------------------------------------
 def demo_config(demo: Mapping) -> "object":
-    """The workflow's ``demo:`` config section as a :class:`rsanet.demo.DemoConfig`."""
+    """The workflow's validated ``demo:`` config section as a :class:`rsanet.demo.DemoConfig`."""
     from .demo import DemoConfig
 
     return DemoConfig(
-        n_subjects=int(demo.get("n_subjects", 43)),
-        seed=int(demo.get("seed", 0)),
-        inplane_scale=float(demo.get("grid_scale", 1.0)),
-        max_rotation_deg=float(demo.get("max_rotation_deg", 8.0)),
-        max_translation_mm=float(demo.get("max_translation_mm", 8.0)),
+        n_subjects=int(demo["n_subjects"]),
+        seed=int(demo["seed"]),
+        inplane_scale=float(demo["grid_scale"]),
+        max_rotation_deg=float(demo["max_rotation_deg"]),
+        max_translation_mm=float(demo["max_translation_mm"]),
     )
 
 
@@ -240,39 +319,56 @@ def demo_subject_step(subject: str, demo: Mapping, outputs: Mapping[str, str]) -
 def coregister_step(
     subject: str, images: Mapping[str, str], lesions: str, outputs: Mapping[str, str], reference: str = "FLAIR",
     engine: str = "auto", dof: int = 6, max_displacement_mm: float = 40.0, threads: int = 1,
-    search_deg: float = 30.0,
+    search_deg: float = 30.0, allow_empty_mask: bool = False,
 ) -> None:
     """Register every non-reference contrast onto ``reference``; resample it onto the reference grid.
 
     Writes the three contrasts and the mask on the reference grid, the transforms of each moving
     contrast (FLIRT ``.mat`` and ITK ``.txt``), ``registration.json`` (engine, costs, matrices)
     and, when ``outputs`` has ``"qc"``, the QC figure (registered edges over the reference).
-    A failed registration raises before anything is written for the subject.
+    ``engine="none"``: the contrasts are already co-registered (header alignment, resampling
+    only). A failed registration, or a contrast whose field of view misses most of the
+    reference's head, raises before anything is written for the subject.
     """
-    from .registration import RegistrationError, register, resample_to_fixed, write_transforms
+    from .registration import (
+        MIN_COVERAGE,
+        RegistrationError,
+        field_of_view_coverage,
+        header_alignment,
+        register,
+        resample_to_fixed,
+        write_transforms,
+    )
 
     fixed_path = images[reference]
     fixed = load_checked(fixed_path, subject, reference)
     results, resampled = {}, {reference: fixed}
     for contrast in (c for c in CONTRASTS if c != reference):
-        log.info("%s: registering %s -> %s", subject, contrast, reference)
-        try:
-            res = register(images[contrast], fixed_path, dof=dof, engine=engine, search_deg=search_deg,
-                           max_displacement_mm=max_displacement_mm, threads=threads)
-        except RegistrationError as err:
-            raise InputError(f"subject {subject!r}: {err}") from err
+        if engine == "none":  # already co-registered: the headers' alignment, resampled only
+            log.info("%s: %s -> %s by the header alignment (registration.engine: none)", subject, contrast, reference)
+            res = header_alignment(images[contrast], fixed_path, dof)
+        else:
+            log.info("%s: registering %s -> %s", subject, contrast, reference)
+            try:
+                res = register(images[contrast], fixed_path, dof=dof, engine=engine, search_deg=search_deg,
+                               max_displacement_mm=max_displacement_mm, threads=threads)
+            except RegistrationError as err:
+                raise InputError(f"subject {subject!r}: {err}") from err
         log.info("%s: %s -> %s with %s in %.1f s, cost %.4f -> %.4f", subject, contrast, reference,
                  res.engine, res.seconds, res.cost_before, res.cost_after)
         results[contrast] = res
         moving = load_checked(images[contrast], subject, contrast)
+        coverage = field_of_view_coverage(moving, fixed, res.moving_to_fixed)
+        if coverage < MIN_COVERAGE:
+            raise InputError(
+                f"subject {subject!r}, {contrast} file {images[contrast]!r}: after co-registration its field of view "
+                f"covers only {100 * coverage:.0f} % of the {reference} image's head {fixed_path!r} (minimum "
+                f"{100 * MIN_COVERAGE:.0f} %). Give a {contrast} scan that covers the brain."
+            )
         resampled[contrast] = resample_to_fixed(moving, fixed, res.moving_to_fixed, "linear")
-    mask = load_checked(lesions, subject, "lesion mask")
-    if not same_grid(mask, fixed):
-        raise InputError(
-            f"subject {subject!r}, lesion mask {lesions!r}: not on the grid of its reference "
-            f"{reference} image {fixed_path!r}; give the mask in {reference} space"
-        )
-    mask = nib.Nifti1Image(check_binary_mask(np.asarray(mask.dataobj), subject, lesions), fixed.affine)
+    mask = load_checked(lesions, subject, "lesion mask", allow_empty=allow_empty_mask)
+    require_same_grid(mask, fixed, subject, "lesion mask", lesions, fixed_path)
+    mask = nib.Nifti1Image(binarise_mask(np.asarray(mask.dataobj), subject, lesions), fixed.affine)
     tdir = Path(outputs["transforms"])
     tdir.mkdir(parents=True, exist_ok=True)
     for contrast, res in results.items():

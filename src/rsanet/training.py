@@ -45,7 +45,8 @@ class TrainConfig:
             :func:`learning_rate`), which makes the final weights of short runs far less
             dependent on where training stops.
         lesion_crop_prob: probability that a crop is centred near a random lesion voxel
-            (otherwise uniform over the volume). Not in the paper; needed with few iterations.
+            (otherwise uniform over the volume). Not in the paper (0 by default); the demo needs
+            it with few iterations.
         checkpoint_every: iterations between atomic checkpoints.
         log_every: iterations between progress lines in the log.
         seed: seeds torch and the crop sampler.
@@ -69,7 +70,7 @@ class TrainConfig:
     lr: float = 1e-3
     lr_schedule: str = "constant"
     weight_decay: float = 1e-5
-    lesion_crop_prob: float = 0.5
+    lesion_crop_prob: float = 0.0
     checkpoint_every: int = 100
     log_every: int = 10
     seed: int = 0

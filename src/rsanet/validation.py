@@ -11,6 +11,9 @@ Three levels:
 
 from __future__ import annotations
 
+import io
+import logging
+
 import logging
 import re
 from pathlib import Path
@@ -22,7 +25,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from .volumes import InputError, atomic_path, check_binary_mask, load_checked, same_grid
+from .volumes import InputError, atomic_path, binarise_mask, load_checked, require_same_grid
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +58,67 @@ def config_problems(config: Mapping, schema_path: str | Path, n_subjects: int | 
     return problems
 
 
+def with_defaults(config: Mapping, schema: Mapping) -> dict:
+    """``config`` with every missing key that the schema gives a ``default`` filled in, recursively.
+
+    The JSON schema is the one home of the defaults; this does for the package what
+    ``snakemake.utils.validate(..., set_default=True)`` does for the workflow (local
+    ``#/$defs/...`` references followed). Returns a new dict; ``config`` is not changed.
+    """
+    import copy
+
+    def resolve(node: Mapping) -> Mapping:
+        ref = node.get("$ref")
+        if ref and ref.startswith("#/"):
+            target: Mapping = schema
+            for part in ref[2:].split("/"):
+                target = target[part]
+            return {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+        return node
+
+    def fill(value: object, node: Mapping) -> object:
+        node = resolve(node)
+        if not isinstance(value, Mapping) or "properties" not in node:
+            return value
+        out = dict(value)
+        for key, sub in node["properties"].items():
+            sub = resolve(sub)
+            if key not in out and "default" in sub:
+                out[key] = copy.deepcopy(sub["default"])
+            if key in out:
+                out[key] = fill(out[key], sub)
+        return out
+
+    return fill(dict(config), schema)  # type: ignore[return-value]
+
+
+def load_config(path: str | Path, schema_path: str | Path) -> dict:
+    """Read a workflow config file, check it against the schema and apply the schema's defaults."""
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    config = with_defaults(yaml.safe_load(Path(path).read_text()) or {}, schema)
+    problems = config_problems(config, schema_path)
+    if problems:
+        raise ValidationError(f"{path}:\n" + "\n".join(f"  - {p}" for p in problems))
+    return config
+
+
 def read_sheet(path: str | Path) -> pd.DataFrame:
     """Read a subject sheet (TSV) as strings; relative paths resolve against its folder."""
     path = Path(path)
     if not path.is_file():
         raise ValidationError(f"subject sheet {str(path)!r} not found; set `subjects:` in the config")
-    df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    raw = path.read_bytes()
+    notes = []
+    if raw.startswith(b"\xef\xbb\xbf"):
+        notes.append("a UTF-8 byte-order mark")
+    if b"\r\n" in raw:
+        notes.append("Windows (CRLF) line endings")
+    if notes:
+        logging.getLogger(__name__).info("subject sheet %s: %s, accepted", path, " and ".join(notes))
+    text = raw.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
+    df = pd.read_csv(io.StringIO(text), sep="\t", dtype=str, keep_default_na=False)
     df.columns = [c.strip() for c in df.columns]
+    df = df.apply(lambda col: col.str.strip())
     for col in SHEET_COLUMNS[1:]:
         if col in df:
             df[col] = [str(p) if Path(p).is_absolute() else str(path.parent / p) for p in df[col]]
@@ -107,24 +164,18 @@ def subject_problems(
             errors.append(str(err))
     mask_path = files["lesion mask"]
     try:
-        mask_img = load_checked(mask_path, subject, "lesion mask")
-        check_binary_mask(np.asarray(mask_img.dataobj), subject, mask_path)
+        mask_img = load_checked(mask_path, subject, "lesion mask", allow_empty=True)
+        mask = binarise_mask(np.asarray(mask_img.dataobj), subject, mask_path)
         ref = images.get(reference)
-        if ref is not None and not same_grid(mask_img, ref):
-            errors.append(
-                f"subject {subject!r}, lesion mask {mask_path!r}: geometry {mask_img.shape} differs from "
-                f"its reference {reference} image {files[reference]!r} {ref.shape}; the mask must be on "
-                f"the {reference} grid"
-            )
-    except InputError as err:
-        msg = str(err)
-        if msg.endswith("the image is all zero."):
+        if ref is not None:
+            require_same_grid(mask_img, ref, subject, "lesion mask", mask_path, files[reference])
+        if not mask.any():
             (warnings if allow_empty_mask else errors).append(
                 f"subject {subject!r}, lesion mask {mask_path!r}: the mask is empty"
                 + ("" if allow_empty_mask else " (set preprocess.allow_empty_masks: true to accept)")
             )
-        else:
-            errors.append(msg)
+    except InputError as err:
+        errors.append(str(err))
     return errors, warnings
 
 

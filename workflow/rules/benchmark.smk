@@ -28,7 +28,7 @@ rule benchmark:
         memory_budget_mib=1500,
     log:
         "logs/benchmark.log",
-    threads: config["train"].get("threads", 2)
+    threads: job_resources("train")["threads"]
     resources:
         mem_mb=6000,
         runtime=20,

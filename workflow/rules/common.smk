@@ -19,14 +19,12 @@ from rsanet.validation import config_problems, read_sheet, sheet_problems
 
 SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas"
 ENV = "../../envs/rsanet.yaml"
-DEMO = config.get("subjects") == "demo"
 
 
 def _demo_sheet(cfg):
     from rsanet.demo import subject_id
 
-    n = int(cfg.get("demo", {}).get("n_subjects", 43))
-    ids = [subject_id(i) for i in range(n)]
+    ids = [subject_id(i) for i in range(cfg["demo"]["n_subjects"])]
     return pd.DataFrame(
         {
             "subject": ids,
@@ -38,20 +36,25 @@ def _demo_sheet(cfg):
     )
 
 
-# --- Validate the config (every violation listed at once) and the subject sheet -------------
+# --- Validate the config (every violation listed at once; the schema's defaults applied) and
+# --- the subject sheet. Rules read the validated config only: the schema is the one home of
+# --- every default.
+_issues = config_problems(config, SCHEMAS / "config.schema.yaml")
+if not _issues:
+    validate(config, SCHEMAS / "config.schema.yaml")
+DEMO = "subjects" in config and config["subjects"] == "demo"
 if DEMO:
-    SHEET = _demo_sheet(config)
-    _sheet_issues = []
+    SHEET = _demo_sheet(config) if not _issues else pd.DataFrame(columns=["subject"])
 else:
     SHEET = read_sheet(config["subjects"])
-    _sheet_issues = sheet_problems(SHEET, f"subject sheet {config['subjects']}")
-_issues = config_problems(config, SCHEMAS / "config.schema.yaml", n_subjects=len(SHEET)) + _sheet_issues
+    _issues += sheet_problems(SHEET, f"subject sheet {config['subjects']}")
+if not _issues:
+    _issues = config_problems(config, SCHEMAS / "config.schema.yaml", n_subjects=len(SHEET))
 if _issues:
     raise ValueError(
         f"{len(_issues)} problem(s) in the configuration or subject sheet; fix them all and rerun:\n"
         + "\n".join(f"  - {p}" for p in _issues)
     )
-validate(config, SCHEMAS / "config.schema.yaml")
 validate(SHEET, SCHEMAS / "subjects.schema.yaml")
 SHEET = SHEET.set_index("subject", drop=False)
 SUBJECTS = list(SHEET.subject)
@@ -61,10 +64,12 @@ SPLITS = make_splits(
     SUBJECTS,
     config["splits"]["n_splits"],
     config["splits"]["n_train"],
-    config["splits"].get("n_test"),
-    config["splits"].get("seed", 0),
+    config["splits"]["n_test"],
+    config["splits"]["seed"],
+    config["splits"]["n_val"],
 )
 SPLIT_IDS = list(range(len(SPLITS)))
+SEED_IDS = list(range(config["train"]["seeds"]))
 REFERENCE = config["registration"]["reference"]
 MOVING = [c for c in ("T1", "T2", "FLAIR") if c != REFERENCE]
 
@@ -73,6 +78,7 @@ wildcard_constraints:
     subject="|".join(re.escape(s) for s in SUBJECTS),
     variant="|".join(re.escape(v) for v in VARIANT_IDS),
     split=r"\d+",
+    seed=r"\d+",
     contrast="T1|T2|FLAIR",
 
 
@@ -91,29 +97,65 @@ def preprocessed_all():
     return {s: f"results/preprocessed/{s}.npz" for s in SUBJECTS}
 
 
-def split_train_preprocessed(wildcards):
-    return [f"results/preprocessed/{s}.npz" for s in SPLITS[int(wildcards.split)]["train"]]
+def split_preprocessed(part):
+    """Input function: the preprocessed files of one part ("train", "val", "test") of a split."""
+
+    def inputs(wildcards):
+        return [f"results/preprocessed/{s}.npz" for s in SPLITS[int(wildcards.split)][part]]
+
+    return inputs
 
 
-def split_test_preprocessed(wildcards):
-    return [f"results/preprocessed/{s}.npz" for s in SPLITS[int(wildcards.split)]["test"]]
+def train_params():
+    """The `train:` section as the training jobs' params, without `seeds` (how many trainings
+    there are, not how one runs: adding a seed must not rerun the others)."""
+    return {k: v for k, v in config["train"].items() if k != "seeds"}
+
+
+def study_config():
+    """The config without job sizes: what the results depend on (params of the record rules)."""
+    return {k: v for k, v in config.items() if k != "resources"}
+
+
+def job_resources(rule_name):
+    """Threads, memory (MB), runtime (min) and GPUs of one rule's jobs, from `resources:`."""
+    return config["resources"][rule_name]
 
 
 def metric_csvs():
-    return expand("results/metrics/{variant}/split{split}.csv", variant=VARIANT_IDS, split=SPLIT_IDS)
+    return expand(
+        "results/metrics/{variant}/split{split}/seed{seed}.csv",
+        variant=VARIANT_IDS,
+        split=SPLIT_IDS,
+        seed=SEED_IDS,
+    )
+
+
+def validation_metric_csvs():
+    return expand(
+        "results/validation/metrics/{variant}/split{split}/seed{seed}.csv",
+        variant=VARIANT_IDS,
+        split=SPLIT_IDS,
+        seed=SEED_IDS,
+    )
 
 
 def train_logs():
-    return expand("results/models/{variant}/split{split}/train_log.csv", variant=VARIANT_IDS, split=SPLIT_IDS)
+    return expand(
+        "results/models/{variant}/split{split}/seed{seed}/train_log.csv",
+        variant=VARIANT_IDS,
+        split=SPLIT_IDS,
+        seed=SEED_IDS,
+    )
 
 
 def fig5_variants():
-    wanted = config.get("figures", {}).get("fig5_variants", ["rsa-111", "ncl-010", "unet3d"])
+    wanted = config["figures"]["fig5_variants"]
     return [v for v in wanted if v in VARIANT_IDS] or VARIANT_IDS[:3]
 
 
 def fig5_predictions():
-    return [f"results/predictions/{v}/split0" for v in fig5_variants()]
+    return [f"results/predictions/{v}/split0/seed0" for v in fig5_variants()]
 
 
 def qc_figures():
@@ -127,6 +169,7 @@ def all_outputs():
         "results/tables/table1.tex",
         "results/tables/table2.md",
         "results/tables/paired_tests.md",
+        "results/tables/deviations.md",
         "results/figures/fig1.png",
         "results/figures/fig5.png",
         "results/figures/training_curves.png",

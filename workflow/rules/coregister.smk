@@ -22,9 +22,10 @@ rule coregister:
     params:
         reference=REFERENCE,
         engine=config["registration"]["engine"],
-        dof=config["registration"].get("dof", 6),
-        max_displacement_mm=config["registration"].get("max_displacement_mm", 40),
-        search_deg=config["registration"].get("search_deg", 30),
+        dof=config["registration"]["dof"],
+        max_displacement_mm=config["registration"]["max_displacement_mm"],
+        search_deg=config["registration"]["search_deg"],
+        allow_empty=config["preprocess"]["allow_empty_masks"],
     log:
         "logs/coregister/{subject}.log",
     threads: 1

@@ -10,7 +10,7 @@ rule demo_subject:
         lesions="results/demo/{subject}/lesions.nii.gz",
         truth="results/demo/{subject}/truth.json",
     params:
-        demo=config.get("demo", {}),
+        demo=config["demo"],
     log:
         "logs/demo/{subject}.log",
     threads: 1

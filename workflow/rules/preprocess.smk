@@ -11,7 +11,8 @@ rule preprocess:
     output:
         "results/preprocessed/{subject}.npz",
     params:
-        margin=config["preprocess"].get("margin", 2),
+        margin=config["preprocess"]["margin"],
+        allow_empty=config["preprocess"]["allow_empty_masks"],
     log:
         "logs/preprocess/{subject}.log",
     threads: 1

@@ -3,7 +3,8 @@
 
 rule aggregate:
     input:
-        metric_csvs(),
+        metrics=metric_csvs(),
+        splits="results/splits.json",
     output:
         per_subject="results/tables/per_subject_metrics.csv",
         table1_csv=report(
@@ -62,6 +63,7 @@ rule figures:
     params:
         variants=VARIANT_IDS,
         splits=SPLIT_IDS,
+        seeds=SEED_IDS,
         fig5_variants=fig5_variants(),
         subjects=SUBJECTS,
     log:
@@ -76,6 +78,48 @@ rule figures:
         "../../scripts/figures.py"
 
 
+rule deviations:
+    input:
+        records=expand("results/registered/{subject}/registration.json", subject=SUBJECTS),
+    output:
+        csv=report(
+            "results/tables/deviations.csv",
+            caption="../report/deviations.rst",
+            category="Tables",
+        ),
+        md="results/tables/deviations.md",
+    params:
+        config=study_config(),
+    log:
+        "logs/deviations.log",
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=2,
+    conda:
+        ENV
+    script:
+        "../../scripts/deviations.py"
+
+
+rule validation:
+    input:
+        metrics=validation_metric_csvs(),
+    output:
+        csv="results/validation/table1_validation.csv",
+        md="results/validation/table1_validation.md",
+    log:
+        "logs/validation.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    conda:
+        ENV
+    script:
+        "../../scripts/validation.py"
+
+
 rule provenance:
     input:
         table="results/tables/table1.csv",
@@ -83,7 +127,7 @@ rule provenance:
     output:
         "results/provenance.json",
     params:
-        config=config,
+        config=study_config(),
     log:
         "logs/provenance.log",
     threads: 1

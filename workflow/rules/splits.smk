@@ -1,4 +1,5 @@
-# Five (configurable) seeded random train/test splits, written as one JSON file.
+# Five (configurable) seeded random train/validation/test splits, written as one JSON file: the
+# list drawn once in common.smk (SPLITS), so input functions and jobs use the same splits.
 
 
 rule splits:
@@ -7,11 +8,8 @@ rule splits:
     output:
         "results/splits.json",
     params:
-        subjects=SUBJECTS,
-        n_splits=config["splits"]["n_splits"],
-        n_train=config["splits"]["n_train"],
-        n_test=config["splits"].get("n_test"),
-        seed=config["splits"].get("seed", 0),
+        splits=SPLITS,
+        seed=config["splits"]["seed"],
     log:
         "logs/splits.log",
     threads: 1

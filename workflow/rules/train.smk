@@ -1,25 +1,27 @@
-# One training job per (variant, split), then one job predicting its whole test volumes and
-# scoring them (per-subject metrics), so each test volume is loaded once.
+# One training job per (variant, split, seed), then one job predicting the test volumes of its
+# split and scoring them (per-subject metrics), so each test volume is loaded once. Job sizes
+# come from the config's `resources:` section, never from `params:`, so raising a time limit or
+# a thread count does not rerun finished jobs.
 
 
 rule train:
     input:
         splits="results/splits.json",
-        train=split_train_preprocessed,
+        train=split_preprocessed("train"),
     output:
-        model="results/models/{variant}/split{split}/model.pt",
-        log_csv="results/models/{variant}/split{split}/train_log.csv",
+        model="results/models/{variant}/split{split}/seed{seed}/model.pt",
+        log_csv="results/models/{variant}/split{split}/seed{seed}/train_log.csv",
     params:
-        train=config["train"],
+        train=train_params(),
         # Not an output: Snakemake would delete it when a job dies; kept for resuming.
-        checkpoint="results/models/{variant}/split{split}/checkpoint.pt",
+        checkpoint="results/models/{variant}/split{split}/seed{seed}/checkpoint.pt",
     log:
-        "logs/train/{variant}/split{split}.log",
-    threads: config["train"].get("threads", 2)
+        "logs/train/{variant}/split{split}/seed{seed}.log",
+    threads: job_resources("train")["threads"]
     resources:
-        mem_mb=config["train"].get("mem_mb", 4000),
-        runtime=config["train"].get("runtime", 60),
-        gpu=config["train"].get("gpus", 1),
+        mem_mb=job_resources("train")["mem_mb"],
+        runtime=job_resources("train")["runtime"],
+        gpu=job_resources("train")["gpus"],
     conda:
         ENV
     script:
@@ -28,23 +30,50 @@ rule train:
 
 rule predict:
     input:
-        model="results/models/{variant}/split{split}/model.pt",
+        model="results/models/{variant}/split{split}/seed{seed}/model.pt",
         splits="results/splits.json",
-        test=split_test_preprocessed,
+        test=split_preprocessed("test"),
     output:
-        predictions=directory("results/predictions/{variant}/split{split}"),
-        metrics="results/metrics/{variant}/split{split}.csv",
+        predictions=directory("results/predictions/{variant}/split{split}/seed{seed}"),
+        metrics="results/metrics/{variant}/split{split}/seed{seed}.csv",
     params:
-        tile=config["predict"].get("tile"),
-        overlap=config["predict"].get("overlap", 0.5),
-        device=config["train"].get("device", "auto"),
+        predict=config["predict"],
+        device=config["train"]["device"],
+        part="test",
     log:
-        "logs/predict/{variant}/split{split}.log",
-    threads: config["predict"].get("threads", 2)
+        "logs/predict/{variant}/split{split}/seed{seed}.log",
+    threads: job_resources("predict")["threads"]
     resources:
-        mem_mb=config["predict"].get("mem_mb", 4000),
-        runtime=config["predict"].get("runtime", 30),
-        gpu=config["train"].get("gpus", 1),
+        mem_mb=job_resources("predict")["mem_mb"],
+        runtime=job_resources("predict")["runtime"],
+        gpu=job_resources("predict")["gpus"],
+    conda:
+        ENV
+    script:
+        "../../scripts/predict.py"
+
+
+# The validation part of each split (splits.n_val > 0), predicted under the same policy: the
+# scores any setting may be chosen on (`snakemake validation`; not part of the default study).
+rule predict_validation:
+    input:
+        model="results/models/{variant}/split{split}/seed{seed}/model.pt",
+        splits="results/splits.json",
+        test=split_preprocessed("val"),
+    output:
+        predictions=directory("results/validation/predictions/{variant}/split{split}/seed{seed}"),
+        metrics="results/validation/metrics/{variant}/split{split}/seed{seed}.csv",
+    params:
+        predict=config["predict"],
+        device=config["train"]["device"],
+        part="val",
+    log:
+        "logs/predict_validation/{variant}/split{split}/seed{seed}.log",
+    threads: job_resources("predict")["threads"]
+    resources:
+        mem_mb=job_resources("predict")["mem_mb"],
+        runtime=job_resources("predict")["runtime"],
+        gpu=job_resources("predict")["gpus"],
     conda:
         ENV
     script:

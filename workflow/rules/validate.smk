@@ -12,7 +12,7 @@ rule validate_inputs:
             for s, r in SHEET.iterrows()
         },
         reference=REFERENCE,
-        allow_empty=config["preprocess"].get("allow_empty_masks", False),
+        allow_empty=config["preprocess"]["allow_empty_masks"],
     log:
         "logs/validate_inputs.log",
     threads: 1

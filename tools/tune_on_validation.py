@@ -1,0 +1,231 @@
+"""Measure the study's settings on the validation parts of the splits only (never on test subjects).
+
+Run by hand after the study's preprocessing (``snakemake --until splits preprocess``, or a
+finished study); it reads ``results/preprocessed/*.npz`` and ``results/splits.json`` and trains
+its own networks in a scratch folder, so it never touches the study's models:
+
+    python tools/tune_on_validation.py settings --splits 0 1 2      # the demo's training settings
+    python tools/tune_on_validation.py policy --splits 0 1 2        # the inference policy
+    python tools/tune_on_validation.py seeds --seeds 0 1 2 3 4      # seed-to-seed spread
+
+``settings``: the config's ``train:`` section (the baseline) and one change at a time back to
+the paper's value (lesion weight, Dice term, learning rate, schedule, dropout) or to twice the
+iterations; one 3D U-Net per split and setting, scored on the split's validation subjects.
+``policy``: the baseline networks (3D U-Net and RSA-111) predict the validation subjects under
+each candidate inference policy (whole volume; tiles of the training crop or twice it, with
+several overlaps, Gaussian or plain blending); Dice and seconds per volume. ``seeds``: the
+baseline 3D U-Net of split 0 trained with several seeds; validation and test Dice per seed
+(test Dice is reported only as the size of the training noise; no setting is chosen on it).
+
+Each prints a Markdown table and writes it, with a CSV, to ``--out`` (default ``docs/tuning/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _train_one(job: dict) -> dict:
+    """Train one network (one process, one thread) and return where its weights are."""
+    import torch
+
+    from rsanet.training import TrainConfig, save_model, train
+    from rsanet.volumes import Preprocessed
+
+    torch.set_num_threads(1)
+    out = Path(job["out"])
+    if not out.exists():
+        subjects = [Preprocessed.load(p) for p in job["train_files"]]
+        cfg = TrainConfig.from_dict({**job["train_cfg"], "variant": job["variant"], "seed": job["seed"]})
+        t0 = time.perf_counter()
+        result = train(cfg, subjects, threads=1)
+        save_model(result, cfg, out)
+        print(f"  trained {out.parent.name}/{out.name} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return job
+
+
+def _score(model_path: str, files: list[str], policy: dict) -> dict:
+    """Sample Dice, voxel Dice and seconds per volume of one model under one policy."""
+    import torch
+
+    from rsanet.inference import predict_volume
+    from rsanet.metrics import dice_from_counts, evaluate_case
+    from rsanet.training import load_model
+    from rsanet.volumes import Preprocessed
+
+    torch.set_num_threads(1)
+    model, cfg = load_model(model_path, "cpu")
+    tile = policy["tile"]
+    tile = tuple(cfg.crop) if tile is None else (None if tile == "whole" else tuple(tile))
+    dices, tp, fp, fn, seconds = [], 0, 0, 0, []
+    for f in files:
+        pre = Preprocessed.load(f)
+        t0 = time.perf_counter()
+        prob = predict_volume(model, pre.image, tile=tile, overlap=policy["overlap"],
+                              blending=policy["blending"], batch_size=policy.get("batch_size", 4))
+        seconds.append(time.perf_counter() - t0)
+        s = evaluate_case(prob > 0.5, pre.lesions > 0, pre.spacing)
+        dices.append(s["dice"])
+        tp, fp, fn = tp + s["tp"], fp + s["fp"], fn + s["fn"]
+    return {"sample_dice": float(np.mean(dices)), "voxel_dice": dice_from_counts(tp, fp, fn),
+            "seconds_per_volume": float(np.median(seconds))}
+
+
+def _score_job(args: tuple) -> dict:
+    job, files, policy, extra = args
+    return {**extra, **_score(job["out"], files, policy)}
+
+
+def _jobs_for(cfg: dict, splits: list[dict], split_ids, variant: str, train_cfg: dict, name: str,
+              results: Path, scratch: Path, seed_index: int = 0) -> list[dict]:
+    jobs = []
+    for k in split_ids:
+        seed = int(train_cfg["seed"]) + k + 1000 * seed_index  # the workflow's seed rule
+        jobs.append({
+            "variant": variant, "split": k, "setting": name, "seed": seed, "train_cfg": train_cfg,
+            "train_files": [str(results / "preprocessed" / f"{s}.npz") for s in splits[k]["train"]],
+            "out": str(scratch / f"{name}-{variant}-split{k}-seed{seed}.pt"),
+        })
+    return jobs
+
+
+def _files(results: Path, names: list[str]) -> list[str]:
+    return [str(results / "preprocessed" / f"{s}.npz") for s in names]
+
+
+def _write(table: pd.DataFrame, out: Path, name: str, header: str) -> None:
+    from rsanet.evaluation import to_markdown
+
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / f"{name}.csv", index=False)
+    (out / f"{name}.md").write_text(header + "\n\n" + to_markdown(table))
+    print(header + "\n\n" + to_markdown(table))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=["settings", "policy", "seeds"])
+    p.add_argument("--config", default=str(REPO / "config" / "config.yaml"))
+    p.add_argument("--results", default=str(REPO / "results"))
+    p.add_argument("--splits", type=int, nargs="*", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4])
+    p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--out", default=str(REPO / "docs" / "tuning"))
+    p.add_argument("--scratch", default=str(REPO / "results" / "tuning"))
+    args = p.parse_args(argv)
+
+    sys.path.insert(0, str(REPO / "src"))
+    from rsanet.validation import load_config
+
+    cfg = load_config(args.config, REPO / "workflow" / "schemas" / "config.schema.yaml")
+    results, scratch, out = Path(args.results), Path(args.scratch), Path(args.out)
+    scratch.mkdir(parents=True, exist_ok=True)
+    splits = json.loads((results / "splits.json").read_text())["splits"]
+    if not all(splits[k]["val"] for k in args.splits):
+        raise SystemExit("the splits have no validation part: set splits.n_val > 0 and rerun the splits rule")
+    base = {k: v for k, v in cfg["train"].items() if k != "seeds"}
+    pool = mp.get_context("spawn").Pool(args.processes)
+    commit = _commit()
+
+    if args.what == "settings":
+        changes = {
+            "baseline (config)": {},
+            "lesion_weight: null (paper's weights)": {"lesion_weight": None},
+            "dice_weight: 0 (paper's loss)": {"dice_weight": 0.0},
+            "lr: 1e-3 (paper)": {"lr": 1e-3},
+            "lr_schedule: constant": {"lr_schedule": "constant"},
+            "dropout: 0.2 (paper)": {"dropout": 0.2},
+            f"iterations: {2 * base['iterations'] // 3}": {"iterations": 2 * base["iterations"] // 3},
+            f"iterations: {2 * base['iterations']}": {"iterations": 2 * base["iterations"]},
+        }
+        jobs = []
+        for i, (name, change) in enumerate(changes.items()):
+            jobs += _jobs_for(cfg, splits, args.splits, "unet3d", {**base, **change}, f"s{i}", results, scratch)
+        pool.map(_train_one, jobs)
+        names = list(changes)
+        scored = pool.map(_score_job, [(j, _files(results, splits[j["split"]]["val"]), cfg["predict"],
+                                        {"setting": names[int(j["setting"][1:])], "split": j["split"]}) for j in jobs])
+        df = pd.DataFrame(scored)
+        table = df.groupby("setting", sort=False)[["sample_dice", "voxel_dice"]].agg(["mean", "min"]).mul(100).round(1)
+        table.columns = [f"{a} {b}" for a, b in table.columns]
+        table = table.reset_index()
+        header = (f"Validation Dice (%) of the 3D U-Net, mean and minimum over splits {args.splits} "
+                  f"({len(splits[0]['val'])} validation subjects each), one change at a time; commit {commit}; "
+                  f"`python tools/tune_on_validation.py settings --splits {' '.join(map(str, args.splits))}`")
+        _write(table, out, "settings", header)
+    elif args.what == "policy":
+        jobs = []
+        for variant in ("unet3d", "rsa-111"):
+            jobs += _jobs_for(cfg, splits, args.splits, variant, base, "s0", results, scratch)
+        pool.map(_train_one, jobs)
+        crop = list(base["crop"])
+        double = [2 * c for c in crop]
+        policies = {
+            "whole volume, one pass": {"tile": "whole", "overlap": 0.0, "blending": "constant"},
+            "crop tiles, overlap 0": {"tile": None, "overlap": 0.0, "blending": "constant"},
+            "crop tiles, overlap 0.25, gaussian": {"tile": None, "overlap": 0.25, "blending": "gaussian"},
+            "crop tiles, overlap 0.5, constant": {"tile": None, "overlap": 0.5, "blending": "constant"},
+            "crop tiles, overlap 0.5, gaussian": {"tile": None, "overlap": 0.5, "blending": "gaussian"},
+            "2x crop tiles, overlap 0.25, gaussian": {"tile": double, "overlap": 0.25, "blending": "gaussian"},
+            "2x crop tiles, overlap 0.5, gaussian": {"tile": double, "overlap": 0.5, "blending": "gaussian"},
+        }
+        tasks = [(j, _files(results, splits[j["split"]]["val"]), pol, {"policy": name, "variant": j["variant"], "split": j["split"]})
+                 for name, pol in policies.items() for j in jobs]
+        df = pd.DataFrame(pool.map(_score_job, tasks))
+        wide = df.pivot_table(index="policy", columns="variant", values="sample_dice", aggfunc="mean", sort=False).mul(100).round(1)
+        wide.columns = [f"sample Dice {c}" for c in wide.columns]
+        secs = df.groupby("policy", sort=False).seconds_per_volume.median().round(2).rename("s / volume (1 thread)")
+        table = wide.join(secs).reset_index()
+        header = (f"Validation sample Dice (%) per inference policy, mean over splits {args.splits}; seconds per "
+                  f"volume, median, one thread, batches of 4 tiles; commit {commit}; "
+                  f"`python tools/tune_on_validation.py policy --splits {' '.join(map(str, args.splits))}`")
+        _write(table, out, "policy", header)
+    else:
+        jobs = []
+        for s in args.seeds:
+            jobs += _jobs_for(cfg, splits, [0], "unet3d", base, "s0", results, scratch, seed_index=s)
+        pool.map(_train_one, jobs)
+        tasks = []
+        for j, s in zip(jobs, args.seeds):
+            for part in ("val", "test"):
+                tasks.append((j, _files(results, splits[0][part]), cfg["predict"], {"seed_index": s, "part": part}))
+        df = pd.DataFrame(pool.map(_score_job, tasks))
+        table = df.pivot_table(index="seed_index", columns="part", values=["sample_dice", "voxel_dice"]).mul(100).round(2)
+        table.columns = [f"{a} {b}" for a, b in table.columns]
+        table = table.reset_index()
+        spread = {c: (table[c].max() - table[c].min(), statistics.stdev(table[c])) for c in table.columns[1:]}
+        header = (f"Seed-to-seed spread of the 3D U-Net on split 0 ({len(args.seeds)} seeds; the only change is "
+                  f"the training seed); commit {commit}; `python tools/tune_on_validation.py seeds`\n\n"
+                  + "\n".join(f"- {c}: range {r:.2f} points, sd {s:.2f}" for c, (r, s) in spread.items()))
+        _write(table, out, "seeds", header)
+    pool.close()
+    return 0
+
+
+def _commit() -> str:
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=REPO, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=REPO, check=True).stdout.strip()
+        return head + ("+uncommitted changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
