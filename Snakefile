@@ -1,14 +1,19 @@
 # RSANet study: co-registration -> splits -> 7 variants x N splits training -> evaluation ->
 # Table 1, figures and report. See README.md. Stages live in workflow/rules/, one file each.
+from pathlib import Path
+
 from snakemake.utils import min_version
 
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The default config, found next to this Snakefile (so `-s path/to/Snakefile` works from any
+# folder, and as a module); a user's --configfile overrides only the keys it sets, and the
+# schema (workflow/schemas/config.schema.yaml) fills in anything still missing.
+configfile: Path(workflow.basedir) / "config" / "config.yaml"
 
 
-report: "workflow/report/workflow.rst"
+report: Path(workflow.basedir) / "workflow" / "report" / "workflow.rst"
 
 
 include: "workflow/rules/common.smk"
@@ -31,6 +36,6 @@ localrules:
 
 
 rule all:
+    default_target: True
     input:
         all_outputs(),
-    default_target: True

@@ -23,4 +23,5 @@ with logged(snakemake.log[0]):
         part=snakemake.params.part,
         seed=int(snakemake.wildcards.seed),
         save_probabilities=policy["save_probabilities"],
+        evaluation=dict(snakemake.params.evaluation),
     )

@@ -22,9 +22,12 @@ def _rows():
     for (variant, split), cases in counts.items():
         for k, (tp, fp, fn) in enumerate(cases):
             d = dice_from_counts(tp, fp, fn)
-            recs.append(dict(variant=variant, split=split, subject=f"s{split}{k}", tp=tp, fp=fp, fn=fn,
-                             dice=d, iou=d / (2 - d), ltpr=1.0, lfpr=0.0, lesion_f1=1.0,
-                             abs_volume_error_ml=0.5, rel_volume_error=np.nan if k else 0.1))
+            recs.append({**dict(variant=variant, split=split, subject=f"s{split}{k}", tp=tp, fp=fp, fn=fn,
+                                dice=d, iou=d / (2 - d), ltpr=1.0, lfpr=0.0, lesion_f1=1.0, hd95_mm=2.0 + k,
+                                assd_mm=1.0, abs_volume_error_ml=0.5, rel_volume_error=np.nan if k else 0.1,
+                                abs_rel_volume_error=np.nan if k else 0.1),
+                         "n_true_lesions[3-10]": 2, "n_detected_lesions[3-10]": 1 + (variant == "rsa-111"),
+                         "n_true_lesions[>10]": 0, "n_detected_lesions[>10]": 0})
     return pd.DataFrame(recs)
 
 
@@ -105,6 +108,17 @@ def test_seeds_are_averaged_per_split_before_tables_and_tests():
     assert len(m) == 4 and (m.n_test == 2).all()
     t = evaluation.table1(both).set_index("variant")
     assert t.loc["unet3d", "n_splits"] == 2
+
+
+def test_detection_by_size_pools_subjects_per_split_then_averages_splits():
+    t = evaluation.detection_by_size(_rows()).set_index(["variant", "bin"])
+    # unet3d: per split 2 subjects x (1 of 2) -> 50 % in both splits; rsa-111 detects both
+    assert t.loc[("unet3d", "3-10"), "ltpr_mean"] == pytest.approx(50.0)
+    assert t.loc[("rsa-111", "3-10"), "ltpr_mean"] == pytest.approx(100.0)
+    assert t.loc[("unet3d", "3-10"), "n_true_per_split"] == 4
+    assert np.isnan(t.loc[("unet3d", ">10"), "ltpr_mean"])  # no lesion of that size: undefined
+    shown = evaluation.detection_by_size_display(evaluation.detection_by_size(_rows()))
+    assert shown.Method.tolist()[-1] == "true lesions per split" and "3-10 mm³" in shown.columns
 
 
 def test_markdown_and_latex_writers():

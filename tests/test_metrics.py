@@ -12,6 +12,7 @@ import pytest
 from rsanet.metrics import (
     LesionDetection,
     confusion,
+    detection_by_size,
     dice,
     dice_from_counts,
     evaluate_case,
@@ -21,6 +22,8 @@ from rsanet.metrics import (
     lesion_volume_ml,
     remove_small_components,
     sample_average,
+    size_bin_labels,
+    surface_distances_mm,
     voxel_average,
     volume_errors,
 )
@@ -195,41 +198,94 @@ def _constructed_case() -> tuple[np.ndarray, np.ndarray]:
     return pred, truth
 
 
-def test_lesion_detection_constructed():
+ISO = (1.0, 1.0, 1.0)
+
+
+def test_lesion_detection_constructed_any_overlap():
     pred, truth = _constructed_case()
-    det = lesion_detection(pred, truth)
-    assert det == LesionDetection(
-        n_true=2, n_pred=2, n_detected=1, n_false_positive=1, ltpr=0.5, lfpr=0.5, f1=0.5
-    )
+    det = lesion_detection(pred, truth, ISO, rule="any-overlap", connectivity=26, min_lesion_mm3=0)
+    assert (det.n_true, det.n_pred, det.n_detected, det.n_false_positive) == (2, 2, 1, 1)
+    assert (det.ltpr, det.lfpr, det.f1) == (0.5, 0.5, 0.5)
     with pytest.raises(Exception):  # frozen dataclass
         det.ltpr = 1.0  # type: ignore[misc]
 
 
-def test_one_prediction_covering_two_lesions():
-    truth = np.zeros((3, 3, 7), bool)
-    truth[1, 1, 0:2] = True
-    truth[1, 1, 5:7] = True
+def test_msseg_one_lesion_split_in_two_predictions_counts_once():
+    truth = np.zeros((4, 4, 10), bool)
+    truth[1:3, 1:3, 1:7] = True  # one 24-voxel bar
     pred = np.zeros_like(truth)
-    pred[1, 1, :] = True  # one bridging component
-    det = lesion_detection(pred, truth)
-    assert (det.n_true, det.n_pred, det.n_detected, det.n_false_positive) == (2, 1, 2, 0)
-    assert (det.ltpr, det.lfpr, det.f1) == (1.0, 0.0, 1.0)
+    pred[1:3, 1:3, 1:3] = pred[1:3, 1:3, 5:7] = True  # its two ends, 8 voxels each
+    for rule in ("msseg", "any-overlap"):
+        det = lesion_detection(pred, truth, ISO, rule=rule)
+        assert (det.n_true, det.n_pred, det.n_detected, det.n_pred_true_positive) == (1, 2, 1, 2), rule
+        assert (det.ltpr, det.lfpr, det.f1) == (1.0, 0.0, 1.0)
+
+
+def test_msseg_two_lesions_merged_into_one_prediction():
+    truth = np.zeros((4, 4, 10), bool)
+    truth[1:3, 1:3, 1:3] = truth[1:3, 1:3, 5:7] = True  # two cubes, a 2-voxel gap
+    pred = np.zeros_like(truth)
+    pred[1:3, 1:3, 1:7] = True  # one bar over both and the gap: a third of it outside
+    det = lesion_detection(pred, truth, ISO)
+    assert (det.n_true, det.n_pred, det.n_detected, det.n_pred_true_positive) == (2, 1, 2, 1)
+    # a prediction lying mostly outside the lesions (beta): detects nothing under MSSEG rules
+    blob = np.zeros((6, 8, 8), bool)
+    blob[1:3, 1:3, 1:3] = True  # 8 voxels
+    huge = np.zeros_like(blob)
+    huge[0:4, 0:6, 0:6] = True  # 144 voxels, 136 outside (94 % > beta = 70 %)
+    msseg = lesion_detection(huge, blob, ISO)
+    assert (msseg.n_detected, msseg.n_pred_true_positive, msseg.ltpr, msseg.lfpr) == (0, 0, 0.0, 1.0)
+    isbi = lesion_detection(huge, blob, ISO, rule="any-overlap")
+    assert (isbi.n_detected, isbi.n_pred_true_positive, isbi.ltpr, isbi.lfpr) == (1, 1, 1.0, 0.0)
+
+
+def test_msseg_size_limit_is_in_mm3_and_strict():
+    truth = np.zeros((5, 10, 10), bool)
+    truth[0, 0, 0:3] = True  # 3 mm^3 at 1 mm: removed (lesions must exceed 3 mm^3)
+    truth[2, 0, 0:4] = True  # 4 mm^3: kept
+    det = lesion_detection(truth, truth, ISO)
+    assert det.n_true == 1 and det.true_volumes_mm3 == (4.0,)
+    assert lesion_detection(truth, truth, ISO, min_lesion_mm3=0).n_true == 2
+    # anisotropic 3 x 0.7 x 0.7 mm (1.47 mm^3 per voxel): 2 voxels = 2.94 mm^3 removed, 3 kept
+    aniso = np.zeros((5, 10, 10), bool)
+    aniso[0, 0, 0:2] = True
+    aniso[2, 0, 0:3] = True
+    got = lesion_detection(aniso, aniso, ANISO)
+    assert got.n_true == 1 and got.true_volumes_mm3 == pytest.approx((3 * 1.47,))
+    # a prediction speck below the limit cannot detect a lesion either
+    speck = np.zeros_like(truth)
+    speck[2, 0, 0:3] = True  # 3 voxels inside the 4-voxel lesion
+    assert lesion_detection(speck, truth, ISO).n_detected == 0
+
+
+def test_msseg_alpha_minimum_overlap_and_the_symmetric_precision():
+    truth = np.zeros((4, 7, 7), bool)
+    truth[1:3, 1:6, 1:6] = True  # 50 voxels
+    at_alpha = np.zeros_like(truth)
+    at_alpha[1, 1, 1:6] = True  # 5 voxels = 10 %: not more than alpha
+    above = at_alpha.copy()
+    above[2, 1, 1] = True  # 6 voxels = 12 %
+    assert lesion_detection(at_alpha, truth, ISO).n_detected == 0
+    det = lesion_detection(above, truth, ISO)
+    assert det.n_detected == 1 and det.ltpr == 1.0
+    # the same test with the masks swapped: 88 % of the true lesion lies outside the small
+    # prediction (> beta), so that prediction is not a true positive of the lesion-wise precision
+    assert det.n_pred_true_positive == 0 and det.lfpr == 1.0 and det.f1 == 0.0
+    assert lesion_detection(at_alpha, truth, ISO, rule="any-overlap").ltpr == 1.0
 
 
 def test_lesion_detection_empty_rules():
     z = np.zeros((3, 3, 3), bool)
     one = z.copy()
     one[1, 1, 1] = True
-    # nothing anywhere -> perfect
-    d = lesion_detection(z, z)
-    assert (d.n_true, d.n_pred, d.ltpr, d.lfpr, d.f1) == (0, 0, 1.0, 0.0, 1.0)
-    # only predictions -> every prediction is a false positive
-    d = lesion_detection(one, z)
-    got = (d.n_true, d.n_pred, d.n_false_positive, d.ltpr, d.lfpr, d.f1)
-    assert got == (0, 1, 1, 1.0, 1.0, 0.0)
-    # only truth -> nothing detected, no false positives
-    d = lesion_detection(z, one)
-    assert (d.n_true, d.n_pred, d.n_detected, d.ltpr, d.lfpr, d.f1) == (1, 0, 0, 0.0, 0.0, 0.0)
+    kw = dict(voxel_size_mm=ISO, min_lesion_mm3=0)
+    for rule in ("msseg", "any-overlap"):
+        d = lesion_detection(z, z, rule=rule, **kw)  # nothing anywhere -> perfect
+        assert (d.n_true, d.n_pred, d.ltpr, d.lfpr, d.f1) == (0, 0, 1.0, 0.0, 1.0)
+        d = lesion_detection(one, z, rule=rule, **kw)  # only predictions -> all false positives
+        assert (d.n_true, d.n_pred, d.n_false_positive, d.ltpr, d.lfpr, d.f1) == (0, 1, 1, 1.0, 1.0, 0.0)
+        d = lesion_detection(z, one, rule=rule, **kw)  # only truth -> nothing detected
+        assert (d.n_true, d.n_pred, d.n_detected, d.ltpr, d.lfpr, d.f1) == (1, 0, 0, 0.0, 0.0, 0.0)
 
 
 def test_connectivity_diagonal_components():
@@ -239,39 +295,36 @@ def test_connectivity_diagonal_components():
     edge[0, 0, 0] = edge[0, 1, 1] = True  # touch along an edge
     only_first = np.zeros((2, 2, 2), bool)
     only_first[0, 0, 0] = True
-
-    assert lesion_detection(corner, corner, connectivity=26).n_true == 1
-    assert lesion_detection(corner, corner, connectivity=18).n_true == 2
-    assert lesion_detection(corner, corner, connectivity=6).n_true == 2
-    assert lesion_detection(edge, edge, connectivity=18).n_true == 1
-    assert lesion_detection(edge, edge, connectivity=6).n_true == 2
-
+    kw = dict(voxel_size_mm=ISO, min_lesion_mm3=0, rule="any-overlap")
+    assert lesion_detection(corner, corner, connectivity=26, **kw).n_true == 1
+    assert lesion_detection(corner, corner, connectivity=18, **kw).n_true == 2
+    assert lesion_detection(corner, corner, connectivity=6, **kw).n_true == 2
+    assert lesion_detection(edge, edge, connectivity=18, **kw).n_true == 1
+    assert lesion_detection(edge, edge, connectivity=6, **kw).n_true == 2
+    assert lesion_detection(corner, corner, **kw).n_true == 2  # default 6 (ITK's, Anima's)
     # predicting one voxel detects the whole diagonal lesion under 26, half of it under 6
-    assert lesion_detection(only_first, corner, connectivity=26).ltpr == 1.0
-    assert lesion_detection(only_first, corner, connectivity=6).ltpr == 0.5
+    assert lesion_detection(only_first, corner, connectivity=26, **kw).ltpr == 1.0
+    assert lesion_detection(only_first, corner, connectivity=6, **kw).ltpr == 0.5
     with pytest.raises(ValueError):
-        lesion_detection(corner, corner, connectivity=8)
+        lesion_detection(corner, corner, connectivity=8, **kw)
 
 
-def test_min_lesion_voxels_filter():
-    truth = np.zeros((4, 8, 8), bool)
+def test_detection_by_size_bins():
+    truth = np.zeros((6, 20, 20), bool)
+    truth[0, 0, 0:5] = True  # 5 mm^3 -> 3-10
+    truth[2, 0:4, 0:5] = True  # 20 mm^3 -> 10-50
+    truth[4, 5:15, 5:15] = True  # 100 mm^3 -> 100-500
     pred = np.zeros_like(truth)
-    truth[0:2, 0:2, 0:2] = True  # 8-voxel lesion
-    truth[3, 7, 7] = True  # 1-voxel speck, missed
-    pred[0:2, 0:2, 0:2] = True  # detects the big lesion
-    pred[3, 0, 7] = True  # 1-voxel FP speck
-    d0 = lesion_detection(pred, truth, min_lesion_voxels=0)
-    assert (d0.n_true, d0.n_pred, d0.n_detected, d0.n_false_positive) == (2, 2, 1, 1)
-    d2 = lesion_detection(pred, truth, min_lesion_voxels=2)
-    assert (d2.n_true, d2.n_pred, d2.n_detected, d2.n_false_positive) == (1, 1, 1, 0)
-    assert (d2.ltpr, d2.lfpr, d2.f1) == (1.0, 0.0, 1.0)
-    kept = remove_small_components(truth, 2)
-    assert kept.sum() == 8 and not kept[3, 7, 7]
+    pred[2, 0:4, 0:5] = True
+    det = lesion_detection(pred, truth, ISO)
+    by = detection_by_size(det)
+    assert by == {"3-10": (1, 0), "10-50": (1, 1), "50-100": (0, 0), "100-500": (1, 0), ">500": (0, 0)}
+    assert size_bin_labels((3, 10)) == ["3-10", ">10"]
 
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("connectivity", [6, 26])
-def test_lesion_detection_random_against_bfs(seed, connectivity):
+def test_any_overlap_rule_random_against_bfs(seed, connectivity):
     rng = np.random.default_rng(100 + seed)
     shape = (4, 6, 6)
     pred = rng.random(shape) < 0.12
@@ -281,13 +334,33 @@ def test_lesion_detection_random_against_bfs(seed, connectivity):
     p_set, t_set = _coords(pred), _coords(truth)
     n_det = sum(1 for c in t_comps if c & p_set)
     n_fp = sum(1 for c in p_comps if not c & t_set)
-    det = lesion_detection(pred, truth, connectivity=connectivity)
+    det = lesion_detection(pred, truth, ISO, rule="any-overlap", connectivity=connectivity, min_lesion_mm3=0)
     assert (det.n_true, det.n_pred) == (len(t_comps), len(p_comps))
     assert (det.n_detected, det.n_false_positive) == (n_det, n_fp)
     assert det.ltpr == pytest.approx(n_det / len(t_comps))
     assert det.lfpr == pytest.approx(n_fp / len(p_comps))
     prec, rec = 1 - n_fp / len(p_comps), n_det / len(t_comps)
     assert det.f1 == pytest.approx(2 * prec * rec / (prec + rec) if prec + rec else 0.0)
+
+
+def test_remove_small_components():
+    truth = np.zeros((4, 8, 8), bool)
+    truth[0:2, 0:2, 0:2] = True
+    truth[3, 7, 7] = True
+    kept = remove_small_components(truth, 2)
+    assert kept.sum() == 8 and not kept[3, 7, 7]
+
+
+def test_surface_distances_by_hand_and_empty_rules():
+    a = np.zeros((1, 1, 10), bool)
+    b = np.zeros_like(a)
+    a[0, 0, 2] = True
+    b[0, 0, 5] = True
+    hd, assd = surface_distances_mm(a, b, (1.0, 1.0, 2.0))  # 3 voxels apart along W at 2 mm
+    assert hd == pytest.approx(6.0) and assd == pytest.approx(6.0)
+    z = np.zeros_like(a)
+    assert surface_distances_mm(z, z, ISO) == (0.0, 0.0)
+    assert all(math.isnan(v) for v in surface_distances_mm(a, z, ISO))
 
 
 # ----------------------------------------------------------------------------- volumes
@@ -331,21 +404,23 @@ def test_volume_errors():
 def test_evaluate_case_row():
     pred, truth = _constructed_case()
     row = evaluate_case(pred, truth, ANISO)
-    assert set(row) == {
-        "tp", "fp", "fn", "dice", "iou", "ltpr", "lfpr", "lesion_f1",
-        "n_true_lesions", "n_pred_lesions", "volume_true_ml", "volume_pred_ml",
-        "abs_volume_error_ml", "rel_volume_error",
-    }  # fmt: skip
+    assert {"tp", "fp", "fn", "dice", "iou", "hd95_mm", "assd_mm", "ltpr", "lfpr", "lesion_f1", "n_true_lesions",
+            "n_pred_lesions", "n_detected_lesions", "volume_true_ml", "volume_pred_ml", "abs_volume_error_ml",
+            "rel_volume_error", "abs_rel_volume_error", "n_true_lesions[3-10]", "n_detected_lesions[>500]"} <= set(row)
     # truth 16 voxels, pred 12 voxels, overlap 1 voxel
     assert (row["tp"], row["fp"], row["fn"]) == (1, 11, 15)
     assert row["dice"] == pytest.approx(2 / 28)
     assert row["iou"] == pytest.approx(1 / 27)
-    assert (row["ltpr"], row["lfpr"], row["lesion_f1"]) == (0.5, 0.5, 0.5)
-    assert (row["n_true_lesions"], row["n_pred_lesions"]) == (2, 2)
+    # MSSEG rules, 6-connectivity, > 3 mm^3 (1.47 mm^3 voxels: components of >= 3 voxels):
+    # lesion A (8 voxels) is touched in 1 voxel (12.5 % > alpha) by a prediction lying 7/8
+    # outside it (> beta): not detected; lesion B not predicted; both predictions false.
+    assert (row["n_true_lesions"], row["n_pred_lesions"], row["n_detected_lesions"]) == (2, 2, 0)
+    assert (row["ltpr"], row["lfpr"], row["lesion_f1"]) == (0.0, 1.0, 0.0)
     assert row["volume_true_ml"] == pytest.approx(16 * 1.47 / 1000)
     assert row["volume_pred_ml"] == pytest.approx(12 * 1.47 / 1000)
     assert row["abs_volume_error_ml"] == pytest.approx(4 * 1.47 / 1000)
-    assert row["rel_volume_error"] == pytest.approx(-0.25)
+    assert row["rel_volume_error"] == pytest.approx(-0.25) and row["abs_rel_volume_error"] == pytest.approx(0.25)
+    assert row["n_true_lesions[10-50]"] == 2  # 8 voxels x 1.47 = 11.8 mm^3 each
 
 
 def test_evaluate_case_both_empty():

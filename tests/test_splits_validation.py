@@ -197,3 +197,26 @@ def test_subject_sheet_with_bom_and_crlf_is_read_and_logged(tmp_path, caplog):
     assert list(df.columns) == ["subject", "t1", "t2", "flair", "lesions"]
     assert df.subject.tolist() == ["p01"] and df.lesions[0] == str(tmp_path / "a" / "m.nii.gz")
     assert "byte-order mark" in caplog.text and "CRLF" in caplog.text
+
+
+def test_paper_config_sets_every_key_the_default_config_sets():
+    """config/paper.yaml is layered over config/config.yaml: it must not inherit a demo setting."""
+
+    def keys(d, prefix=""):
+        out = set()
+        for k, v in d.items():
+            out |= keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+        return out
+
+    demo = keys(yaml.safe_load((ROOT / "config" / "config.yaml").read_text()))
+    paper = keys(yaml.safe_load((ROOT / "config" / "paper.yaml").read_text()))
+    assert demo - paper == set()
+
+
+def test_config_readme_is_generated_from_the_schema_and_current():
+    from rsanet.validation import config_reference
+
+    want = config_reference(yaml.safe_load(SCHEMA.read_text()))
+    assert (ROOT / "config" / "README.md").read_text() == want, (
+        "config/README.md is stale: python tools/config_reference.py > config/README.md")
+    assert "`train.lr`" in want and "`resources.train.gpus`" in want

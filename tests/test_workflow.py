@@ -150,6 +150,17 @@ def test_rerun_has_nothing_to_do_and_report_builds(study):
     assert len(html) > 10_000 and "table1" in html and "fig5" in html
 
 
+def test_changing_job_sizes_plans_no_job_on_a_finished_study(study, tmp_path):
+    """Threads, memory, runtime and GPUs are resources, not parameters: nothing reruns."""
+    cfg = yaml.safe_load(TEST_CONFIG.read_text())
+    cfg["resources"] = {"train": {"threads": 2, "mem_mb": 7000, "runtime": 99, "gpus": 1},
+                        "predict": {"threads": 2, "mem_mb": 6000, "runtime": 77, "gpus": 1}}
+    (tmp_path / "sizes.yaml").write_text(yaml.safe_dump(cfg))
+    run = snakemake(study.parent, "--configfile", str(tmp_path / "sizes.yaml"), "-n", "--resources", "gpu=1")
+    out = run.stdout + run.stderr
+    assert run.returncode == 0 and "Nothing to be done" in out, out[-3000:]
+
+
 def test_same_config_gives_identical_results(study, tmp_path):
     """Reproducibility: a second run of a subset of the same DAG gives byte-identical files."""
     args = derived_config(tmp_path / "config.yaml", variants=["unet3d", "rsa-111"])
@@ -160,6 +171,13 @@ def test_same_config_gives_identical_results(study, tmp_path):
     for rel in ("demo/demo-003/FLAIR.nii.gz", "preprocessed/demo-003.npz",
                 "metrics/unet3d/split0/seed0.csv", "metrics/rsa-111/split1/seed0.csv"):
         assert (second / rel).read_bytes() == (study / rel).read_bytes(), rel
+
+
+def test_snakefmt_check_is_clean():
+    files = [str(ROOT / "Snakefile")] + sorted(str(p) for p in (ROOT / "workflow" / "rules").glob("*.smk"))
+    run = subprocess.run([sys.executable, "-m", "snakefmt", "--check", *files], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
 
 
 def test_lint_is_clean():

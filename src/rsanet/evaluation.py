@@ -34,7 +34,10 @@ PAPER_TABLE1: dict[str, tuple[float, float, float, float]] = {
     "rsa-111": (66.011, 71.054, 50.917, 55.201),
 }
 TABLE1_METRICS = ("sample_dice", "voxel_dice", "sample_iou", "voxel_iou")
-TABLE2_METRICS = ("ltpr", "lfpr", "lesion_f1", "abs_volume_error_ml", "rel_volume_error")
+TABLE2_METRICS = ("ltpr", "lfpr", "lesion_f1", "hd95_mm", "assd_mm", "abs_volume_error_ml", "rel_volume_error",
+                  "abs_rel_volume_error")
+#: Table 2 metrics in their own unit (mm, ml); the others are fractions shown in percent.
+_UNIT_METRICS = ("hd95_mm", "assd_mm", "abs_volume_error_ml")
 
 
 def split_scores(rows: pd.DataFrame) -> pd.DataFrame:
@@ -77,7 +80,7 @@ def table1(rows: pd.DataFrame) -> pd.DataFrame:
 
 def table2(rows: pd.DataFrame) -> pd.DataFrame:
     """Lesion-wise detection and lesion-volume error per variant: mean and sd over splits."""
-    scales = {m: 1 if m == "abs_volume_error_ml" else 100 for m in TABLE2_METRICS}
+    scales = {m: 1 if m in _UNIT_METRICS else 100 for m in TABLE2_METRICS}
     return _mean_sd_over_splits(mean_over_seeds(rows), scales)
 
 
@@ -227,12 +230,59 @@ def paired_tests_display(tests: pd.DataFrame) -> pd.DataFrame:
 def table2_display(t2: pd.DataFrame) -> pd.DataFrame:
     names = {
         "ltpr": "Lesion TPR (%)", "lfpr": "Lesion FPR (%)", "lesion_f1": "Lesion F1 (%)",
-        "abs_volume_error_ml": "|ΔV| (ml)", "rel_volume_error": "ΔV/V (%)",
+        "hd95_mm": "HD95 (mm)", "assd_mm": "ASSD (mm)",
+        "abs_volume_error_ml": "|ΔV| (ml)", "rel_volume_error": "ΔV/V (%)", "abs_rel_volume_error": "|ΔV|/V (%)",
     }
     out = pd.DataFrame({"Method": t2.method})
     for m, label in names.items():
         out[label] = [_pm(a, b, 2) for a, b in zip(t2[f"{m}_mean"], t2[f"{m}_sd"])]
     return out
+
+
+def detection_by_size(rows: pd.DataFrame) -> pd.DataFrame:
+    """Lesion-wise TPR per true-lesion volume bin, per variant: mean and sd over splits.
+
+    Per (variant, split[, seed]) the true and detected lesions of a bin are pooled over the test
+    subjects (columns ``n_true_lesions[<bin>]`` / ``n_detected_lesions[<bin>]`` of
+    :func:`rsanet.metrics.evaluate_case`), giving one LTPR per split (NaN where the split has
+    no lesion of that size); seeds are averaged per split, then mean and sd over splits.
+
+    Returns:
+        Columns ``variant, method, bin, n_true_per_split`` (mean count of true lesions of that
+        size per split), ``ltpr_mean, ltpr_sd`` (percent), ``n_splits``.
+    """
+    bins = [c[len("n_true_lesions["):-1] for c in rows.columns if c.startswith("n_true_lesions[")]
+    keys = ["variant", "split"] + (["seed"] if "seed" in rows else [])
+    records = []
+    for variant in _order(rows.variant.unique()):
+        g = rows[rows.variant == variant]
+        for b in bins:
+            pooled = g.groupby(keys)[[f"n_true_lesions[{b}]", f"n_detected_lesions[{b}]"]].sum()
+            n_true, n_found = pooled.iloc[:, 0], pooled.iloc[:, 1]
+            ltpr = (n_found / n_true.where(n_true > 0)).groupby(level="split").mean()
+            counts = n_true.groupby(level="split").mean()
+            valid = ltpr.dropna()
+            records.append({
+                "variant": variant, "method": VARIANTS[variant].display_name, "bin": b,
+                "n_true_per_split": float(counts.mean()),
+                "ltpr_mean": 100 * float(valid.mean()) if len(valid) else float("nan"),
+                "ltpr_sd": 100 * float(valid.std(ddof=1)) if len(valid) > 1 else float("nan"),
+                "n_splits": int(len(valid)),
+            })
+    return pd.DataFrame(records)
+
+
+def detection_by_size_display(table: pd.DataFrame) -> pd.DataFrame:
+    """Detection by size as a wide table: one row per variant, one column per bin (LTPR %)."""
+    bins = list(dict.fromkeys(table.bin))
+    out = {"Method": list(dict.fromkeys(table.method))}
+    for b in bins:
+        sub = table[table.bin == b]
+        out[f"{b} mm³"] = [_pm(a, c, 1) for a, c in zip(sub.ltpr_mean, sub.ltpr_sd)]
+    counts = table.drop_duplicates("bin").set_index("bin").n_true_per_split
+    shown = pd.DataFrame(out)
+    shown.loc[len(shown)] = ["true lesions per split"] + [f"{counts[b]:.1f}" for b in bins]
+    return shown
 
 
 def to_markdown(df: pd.DataFrame) -> str:

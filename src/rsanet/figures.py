@@ -1,4 +1,5 @@
-"""The study's figures: Fig. 1 and Fig. 5 of the paper, training curves, score distributions.
+"""The study's figures: Fig. 1 and Fig. 5 of the paper, training curves, score distributions,
+detection by lesion size and predicted against true lesion load.
 
 Every function takes arrays or tables and one output path stem, and writes ``stem.png`` and
 ``stem.pdf`` atomically. Image arrays are in the model layout ``(D, H, W)``; slices shown are
@@ -134,6 +135,58 @@ def score_distributions(rows: pd.DataFrame, stem: str, metrics: Sequence[str] = 
         ax.set_ylabel(f"per-subject {'IoU' if metric == 'iou' else metric.capitalize()} (%)")
         ax.set_ylim(-2, 102)
         ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, stem)
+
+
+def detection_by_size(table: pd.DataFrame, stem: str) -> list[Path]:
+    """Lesion-wise TPR against true-lesion volume bin, one line per variant (mean ± sd over splits).
+
+    ``table``: :func:`rsanet.evaluation.detection_by_size`.
+    """
+    bins = list(dict.fromkeys(table.bin))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = np.arange(len(bins))
+    variants = [v for v in VARIANTS if v in set(table.variant)]
+    for k, variant in enumerate(variants):
+        g = table[table.variant == variant].set_index("bin").loc[bins]
+        offset = (k - (len(variants) - 1) / 2) * 0.04
+        ax.errorbar(x + offset, g.ltpr_mean, yerr=g.ltpr_sd.fillna(0), marker="o", ms=4, capsize=2,
+                    label=VARIANTS[variant].display_name)
+    counts = table.drop_duplicates("bin").set_index("bin").n_true_per_split.loc[bins]
+    ax.set_xticks(x, [f"{b}\n(n≈{c:.0f})" for b, c in zip(bins, counts)])
+    ax.set_xlabel("true lesion volume (mm³), true lesions per split")
+    ax.set_ylabel("lesion-wise TPR (%)")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    return save_figure(fig, stem)
+
+
+def lesion_load(rows: pd.DataFrame, stem: str) -> list[Path]:
+    """Predicted against true total lesion volume per test subject (ml), identity line; one panel
+    per variant, all splits pooled (log axes: loads span orders of magnitude)."""
+    variants = [v for v in VARIANTS if v in set(rows.variant)]
+    cols = min(4, len(variants))
+    nrows = int(np.ceil(len(variants) / cols))
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 3.2 * nrows), squeeze=False)
+    positive = rows[(rows.volume_true_ml > 0)]
+    lo = max(float(positive.volume_true_ml.min()) if len(positive) else 1e-3, 1e-3) / 2
+    hi = max(float(rows.volume_true_ml.max()), float(rows.volume_pred_ml.max()), lo * 4) * 2
+    for ax, variant in zip(axes.ravel(), variants):
+        g = rows[rows.variant == variant]
+        ax.scatter(g.volume_true_ml.clip(lower=lo), g.volume_pred_ml.clip(lower=lo), s=8, alpha=0.6)
+        ax.plot([lo, hi], [lo, hi], color="k", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        ax.set_title(VARIANTS[variant].display_name, fontsize=9)
+        ax.set_xlabel("true lesion load (ml)", fontsize=8)
+        ax.set_ylabel("predicted (ml)", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in axes.ravel()[len(variants):]:
+        ax.axis("off")
+    fig.tight_layout()
     return save_figure(fig, stem)
 
 

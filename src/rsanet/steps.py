@@ -19,7 +19,7 @@ import pandas as pd
 
 # Heavy libraries (torch, matplotlib, SimpleITK) are imported inside the steps that need them,
 # so light steps start in a fraction of a second.
-from .metrics import evaluate_case
+from .metrics import EvaluationSettings, evaluate_case
 from .volumes import (
     InputError,
     Preprocessed,
@@ -116,6 +116,7 @@ def predict_step(
     out_csv: str, tile: Sequence[int] | str | None, overlap: float, blending: str = "gaussian",
     batch_size: int = 4, threads: int = 1, device: str = "auto", memory_limit_mb: float | None = None,
     part: str = "test", seed: int | None = None, save_probabilities: bool = False,
+    evaluation: Mapping | None = None,
 ) -> None:
     """Predict every subject of one part (``"test"``; ``"val"`` for choosing settings) of a split
     and score it.
@@ -130,6 +131,7 @@ def predict_step(
     for ``overlap``, ``blending`` and ``batch_size``. ``memory_limit_mb``: the job's memory; a
     pass whose attention maps alone would exceed it is refused with a message naming what to set.
     ``save_probabilities``: also write ``out_dir/<subject>_prob.nii.gz`` (float32 in [0, 1]).
+    ``evaluation``: the lesion-wise conventions (:class:`rsanet.metrics.EvaluationSettings` fields).
     """
     import torch
 
@@ -139,14 +141,21 @@ def predict_step(
     torch.set_num_threads(threads)
     with claim_gpu() if device != "cpu" else contextlib.nullcontext():
         rows = _predict_all(model_path, split, splits_json, preprocessed, out_dir, tile, overlap, blending,
-                            batch_size, resolve_device(device), memory_limit_mb, part, seed, save_probabilities)
+                            batch_size, resolve_device(device), memory_limit_mb, part, seed, save_probabilities,
+                            evaluation_settings(evaluation or {}))
     from . import evaluation
 
     evaluation.write_csv(pd.DataFrame(rows), out_csv)
 
 
+def evaluation_settings(section: Mapping) -> EvaluationSettings:
+    """The validated ``evaluation:`` config section as :class:`rsanet.metrics.EvaluationSettings`."""
+    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in section.items()}
+    return EvaluationSettings(**kw)
+
+
 def _predict_all(model_path, split, splits_json, preprocessed, out_dir, tile, overlap, blending, batch_size, dev,
-                 memory_limit_mb, part, seed, save_probabilities) -> list[dict]:
+                 memory_limit_mb, part, seed, save_probabilities, settings) -> list[dict]:
     from .inference import attention_map_bytes, predict_volume
     from .training import load_model
 
@@ -185,7 +194,7 @@ def _predict_all(model_path, split, splits_json, preprocessed, out_dir, tile, ov
         save_nifti(pre.uncrop(mask), out / f"{subject}.nii.gz")
         if save_probabilities:
             save_nifti(pre.uncrop(prob.astype(np.float32)), out / f"{subject}_prob.nii.gz")
-        scores = evaluate_case(mask > 0, pre.lesions > 0, pre.spacing)
+        scores = evaluate_case(mask > 0, pre.lesions > 0, pre.spacing, settings)
         row = {"variant": cfg.variant, "split": int(split), "subject": subject}
         if seed is not None:
             row["seed"] = int(seed)
@@ -217,7 +226,15 @@ def aggregate_step(metric_csvs: Sequence[str], splits_json: str, outputs: Mappin
     evaluation.write_text(evaluation.to_markdown(d1) + note, outputs["table1_md"])
     evaluation.write_text(evaluation.to_latex(d1, "Segmentation results (mean ± sd over splits), with the paper's Table 1.", "tab:table1"), outputs["table1_tex"])
     evaluation.write_csv(t2, outputs["table2_csv"])
-    evaluation.write_text(evaluation.to_markdown(evaluation.table2_display(t2)), outputs["table2_md"])
+    t2_note = ("\nMean ± sd over splits of the per-split means over test subjects. Lesion-wise numbers follow the "
+               "config's evaluation conventions (README, Metrics); HD95/ASSD leave out subjects where exactly one "
+               "mask is empty (undefined).\n")
+    evaluation.write_text(evaluation.to_markdown(evaluation.table2_display(t2)) + t2_note, outputs["table2_md"])
+    by_size = evaluation.detection_by_size(rows)
+    evaluation.write_csv(by_size, outputs["size_csv"])
+    evaluation.write_text(evaluation.to_markdown(evaluation.detection_by_size_display(by_size)) +
+                          "\nLesion-wise TPR (%) per true-lesion volume bin: true and detected lesions pooled over the "
+                          "test subjects of a split, mean ± sd over splits.\n", outputs["size_md"])
     evaluation.write_csv(tests, outputs["tests_csv"])
     n_test = int(tests.n_test.min()) if len(tests) else 0
     tests_note = (
@@ -287,6 +304,10 @@ def figures_step(
     )
     figures.training_curves(logs, stems["curves"])
     figures.score_distributions(rows, stems["scores"])
+    from . import evaluation
+
+    figures.detection_by_size(evaluation.detection_by_size(rows), stems["by_size"])
+    figures.lesion_load(rows, stems["load"])
 
 
 # ---------------------------------------------------------------------------------------------

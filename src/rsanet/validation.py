@@ -12,6 +12,7 @@ Three levels:
 from __future__ import annotations
 
 import io
+import json
 import logging
 
 import logging
@@ -90,6 +91,53 @@ def with_defaults(config: Mapping, schema: Mapping) -> dict:
         return out
 
     return fill(dict(config), schema)  # type: ignore[return-value]
+
+
+def config_reference(schema: Mapping) -> str:
+    """Markdown reference of every config key (type, default, description), from the schema.
+
+    ``config/README.md`` is this text (a test keeps it current); regenerate it with
+    ``python tools/config_reference.py > config/README.md``.
+    """
+
+    def resolve(node: Mapping) -> Mapping:
+        ref = node.get("$ref")
+        if ref and ref.startswith("#/$defs/"):
+            return {**schema["$defs"][ref.split("/")[-1]], **{k: v for k, v in node.items() if k != "$ref"}}
+        return node
+
+    def kind(node: Mapping) -> str:
+        if "enum" in node:
+            return " \\| ".join(f"`{v}`" for v in node["enum"])
+        if "oneOf" in node:
+            return " or ".join(kind(n) if "const" not in n else f"`{n['const']}`" for n in node["oneOf"])
+        t = node.get("type", "")
+        return " or ".join(t) if isinstance(t, list) else str(t)
+
+    def show(v: object) -> str:
+        return "`" + json.dumps(v) + "`" if not isinstance(v, dict) else ""
+
+    lines = ["# Configuration reference", "",
+             "Generated from `workflow/schemas/config.schema.yaml` (`python tools/config_reference.py > "
+             "config/README.md`); a test keeps it current. A config file needs only the keys it changes: "
+             "the workflow loads `config/config.yaml` (the CPU demo) first, your `--configfile` over it, and "
+             "the schema's defaults (below) fill in the rest. `config/paper.yaml` holds the paper's settings.",
+             "", "| key | type | default | description |", "|---|---|---|---|"]
+
+    def walk(node: Mapping, prefix: str) -> None:
+        for key, sub in resolve(node).get("properties", {}).items():
+            sub = resolve(sub)
+            name = f"{prefix}{key}"
+            desc = str(sub.get("description", "")).replace("|", "\\|")
+            if "properties" in sub:
+                lines.append(f"| **`{name}`** | section | | {desc} |")
+                walk(sub, name + ".")
+            else:
+                default = show(sub["default"]) if "default" in sub else "required"
+                lines.append(f"| `{name}` | {kind(sub)} | {default} | {desc} |")
+
+    walk(schema, "")
+    return "\n".join(lines) + "\n"
 
 
 def load_config(path: str | Path, schema_path: str | Path) -> dict:

@@ -21,18 +21,18 @@ rule benchmark:
             category="Benchmarks",
         ),
         json="results/benchmarks/benchmark.json",
+    log:
+        "logs/benchmark.log",
+    conda:
+        ENV
+    threads: job_resources("train")["threads"]
+    resources:
+        mem_mb=6000,
+        runtime=20,
     params:
         train=config["train"],
         variants=VARIANT_IDS,
         rounds=7,
         memory_budget_mib=1500,
-    log:
-        "logs/benchmark.log",
-    threads: job_resources("train")["threads"]
-    resources:
-        mem_mb=6000,
-        runtime=20,
-    conda:
-        ENV
     script:
         "../../scripts/benchmark.py"

@@ -12,7 +12,9 @@ from snakemake.utils import validate
 # Snakemake environment with `--sdm conda`, whose job environments hold only the dependencies).
 _SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, _SRC)
-os.environ.update(PYTHONPATH=os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH")) if p))
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH")) if p)
+)
 
 from rsanet.splits import make_splits
 from rsanet.validation import config_problems, read_sheet, sheet_problems
@@ -49,7 +51,9 @@ else:
     SHEET = read_sheet(config["subjects"])
     _issues += sheet_problems(SHEET, f"subject sheet {config['subjects']}")
 if not _issues:
-    _issues = config_problems(config, SCHEMAS / "config.schema.yaml", n_subjects=len(SHEET))
+    _issues = config_problems(
+        config, SCHEMAS / "config.schema.yaml", n_subjects=len(SHEET)
+    )
 if _issues:
     raise ValueError(
         f"{len(_issues)} problem(s) in the configuration or subject sheet; fix them all and rerun:\n"
@@ -101,7 +105,9 @@ def split_preprocessed(part):
     """Input function: the preprocessed files of one part ("train", "val", "test") of a split."""
 
     def inputs(wildcards):
-        return [f"results/preprocessed/{s}.npz" for s in SPLITS[int(wildcards.split)][part]]
+        return [
+            f"results/preprocessed/{s}.npz" for s in SPLITS[int(wildcards.split)][part]
+        ]
 
     return inputs
 
@@ -170,6 +176,9 @@ def all_outputs():
         "results/tables/table2.md",
         "results/tables/paired_tests.md",
         "results/tables/deviations.md",
+        "results/tables/detection_by_size.md",
+        "results/figures/detection_by_size.png",
+        "results/figures/lesion_load.png",
         "results/figures/fig1.png",
         "results/figures/fig5.png",
         "results/figures/training_curves.png",
@@ -177,5 +186,8 @@ def all_outputs():
         "results/provenance.json",
     ] + qc_figures()
     if DEMO:
-        out += ["results/qc/registration_accuracy.csv", "results/figures/registration_accuracy.png"]
+        out += [
+            "results/qc/registration_accuracy.csv",
+            "results/figures/registration_accuracy.png",
+        ]
     return out

@@ -19,6 +19,14 @@ rule coregister:
             category="Registration QC",
             labels={"subject": "{subject}"},
         ),
+    log:
+        "logs/coregister/{subject}.log",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=20,
     params:
         reference=REFERENCE,
         engine=config["registration"]["engine"],
@@ -26,21 +34,15 @@ rule coregister:
         max_displacement_mm=config["registration"]["max_displacement_mm"],
         search_deg=config["registration"]["search_deg"],
         allow_empty=config["preprocess"]["allow_empty_masks"],
-    log:
-        "logs/coregister/{subject}.log",
-    threads: 1
-    resources:
-        mem_mb=3000,
-        runtime=20,
-    conda:
-        ENV
     script:
         "../../scripts/coregister.py"
 
 
 rule registration_accuracy:
     input:
-        records=expand("results/registered/{subject}/registration.json", subject=SUBJECTS),
+        records=expand(
+            "results/registered/{subject}/registration.json", subject=SUBJECTS
+        ),
         truths=expand("results/demo/{subject}/truth.json", subject=SUBJECTS),
         flairs=expand("results/registered/{subject}/FLAIR.nii.gz", subject=SUBJECTS),
     output:
@@ -52,11 +54,11 @@ rule registration_accuracy:
         ),
     log:
         "logs/registration_accuracy.log",
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        ENV
     script:
         "../../scripts/registration_accuracy.py"

@@ -9,15 +9,15 @@ rule demo_subject:
         flair="results/demo/{subject}/FLAIR.nii.gz",
         lesions="results/demo/{subject}/lesions.nii.gz",
         truth="results/demo/{subject}/truth.json",
-    params:
-        demo=config["demo"],
     log:
         "logs/demo/{subject}.log",
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        ENV
+    params:
+        demo=config["demo"],
     script:
         "../../scripts/demo_subject.py"

@@ -10,16 +10,16 @@ rule preprocess:
         lesions="results/registered/{subject}/lesions.nii.gz",
     output:
         "results/preprocessed/{subject}.npz",
-    params:
-        margin=config["preprocess"]["margin"],
-        allow_empty=config["preprocess"]["allow_empty_masks"],
     log:
         "logs/preprocess/{subject}.log",
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        ENV
+    params:
+        margin=config["preprocess"]["margin"],
+        allow_empty=config["preprocess"]["allow_empty_masks"],
     script:
         "../../scripts/preprocess.py"

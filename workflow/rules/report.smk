@@ -8,12 +8,16 @@ rule aggregate:
     output:
         per_subject="results/tables/per_subject_metrics.csv",
         table1_csv=report(
-            "results/tables/table1.csv", caption="../report/table1.rst", category="Tables"
+            "results/tables/table1.csv",
+            caption="../report/table1.rst",
+            category="Tables",
         ),
         table1_md="results/tables/table1.md",
         table1_tex="results/tables/table1.tex",
         table2_csv=report(
-            "results/tables/table2.csv", caption="../report/table2.rst", category="Tables"
+            "results/tables/table2.csv",
+            caption="../report/table2.rst",
+            category="Tables",
         ),
         table2_md="results/tables/table2.md",
         tests_csv=report(
@@ -22,14 +26,20 @@ rule aggregate:
             category="Tables",
         ),
         tests_md="results/tables/paired_tests.md",
+        size_csv=report(
+            "results/tables/detection_by_size.csv",
+            caption="../report/detection_by_size.rst",
+            category="Tables",
+        ),
+        size_md="results/tables/detection_by_size.md",
     log:
         "logs/aggregate.log",
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=1000,
         runtime=5,
-    conda:
-        ENV
     script:
         "../../scripts/aggregate.py"
 
@@ -42,8 +52,16 @@ rule figures:
         predictions=fig5_predictions(),
         preprocessed=list(preprocessed_all().values()),
     output:
-        fig1=report("results/figures/fig1.png", caption="../report/fig1.rst", category="Figures"),
-        fig5=report("results/figures/fig5.png", caption="../report/fig5.rst", category="Figures"),
+        fig1=report(
+            "results/figures/fig1.png",
+            caption="../report/fig1.rst",
+            category="Figures",
+        ),
+        fig5=report(
+            "results/figures/fig5.png",
+            caption="../report/fig5.rst",
+            category="Figures",
+        ),
         curves=report(
             "results/figures/training_curves.png",
             caption="../report/training_curves.rst",
@@ -54,33 +72,47 @@ rule figures:
             caption="../report/score_distributions.rst",
             category="Figures",
         ),
+        by_size=report(
+            "results/figures/detection_by_size.png",
+            caption="../report/detection_by_size.rst",
+            category="Figures",
+        ),
+        load=report(
+            "results/figures/lesion_load.png",
+            caption="../report/lesion_load.rst",
+            category="Figures",
+        ),
         pdfs=[
+            "results/figures/detection_by_size.pdf",
+            "results/figures/lesion_load.pdf",
             "results/figures/fig1.pdf",
             "results/figures/fig5.pdf",
             "results/figures/training_curves.pdf",
             "results/figures/score_distributions.pdf",
         ],
+    log:
+        "logs/figures.log",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
     params:
         variants=VARIANT_IDS,
         splits=SPLIT_IDS,
         seeds=SEED_IDS,
         fig5_variants=fig5_variants(),
         subjects=SUBJECTS,
-    log:
-        "logs/figures.log",
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
-    conda:
-        ENV
     script:
         "../../scripts/figures.py"
 
 
 rule deviations:
     input:
-        records=expand("results/registered/{subject}/registration.json", subject=SUBJECTS),
+        records=expand(
+            "results/registered/{subject}/registration.json", subject=SUBJECTS
+        ),
     output:
         csv=report(
             "results/tables/deviations.csv",
@@ -88,16 +120,16 @@ rule deviations:
             category="Tables",
         ),
         md="results/tables/deviations.md",
-    params:
-        config=study_config(),
     log:
         "logs/deviations.log",
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=500,
         runtime=2,
-    conda:
-        ENV
+    params:
+        config=study_config(),
     script:
         "../../scripts/deviations.py"
 
@@ -110,12 +142,12 @@ rule validation:
         md="results/validation/table1_validation.md",
     log:
         "logs/validation.log",
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=1000,
         runtime=5,
-    conda:
-        ENV
     script:
         "../../scripts/validation.py"
 
@@ -123,18 +155,20 @@ rule validation:
 rule provenance:
     input:
         table="results/tables/table1.csv",
-        records=expand("results/registered/{subject}/registration.json", subject=SUBJECTS),
+        records=expand(
+            "results/registered/{subject}/registration.json", subject=SUBJECTS
+        ),
     output:
         "results/provenance.json",
-    params:
-        config=study_config(),
     log:
         "logs/provenance.log",
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=500,
         runtime=2,
-    conda:
-        ENV
+    params:
+        config=study_config(),
     script:
         "../../scripts/provenance.py"

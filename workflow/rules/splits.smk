@@ -7,16 +7,16 @@ rule splits:
         "results/qc/input_validation.tsv",
     output:
         "results/splits.json",
-    params:
-        splits=SPLITS,
-        seed=config["splits"]["seed"],
     log:
         "logs/splits.log",
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=500,
         runtime=2,
-    conda:
-        ENV
+    params:
+        splits=SPLITS,
+        seed=config["splits"]["seed"],
     script:
         "../../scripts/splits.py"

@@ -11,19 +11,19 @@ rule train:
     output:
         model="results/models/{variant}/split{split}/seed{seed}/model.pt",
         log_csv="results/models/{variant}/split{split}/seed{seed}/train_log.csv",
-    params:
-        train=train_params(),
-        # Not an output: Snakemake would delete it when a job dies; kept for resuming.
-        checkpoint="results/models/{variant}/split{split}/seed{seed}/checkpoint.pt",
     log:
         "logs/train/{variant}/split{split}/seed{seed}.log",
+    conda:
+        ENV
     threads: job_resources("train")["threads"]
     resources:
         mem_mb=job_resources("train")["mem_mb"],
         runtime=job_resources("train")["runtime"],
         gpu=job_resources("train")["gpus"],
-    conda:
-        ENV
+    params:
+        train=train_params(),
+        # Not an output: Snakemake would delete it when a job dies; kept for resuming.
+        checkpoint="results/models/{variant}/split{split}/seed{seed}/checkpoint.pt",
     script:
         "../../scripts/train.py"
 
@@ -36,19 +36,20 @@ rule predict:
     output:
         predictions=directory("results/predictions/{variant}/split{split}/seed{seed}"),
         metrics="results/metrics/{variant}/split{split}/seed{seed}.csv",
-    params:
-        predict=config["predict"],
-        device=config["train"]["device"],
-        part="test",
     log:
         "logs/predict/{variant}/split{split}/seed{seed}.log",
+    conda:
+        ENV
     threads: job_resources("predict")["threads"]
     resources:
         mem_mb=job_resources("predict")["mem_mb"],
         runtime=job_resources("predict")["runtime"],
         gpu=job_resources("predict")["gpus"],
-    conda:
-        ENV
+    params:
+        predict=config["predict"],
+        evaluation=config["evaluation"],
+        device=config["train"]["device"],
+        part="test",
     script:
         "../../scripts/predict.py"
 
@@ -61,20 +62,23 @@ rule predict_validation:
         splits="results/splits.json",
         test=split_preprocessed("val"),
     output:
-        predictions=directory("results/validation/predictions/{variant}/split{split}/seed{seed}"),
+        predictions=directory(
+            "results/validation/predictions/{variant}/split{split}/seed{seed}"
+        ),
         metrics="results/validation/metrics/{variant}/split{split}/seed{seed}.csv",
-    params:
-        predict=config["predict"],
-        device=config["train"]["device"],
-        part="val",
     log:
         "logs/predict_validation/{variant}/split{split}/seed{seed}.log",
+    conda:
+        ENV
     threads: job_resources("predict")["threads"]
     resources:
         mem_mb=job_resources("predict")["mem_mb"],
         runtime=job_resources("predict")["runtime"],
         gpu=job_resources("predict")["gpus"],
-    conda:
-        ENV
+    params:
+        predict=config["predict"],
+        evaluation=config["evaluation"],
+        device=config["train"]["device"],
+        part="val",
     script:
         "../../scripts/predict.py"

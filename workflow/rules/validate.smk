@@ -6,6 +6,14 @@ rule validate_inputs:
         all_raw_files(),
     output:
         report="results/qc/input_validation.tsv",
+    log:
+        "logs/validate_inputs.log",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
     params:
         subjects=lambda wildcards: {
             s: {"T1": r.t1, "T2": r.t2, "FLAIR": r.flair, "lesion mask": r.lesions}
@@ -13,13 +21,5 @@ rule validate_inputs:
         },
         reference=REFERENCE,
         allow_empty=config["preprocess"]["allow_empty_masks"],
-    log:
-        "logs/validate_inputs.log",
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=30,
-    conda:
-        ENV
     script:
         "../../scripts/validate_inputs.py"
