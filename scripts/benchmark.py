@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Attention cost (RSA against non-local) and speed of every variant (issue 6).
+"""Attention cost (RSA against non-local) and speed of every variant.
 
 Snakemake script of rule ``benchmark`` (workflow/rules/benchmark.smk), or standalone::
 

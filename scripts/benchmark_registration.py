@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Accuracy and speed of :func:`rsanet.registration.register` (issue 4's benchmark).
+"""Accuracy and speed of :func:`rsanet.registration.register` (the registration benchmark of docs/registration.md).
 
 (a) synthetic: nilearn's MNI152 brain sampled on a 0.7×0.7×3 mm axial grid (3 mm slice profile)
     as the fixed image, and as the moving image a T2-like contrast (inverted, bias field, noise)

@@ -31,7 +31,7 @@ PROFILES = ROOT / "workflow" / "profiles"
 SLURM_PROFILE = PROFILES / "slurm" / "config.yaml"
 DEFAULT_PROFILE = PROFILES / "default" / "config.yaml"
 GPU_RULES = ("train", "predict")
-LIGHT_RULES = ("splits", "aggregate", "figures")  # must be `localrules` (issue 5)
+LIGHT_RULES = ("splits", "aggregate", "figures")  # must be `localrules` (they run on the login node)
 
 #: the tiny study (config/test.yaml) shrunk further for the 2-CPU test node: 2 of the 7 variants
 #: (the baseline and the full RSA), i.e. 4 training jobs instead of 14

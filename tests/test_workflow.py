@@ -305,3 +305,46 @@ def test_lps_las_and_oblique_copies_give_the_same_predictions_on_their_own_grids
         ras = nib.load(tmp_path / "RAS" / "work" / "results" / "predictions" / "unet3d" / "split0" / "seed0" / f"{s}_prob.nii.gz")
         back = np.asarray(_reorient(prob, ("R", "A", "S")).dataobj)
         assert back.max() > 0 and np.array_equal(back, np.asarray(ras.dataobj)), (name, s)
+
+
+def test_allow_empty_masks_runs_a_subject_without_lesions_to_the_report(study, tmp_path):
+    """preprocess.allow_empty_masks: a subject whose mask is empty is validated (warning),
+    co-registered, preprocessed, trained on or scored with the empty-mask rules, and reported."""
+    from rsanet.splits import make_splits
+
+    subjects = sorted(p.name for p in (study / "registered").iterdir())
+    planned = make_splits(subjects, 2, 4, 2, 0, n_val=1)
+    # one empty subject scored in a test set, one trained on (crops fall back to uniform sampling)
+    empties = {planned[0]["test"][0], next(s for s in planned[0]["train"] if s != planned[0]["test"][0])}
+    data, rows = tmp_path / "data", []
+    for s in subjects:
+        (data / s).mkdir(parents=True)
+        for f in ("T1", "T2", "FLAIR", "lesions"):
+            img = nib.load(study / "registered" / s / f"{f}.nii.gz")
+            if f == "lesions" and s in empties:
+                img = nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine)
+            nib.save(img, data / s / f"{f}.nii.gz")
+        rows.append({"subject": s, "t1": f"{s}/T1.nii.gz", "t2": f"{s}/T2.nii.gz", "flair": f"{s}/FLAIR.nii.gz",
+                     "lesions": f"{s}/lesions.nii.gz"})
+    pd.DataFrame(rows).to_csv(data / "subjects.tsv", sep="\t", index=False)
+    cfg = yaml.safe_load(TEST_CONFIG.read_text())
+    cfg.update(subjects=str(data / "subjects.tsv"), variants=["unet3d", "rsa-111"],
+               splits={"n_splits": 2, "n_train": 4, "n_val": 1, "n_test": 2, "seed": 0},
+               figures={"fig5_variants": ["rsa-111", "unet3d"]})
+    cfg["registration"]["engine"] = "none"
+    cfg["preprocess"]["allow_empty_masks"] = True
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    work = tmp_path / "work"
+    run = snakemake(work, "--configfile", str(tmp_path / "config.yaml"))
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "the mask is empty" in (work / "logs" / "validate_inputs.log").read_text()
+    per_subject = pd.read_csv(work / "results" / "tables" / "per_subject_metrics.csv")
+    assert json.loads((work / "results" / "splits.json").read_text())["splits"] == planned
+    scored = per_subject[per_subject.subject == planned[0]["test"][0]]
+    assert len(scored) >= 2  # both variants scored it
+    for _, row in scored.iterrows():  # the empty-mask rules: no true lesions
+        assert row.n_true_lesions == 0 and row.ltpr == 1.0 and row.volume_true_ml == 0
+        assert np.isnan(row.rel_volume_error)
+    report = snakemake(work, "--configfile", str(tmp_path / "config.yaml"), "--report", "report.html", timeout=600)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert (work / "report.html").stat().st_size > 10_000

@@ -96,9 +96,16 @@ def _jobs_for(cfg: dict, splits: list[dict], split_ids, variant: str, train_cfg:
         jobs.append({
             "variant": variant, "split": k, "setting": name, "seed": seed, "train_cfg": train_cfg,
             "train_files": [str(results / "preprocessed" / f"{s}.npz") for s in splits[k]["train"]],
-            "out": str(scratch / f"{name}-{variant}-split{k}-seed{seed}.pt"),
+            # the file name holds a hash of the settings, so a changed config never reuses a model
+            "out": str(scratch / f"{name}-{variant}-split{k}-seed{seed}-{_digest(train_cfg)}.pt"),
         })
     return jobs
+
+
+def _digest(train_cfg: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(train_cfg, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def _files(results: Path, names: list[str]) -> list[str]:
@@ -122,6 +129,8 @@ def main(argv=None) -> int:
     p.add_argument("--splits", type=int, nargs="*", default=[0, 1, 2])
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4])
     p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--only", type=int, nargs="*", default=None,
+                   help="settings: measure only these rows of the table (0 = the baseline)")
     p.add_argument("--out", default=str(REPO / "docs" / "tuning"))
     p.add_argument("--scratch", default=str(REPO / "results" / "tuning"))
     args = p.parse_args(argv)
@@ -138,6 +147,9 @@ def main(argv=None) -> int:
     base = {k: v for k, v in cfg["train"].items() if k != "seeds"}
     pool = mp.get_context("spawn").Pool(args.processes)
     commit = _commit()
+    tag = "" if Path(args.config).resolve() == (REPO / "config" / "config.yaml").resolve() else Path(args.config).stem + "-"
+    scratch = scratch / tag.rstrip("-") if tag else scratch
+    scratch.mkdir(parents=True, exist_ok=True)
 
     if args.what == "settings":
         changes = {
@@ -152,7 +164,8 @@ def main(argv=None) -> int:
         }
         jobs = []
         for i, (name, change) in enumerate(changes.items()):
-            jobs += _jobs_for(cfg, splits, args.splits, "unet3d", {**base, **change}, f"s{i}", results, scratch)
+            if args.only is None or i in args.only:
+                jobs += _jobs_for(cfg, splits, args.splits, "unet3d", {**base, **change}, f"s{i}", results, scratch)
         pool.map(_train_one, jobs)
         names = list(changes)
         scored = pool.map(_score_job, [(j, _files(results, splits[j["split"]]["val"]), cfg["predict"],
@@ -164,7 +177,7 @@ def main(argv=None) -> int:
         header = (f"Validation Dice (%) of the 3D U-Net, mean and minimum over splits {args.splits} "
                   f"({len(splits[0]['val'])} validation subjects each), one change at a time; commit {commit}; "
                   f"`python tools/tune_on_validation.py settings --splits {' '.join(map(str, args.splits))}`")
-        _write(table, out, "settings", header)
+        _write(table, out, tag + "settings", header.replace("one change at a time;", f"one change at a time from {Path(args.config).name};"))
     elif args.what == "policy":
         jobs = []
         for variant in ("unet3d", "rsa-111"):

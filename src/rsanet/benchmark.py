@@ -1,4 +1,4 @@
-"""What the attention blocks and the networks cost, measured (issue 6).
+"""What the attention blocks and the networks cost, measured (the paper's cost claims and the CPU speed targets).
 
 Read top-down:
 
@@ -698,7 +698,7 @@ def cuda_precision(
 
 
 # ---------------------------------------------------------------------------------------------
-# 4c. Targets of issue 6, checked
+# 4c. The CPU speed targets, checked
 # ---------------------------------------------------------------------------------------------
 def rsa_softmax_shapes(variant: str, widths: Sequence[int], crop: Sequence[int], batch: int) -> list[tuple[int, ...]]:
     """Shapes of every softmax output (the attention maps) of a forward+backward pass, recorded."""
@@ -732,7 +732,7 @@ def check_targets(
     nets: Sequence[NetworkRow], ceiling: Mapping[str, float], widths: Sequence[int], crop: Sequence[int],
     batch: int, threads: int,
 ) -> list[Target]:
-    """The CPU targets of issue 6 against this run's measurements."""
+    """The CPU speed targets (docs/performance.md) against this run's measurements."""
     targets = []
     by = {r.variant: r for r in nets}
     for v in ("rsa-010", "rsa-101", "rsa-111"):

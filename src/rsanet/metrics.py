@@ -441,13 +441,15 @@ def surface_distances_mm(
         return 0.0, 0.0
     if not p.any() or not t.any():
         return float("nan"), float("nan")
-    box = tuple(
-        slice(max(int(lo) - 1, 0), min(int(hi) + 2, n))
-        for lo, hi, n in zip(np.argwhere(p | t).min(0), np.argwhere(p | t).max(0), p.shape)
-    )  # the union's bounding box + 1 voxel: every surface voxel lies inside it
-    sp, st = _surface(p[box]), _surface(t[box])
-    d_pt = ndimage.distance_transform_edt(~st, sampling=spacing)[sp]
-    d_tp = ndimage.distance_transform_edt(~sp, sampling=spacing)[st]
+    # Nearest-surface distances with a k-d tree over the surface voxels' positions in mm (exact
+    # Euclidean nearest neighbours; far faster than a distance transform of the whole box when
+    # predictions are scattered over the brain).
+    from scipy.spatial import cKDTree
+
+    sp_mm = np.argwhere(_surface(p)) * np.asarray(spacing)
+    st_mm = np.argwhere(_surface(t)) * np.asarray(spacing)
+    d_pt = cKDTree(st_mm).query(sp_mm)[0]
+    d_tp = cKDTree(sp_mm).query(st_mm)[0]
     hd = max(float(np.percentile(d_pt, percentile)), float(np.percentile(d_tp, percentile)))
     return hd, float(np.concatenate([d_pt, d_tp]).mean())
 

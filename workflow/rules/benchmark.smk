@@ -1,4 +1,4 @@
-# Attention cost (RSA against non-local) and speed of every variant (issue 6): not part of
+# Attention cost (RSA against non-local) and speed of every variant: not part of
 # `all`; run it on an otherwise idle machine with `snakemake benchmark` (it times things).
 
 
