@@ -30,7 +30,7 @@ rule benchmark:
         mem_mb=6000,
         runtime=20,
     params:
-        train=config["train"],
+        train=section("train"),
         variants=VARIANT_IDS,
         rounds=7,
         memory_budget_mib=1500,

@@ -112,15 +112,31 @@ def split_preprocessed(part):
     return inputs
 
 
+def stable(value):
+    """A config section with its keys sorted, recursively: a job's params then do not depend on
+    the order in which a config file lists its keys (reordering a file reruns nothing).
+    """
+    if isinstance(value, dict):
+        return {k: stable(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [stable(v) for v in value]
+    return value
+
+
+def section(name):
+    """A validated config section as a job parameter (keys sorted, see `stable`)."""
+    return stable(config[name])
+
+
 def train_params():
     """The `train:` section as the training jobs' params, without `seeds` (how many trainings
     there are, not how one runs: adding a seed must not rerun the others)."""
-    return {k: v for k, v in config["train"].items() if k != "seeds"}
+    return stable({k: v for k, v in config["train"].items() if k != "seeds"})
 
 
 def study_config():
     """The config without job sizes: what the results depend on (params of the record rules)."""
-    return {k: v for k, v in config.items() if k != "resources"}
+    return stable({k: v for k, v in config.items() if k != "resources"})
 
 
 def job_resources(rule_name):

@@ -18,6 +18,6 @@ rule demo_subject:
         mem_mb=2000,
         runtime=10,
     params:
-        demo=config["demo"],
+        demo=section("demo"),
     script:
         "../../scripts/demo_subject.py"

@@ -46,8 +46,8 @@ rule predict:
         runtime=job_resources("predict")["runtime"],
         gpu=job_resources("predict")["gpus"],
     params:
-        predict=config["predict"],
-        evaluation=config["evaluation"],
+        predict=section("predict"),
+        evaluation=section("evaluation"),
         device=config["train"]["device"],
         part="test",
     script:
@@ -76,8 +76,8 @@ rule predict_validation:
         runtime=job_resources("predict")["runtime"],
         gpu=job_resources("predict")["gpus"],
     params:
-        predict=config["predict"],
-        evaluation=config["evaluation"],
+        predict=section("predict"),
+        evaluation=section("evaluation"),
         device=config["train"]["device"],
         part="val",
     script:
