@@ -219,7 +219,7 @@ def derived_config(path: Path, **overrides) -> list[str]:
 
 
 def _bad_config(tmp_path: Path, sheet: Path, **overrides) -> list[str]:
-    splits = {"n_splits": 1, "n_train": 1, "n_test": 1}
+    splits = {"n_splits": 1, "n_train": 1, "n_val": 0, "n_test": 1}
     return derived_config(tmp_path / "config.yaml", subjects=str(sheet), splits=splits, **overrides)
 
 

@@ -53,8 +53,8 @@ def make_splits(
             f"make_splits: {n_train} train + {n_test} test subjects do not fit a cohort of {len(ids)}"
         )
     if not 0 <= n_val < n_train:
-        raise ValueError(f"make_splits: n_val = {n_val} must be >= 0 and leave at least one of the {n_train} "
-                         "training subjects to fit on")
+        raise ValueError(f"make_splits: splits.n_val = {n_val} must be >= 0 and leave at least one of the "
+                         f"splits.n_train = {n_train} training subjects to fit on; lower splits.n_val")
     possible = count_distinct_splits(len(ids), n_train, n_test, n_val)
     if n_splits > possible:
         raise ValueError(

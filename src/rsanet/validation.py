@@ -241,6 +241,8 @@ def validate_cohort(
         rows += [{"subject": sid, "level": "error", "message": m} for m in errors]
         rows += [{"subject": sid, "level": "warning", "message": m} for m in warnings]
         log.info("%s: %d error(s), %d warning(s)", sid, len(errors), len(warnings))
+        for message in warnings:
+            log.warning("%s", message)
     table = pd.DataFrame(rows, columns=["subject", "level", "message"])
     n_err = int((table.level == "error").sum())
     if n_err:
