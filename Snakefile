@@ -24,6 +24,7 @@ include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/splits.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/export.smk"
 include: "workflow/rules/benchmark.smk"
 
 
@@ -33,6 +34,7 @@ localrules:
     aggregate,
     figures,
     provenance,
+    export,
 
 
 rule all:

@@ -21,3 +21,17 @@ def _seed_everything():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def study(tmp_path_factory):
+    """The tiny study (config/test.yaml) run once through Snakemake; its ``results`` folder.
+
+    Shared by the workflow and the segmentation tests (a few minutes on 2 cores).
+    """
+    from test_workflow import TEST_CONFIG, snakemake
+
+    work = tmp_path_factory.mktemp("tiny_study")
+    run = snakemake(work, "--configfile", str(TEST_CONFIG))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    return work / "results"

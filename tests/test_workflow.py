@@ -30,12 +30,7 @@ def snakemake(workdir: Path, *args: str, timeout: int = 1200) -> subprocess.Comp
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def study(tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("tiny_study")
-    run = snakemake(work, "--configfile", str(TEST_CONFIG))
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
-    return work / "results"
+# The `study` fixture (the tiny study run once per test session) is in conftest.py.
 
 
 def test_table1_has_seven_variants_with_metrics_in_range(study):
@@ -348,3 +343,14 @@ def test_allow_empty_masks_runs_a_subject_without_lesions_to_the_report(study, t
     report = snakemake(work, "--configfile", str(tmp_path / "config.yaml"), "--report", "report.html", timeout=600)
     assert report.returncode == 0, report.stderr[-3000:]
     assert (work / "report.html").stat().st_size > 10_000
+
+
+def test_validation_target_scores_only_the_validation_parts(study):
+    """`snakemake validation`: every trained model predicts its split's validation subjects."""
+    run = snakemake(study.parent, "--configfile", str(TEST_CONFIG), "validation")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    splits = json.loads((study / "splits.json").read_text())["splits"]
+    rows = pd.concat([pd.read_csv(p) for p in (study / "validation" / "metrics").rglob("*.csv")])
+    for k, s in enumerate(splits):
+        assert set(rows[rows.split == k].subject) == set(s["val"])
+    assert "Sample Dice" in (study / "validation" / "table1_validation.md").read_text()

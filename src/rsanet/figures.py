@@ -190,6 +190,21 @@ def lesion_load(rows: pd.DataFrame, stem: str) -> list[Path]:
     return save_figure(fig, stem)
 
 
+def segmentation_qc(flair: np.ndarray, mask: np.ndarray, spacing: Sequence[float], summary: Mapping, stem: str) -> list[Path]:
+    """A new patient's lesion mask in red over three axial FLAIR slices (the most lesioned one and
+    two around it); ``flair``, ``mask``: ``(D, H, W)`` brain crops."""
+    centre = most_lesioned_slice(mask) if mask.any() else mask.shape[0] // 2
+    picks = sorted({int(np.clip(centre + k, 0, mask.shape[0] - 1)) for k in (-3, 0, 3)})
+    fig, axes = plt.subplots(1, len(picks), figsize=(4 * len(picks), 4.4), squeeze=False)
+    for ax, d in zip(axes[0], picks):
+        _overlay(ax, flair[d], mask[d], f"axial slice {d}")
+        ax.set_aspect(_aspect(spacing))
+    fig.suptitle(f"{summary['lesion_count']} lesions, {summary['total_lesion_volume_ml']:.2f} ml "
+                 f"({summary['model']['variant']}, ensemble of {summary['model']['n_models']}); research use only",
+                 fontsize=9)
+    return save_figure(fig, stem)
+
+
 def registration_errors(table: pd.DataFrame, stem: str) -> list[Path]:
     """Registration error against the known truth (demo cohort): one box per contrast.
 

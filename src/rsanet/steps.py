@@ -462,3 +462,123 @@ def provenance_step(config: Mapping, records: Sequence[str], out_json: str) -> N
         "device": "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "registration_engines": engines, "config": dict(config),
     }, out_json)
+
+
+# ---------------------------------------------------------------------------------------------
+# Export of the study's best (or chosen) variant, for segmenting new patients
+# ---------------------------------------------------------------------------------------------
+def export_step(
+    choice: str, table1_csv: str, table2_csv: str, models: Mapping[str, Sequence[str]], config: Mapping,
+    subjects: Sequence[str], out_dir: str,
+) -> str:
+    """Write ``out_dir/<variant>/``: that variant's models of every split, ``export.json`` and
+    ``MODEL_CARD.md`` (see :mod:`rsanet.segment`). ``choice``: a variant id or ``"best"``
+    (highest mean voxel Dice in Table 1). Returns the variant exported."""
+    import hashlib
+    import shutil
+
+    from . import __version__, evaluation
+    from .paper import deviations
+    from .segment import EXPORT_FORMAT
+
+    t1 = pd.read_csv(table1_csv).set_index("variant")
+    t2 = pd.read_csv(table2_csv).set_index("variant")
+    variant = str(t1.voxel_dice_mean.idxmax()) if choice == "best" else choice
+    if variant not in models:
+        raise ValueError(f"export.variant {choice!r}: no trained models of {variant!r} (variants: {', '.join(models)})")
+    out = Path(out_dir) / variant
+    out.mkdir(parents=True, exist_ok=True)
+    names = []
+    for path in models[variant]:
+        p = Path(path)  # results/models/<variant>/split<k>/seed<s>/model.pt
+        name = f"model_{p.parent.parent.name}_{p.parent.name}.pt"
+        shutil.copyfile(p, out / name)
+        names.append(name)
+    sheet = config["subjects"]
+    if sheet == "demo":
+        sheet_hash = hashlib.sha256("\n".join(sorted(subjects)).encode()).hexdigest()
+    else:
+        sheet_hash = hashlib.sha256(Path(sheet).read_bytes()).hexdigest()
+    row1 = {k: float(v) for k, v in t1.loc[variant].items() if k.endswith(("_mean", "_sd"))}
+    row2 = {k: float(v) for k, v in t2.loc[variant].items() if k.endswith(("_mean", "_sd"))}
+    meta = {
+        "format": EXPORT_FORMAT, "rsanet_version": __version__, "variant": variant,
+        "chosen_by": "highest mean voxel Dice in Table 1" if choice == "best" else "export.variant",
+        "models": names, "registration": dict(config["registration"]), "preprocess": dict(config["preprocess"]),
+        "predict": dict(config["predict"]), "train": dict(config["train"]), "evaluation": dict(config["evaluation"]),
+        "training_data": {"subjects": sheet, "n_subjects": len(subjects), "subject_ids_or_sheet_sha256": sheet_hash,
+                          "splits": dict(config["splits"])},
+        "table1": row1, "table2": row2,
+    }
+    save_json(meta, out / "export.json")
+    dev = deviations(config)
+    card = _model_card(meta, dev[dev.status != "as in the paper"], evaluation)
+    evaluation.write_text(card, out / "MODEL_CARD.md")
+    log.info("exported %s (%d models) to %s", variant, len(names), out)
+    return variant
+
+
+def _model_card(meta: Mapping, dev: pd.DataFrame, evaluation) -> str:
+    t1, t2, tr = meta["table1"], meta["table2"], meta["training_data"]
+    fmt = lambda m, scale=1: f"{t1[m + '_mean']:.2f} ± {t1[m + '_sd']:.2f}" if m + "_mean" in t1 else "n/a"
+    lines = [
+        f"# Model card: RSANet study, {meta['variant']}", "",
+        "## Intended use",
+        "Research on multiple sclerosis lesion segmentation from co-registered T1, T2 and FLAIR MRI. **Not a medical "
+        "device**: not for diagnosis or treatment decisions. Apply with `rsanet-segment --model <this folder> ...`.", "",
+        "## Model",
+        f"{meta['variant']} of the paper's Table 1 (Zhang et al., MICCAI 2019), an ensemble of {len(meta['models'])} "
+        f"networks (one per random split and seed), widths {meta['train']['widths']}, trained on {meta['train']['crop']} "
+        f"crops for {meta['train']['iterations']} iterations; chosen by: {meta['chosen_by']}. Inference: "
+        f"{meta['predict']}; the lesion probabilities of the networks are averaged.", "",
+        "## Training data",
+        f"Cohort: `{tr['subjects']}` ({tr['n_subjects']} subjects; {'the synthetic demo cohort built from 30 real lesion masks, CC-BY' if tr['subjects'] == 'demo' else 'the user sheet'}); "
+        f"sha256 of the subject ids / sheet: `{tr['subject_ids_or_sheet_sha256']}`; splits {tr['splits']}.", "",
+        "## Evaluation (the study's own test splits)",
+        f"Table 1 (percent, mean ± sd over splits): sample Dice {fmt('sample_dice')}, voxel Dice {fmt('voxel_dice')}, "
+        f"sample IoU {fmt('sample_iou')}, voxel IoU {fmt('voxel_iou')}.",
+        "Lesion-wise (" + f"{meta['evaluation']['detection_rule']} rules, {meta['evaluation']['connectivity']}-connectivity, "
+        f"> {meta['evaluation']['min_lesion_mm3']} mm³): " + ", ".join(
+            f"{m} {t2[m + '_mean']:.2f} ± {t2[m + '_sd']:.2f}" for m in ("ltpr", "lfpr", "lesion_f1", "hd95_mm")
+            if m + "_mean" in t2) + " (percent; HD95 in mm).", "",
+        "## Deviations from the paper",
+        evaluation.to_markdown(dev[["setting", "paper", "this_run", "status"]]) if len(dev) else "none", "",
+        "## Limitations",
+        "- Trained on the cohort above only; scanners, resolutions and populations unlike it (and the synthetic demo "
+        "cohort above all) can give much worse results: check the QC figure of every patient.",
+        "- Inputs must be skull-stripped like the training data; T1 and T2 are registered onto the FLAIR (linear).",
+        "- Short CPU trainings of the demo config are unreliable (docs/demo_settings.md: some seeds collapse).",
+        f"- Exported by rsanet {meta['rsanet_version']}; the export format is {meta['format']}.", "",
+    ]
+    return "\n".join(lines)
+
+
+def external_test_step(masks: Mapping[str, str], segmented: Sequence[str], evaluation: Mapping, out_csv: str,
+                       out_md: str) -> None:
+    """Score new subjects' ``lesions.nii.gz`` (results/segment/<subject>/) against their masks."""
+    from . import evaluation as ev
+    from .volumes import voxel_sizes_mm
+
+    settings = evaluation_settings(evaluation)
+    rows = []
+    for folder in segmented:
+        subject = Path(folder).name
+        if subject not in masks:
+            continue
+        pred = nib.load(str(Path(folder) / "lesions.nii.gz"))
+        truth = load_checked(masks[subject], subject, "lesion mask", allow_empty=True)
+        require_same_grid(truth, pred, subject, "lesion mask", masks[subject], Path(folder) / "lesions.nii.gz")
+        t = binarise_mask(np.asarray(truth.dataobj), subject, masks[subject]) > 0
+        scores = evaluate_case(np.asarray(pred.dataobj) > 0, t, tuple(voxel_sizes_mm(pred)), settings)
+        variant = json.loads((Path(folder) / "summary.json").read_text())["model"]["variant"]
+        rows.append({"subject": subject, "variant": variant, **scores})
+    table = pd.DataFrame(rows)
+    ev.write_csv(table, out_csv)
+    cols = ["subject", "variant", "dice", "iou", "hd95_mm", "assd_mm", "ltpr", "lfpr", "lesion_f1", "n_true_lesions",
+            "n_pred_lesions", "volume_true_ml", "volume_pred_ml"]
+    shown = table[cols].copy()
+    for c in ("dice", "iou", "ltpr", "lfpr", "lesion_f1"):
+        shown[c] = (100 * shown[c]).round(1)
+    ev.write_text(ev.to_markdown(shown) + "\nDice, IoU, LTPR, LFPR, F1 in percent; distances in mm; volumes in ml.\n",
+                  out_md)
+    log.info("external test set: %d subjects, mean Dice %.3f", len(table), table.dice.mean() if len(table) else float("nan"))

@@ -150,8 +150,11 @@ def load_config(path: str | Path, schema_path: str | Path) -> dict:
     return config
 
 
-def read_sheet(path: str | Path) -> pd.DataFrame:
-    """Read a subject sheet (TSV) as strings; relative paths resolve against its folder."""
+def read_sheet(path: str | Path, optional: Sequence[str] = ()) -> pd.DataFrame:
+    """Read a subject sheet (TSV) as strings; relative paths resolve against its folder.
+
+    ``optional``: columns that may be absent or empty (e.g. ``lesions`` of new subjects to segment).
+    """
     path = Path(path)
     if not path.is_file():
         raise ValidationError(f"subject sheet {str(path)!r} not found; set `subjects:` in the config")
@@ -169,14 +172,17 @@ def read_sheet(path: str | Path) -> pd.DataFrame:
     df = df.apply(lambda col: col.str.strip())
     for col in SHEET_COLUMNS[1:]:
         if col in df:
-            df[col] = [str(p) if Path(p).is_absolute() else str(path.parent / p) for p in df[col]]
+            df[col] = [str(p) if not p or Path(p).is_absolute() else str(path.parent / p) for p in df[col]]
     return df
 
 
-def sheet_problems(df: pd.DataFrame, sheet: str = "subject sheet") -> list[str]:
-    """Missing columns, duplicate ids, ids unsafe in file names, paths that do not exist."""
+def sheet_problems(df: pd.DataFrame, sheet: str = "subject sheet", optional: Sequence[str] = ()) -> list[str]:
+    """Missing columns, duplicate ids, ids unsafe in file names, paths that do not exist.
+
+    ``optional``: columns that may be absent, or empty for some subjects.
+    """
     problems = []
-    missing = [c for c in SHEET_COLUMNS if c not in df.columns]
+    missing = [c for c in SHEET_COLUMNS if c not in df.columns and c not in optional]
     if missing:
         return [f"{sheet}: missing column(s) {', '.join(missing)}; expected {', '.join(SHEET_COLUMNS)}"]
     for sid, count in df.subject.value_counts().items():
@@ -189,6 +195,8 @@ def sheet_problems(df: pd.DataFrame, sheet: str = "subject sheet") -> list[str]:
                 f"{sheet}: subject id {sid!r} is not safe in file names; use letters, digits, '_' and '-'"
             )
         for role, col in ROLE_COLUMNS.items():
+            if col in optional and (col not in row or not row[col]):
+                continue
             p = row[col]
             if not p or not Path(p).is_file():
                 problems.append(f"subject {sid!r}, {role} file {p!r}: file not found")

@@ -78,11 +78,34 @@ REFERENCE = config["registration"]["reference"]
 MOVING = [c for c in ("T1", "T2", "FLAIR") if c != REFERENCE]
 
 
+# New subjects to segment with the exported model (`snakemake segment`; sheet: subject, t1, t2,
+# flair, optional lesions). Their ids have their own wildcard, apart from the study's subjects.
+NEW_SHEET = (
+    read_sheet(config["segment_subjects"], optional=("lesions",))
+    if config["segment_subjects"]
+    else pd.DataFrame(columns=["subject", "t1", "t2", "flair", "lesions"])
+)
+if config["segment_subjects"]:
+    _new_issues = sheet_problems(
+        NEW_SHEET,
+        f"segment_subjects sheet {config['segment_subjects']}",
+        optional=("lesions",),
+    )
+    if _new_issues:
+        raise ValueError(
+            f"{len(_new_issues)} problem(s) in the segment_subjects sheet:\n"
+            + "\n".join(f"  - {p}" for p in _new_issues)
+        )
+NEW_SHEET = NEW_SHEET.set_index("subject", drop=False)
+NEW_SUBJECTS = list(NEW_SHEET.subject)
+
+
 wildcard_constraints:
     subject="|".join(re.escape(s) for s in SUBJECTS),
     variant="|".join(re.escape(v) for v in VARIANT_IDS),
     split=r"\d+",
     seed=r"\d+",
+    new_subject="|".join(re.escape(s) for s in NEW_SUBJECTS) or "(?!)",
     contrast="T1|T2|FLAIR",
 
 
@@ -91,6 +114,38 @@ def raw_images(wildcards):
     """The subject's raw T1, T2, FLAIR and lesion mask (from the sheet or the demo cohort)."""
     row = SHEET.loc[wildcards.subject]
     return {"t1": row.t1, "t2": row.t2, "flair": row.flair, "lesions": row.lesions}
+
+
+def new_subject_images(wildcards):
+    row = NEW_SHEET.loc[wildcards.new_subject]
+    return {"t1": row.t1, "t2": row.t2, "flair": row.flair}
+
+
+def new_subject_masks():
+    """New subject -> lesion mask path, for those of the segment sheet that have one."""
+    if "lesions" not in NEW_SHEET:
+        return {}
+    return {
+        s: p
+        for s, p in zip(NEW_SHEET.subject, NEW_SHEET.lesions)
+        if isinstance(p, str) and p
+    }
+
+
+def segment_outputs():
+    out = expand("results/segment/{new_subject}", new_subject=NEW_SUBJECTS)
+    if new_subject_masks():
+        out += ["results/tables/external_test.md"]
+    return out
+
+
+def all_models():
+    return expand(
+        "results/models/{variant}/split{split}/seed{seed}/model.pt",
+        variant=VARIANT_IDS,
+        split=SPLIT_IDS,
+        seed=SEED_IDS,
+    )
 
 
 def all_raw_files():
@@ -135,8 +190,15 @@ def train_params():
 
 
 def study_config():
-    """The config without job sizes: what the results depend on (params of the record rules)."""
-    return stable({k: v for k, v in config.items() if k != "resources"})
+    """The config without job sizes and without what only `snakemake segment` reads: what the
+    study's results depend on (params of the record rules)."""
+    return stable(
+        {
+            k: v
+            for k, v in config.items()
+            if k not in ("resources", "segment_subjects", "segment")
+        }
+    )
 
 
 def job_resources(rule_name):
@@ -192,6 +254,7 @@ def all_outputs():
         "results/tables/table2.md",
         "results/tables/paired_tests.md",
         "results/tables/deviations.md",
+        "results/export",
         "results/tables/detection_by_size.md",
         "results/figures/detection_by_size.png",
         "results/figures/lesion_load.png",

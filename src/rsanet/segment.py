@@ -1,0 +1,278 @@
+"""Segment new patients with a study's exported models: ``rsanet-segment``.
+
+An *export* (``results/export/<variant>/``, written by the workflow's ``export`` rule) holds the
+weights of one variant's models from every split, ``export.json`` (the registration, preprocessing,
+inference and evaluation settings the models were trained and scored with, versions, the training
+cohort's size and sheet hash, the variant's Table 1 and Table 2 rows) and ``MODEL_CARD.md``.
+
+:func:`segment` applies it to one patient: T1 and T2 co-registered onto the FLAIR with the
+export's engine and settings, preprocessed as in training, every split model predicting with the
+study's tiling policy (optionally with mirrored copies), the lesion probabilities averaged (the
+ensemble), thresholded, lesions of at most ``min_lesion_mm3`` removed. Every output lies on the
+input FLAIR's own grid (shape, affine and voxel order of the file given). Outputs are written to a
+temporary folder next to ``out`` and renamed at the end, so a failure leaves nothing in ``out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+from .volumes import InputError, load_checked, preprocess_subject
+
+log = logging.getLogger(__name__)
+
+#: Version of the export layout; an export of another version is refused with a clear message.
+EXPORT_FORMAT = 1
+OUTPUTS = ("lesion_prob.nii.gz", "lesions.nii.gz", "lesions.csv", "summary.json", "qc.png")
+
+
+class ExportError(ValueError):
+    """An export folder that cannot be used (missing, corrupted, or from an incompatible version)."""
+
+
+def read_export(model_dir: str | os.PathLike) -> dict:
+    """``export.json`` of an export folder, checked: format version, and every model file present."""
+    folder = Path(model_dir)
+    meta_path = folder / "export.json"
+    if not meta_path.is_file():
+        raise ExportError(f"{folder}: no export.json: not a model exported by `snakemake export`")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ExportError(f"{meta_path}: unreadable ({err}); re-export the model") from err
+    if meta.get("format") != EXPORT_FORMAT:
+        raise ExportError(f"{meta_path}: export format {meta.get('format')!r}, this rsanet reads format "
+                          f"{EXPORT_FORMAT}; export the model again with this version, or install the rsanet "
+                          f"version it was made with ({meta.get('rsanet_version')})")
+    for name in meta.get("models", []):
+        if not (folder / name).is_file():
+            raise ExportError(f"{folder / name}: listed in export.json but missing; copy the whole export folder")
+    if not meta.get("models"):
+        raise ExportError(f"{meta_path}: lists no model")
+    return meta
+
+
+def _load_models(folder: Path, meta: dict, device):
+    import torch
+
+    from .training import load_model
+
+    models = []
+    for name in meta["models"]:
+        try:
+            models.append(load_model(folder / name, device)[0])
+        except (RuntimeError, KeyError, ValueError, OSError, EOFError, torch.serialization.pickle.UnpicklingError) as err:
+            raise ExportError(f"{folder / name}: cannot be loaded ({type(err).__name__}: {err}); the file is "
+                              "corrupted or from an incompatible version: export the model again") from err
+    return models
+
+
+def lesion_table(mask: np.ndarray, prob: np.ndarray, affine: np.ndarray, connectivity: int = 6) -> pd.DataFrame:
+    """One row per lesion (connected component) of ``mask`` (voxel arrays of the same grid).
+
+    Columns: ``lesion`` (1..n, by decreasing volume), ``volume_mm3``, ``centroid_x_mm``,
+    ``centroid_y_mm``, ``centroid_z_mm`` (world RAS mm through ``affine``), ``max_probability``.
+    """
+    from .metrics import _structure
+
+    labels, n = ndimage.label(mask, structure=_structure(mask.ndim, connectivity))
+    voxel_mm3 = float(abs(np.linalg.det(affine[:3, :3])))
+    rows = []
+    for k in range(1, n + 1):
+        ijk = np.argwhere(labels == k)
+        centre = affine[:3, :3] @ ijk.mean(axis=0) + affine[:3, 3]
+        rows.append({"volume_mm3": len(ijk) * voxel_mm3, "centroid_x_mm": centre[0], "centroid_y_mm": centre[1],
+                     "centroid_z_mm": centre[2], "max_probability": float(prob[labels == k].max())})
+    table = pd.DataFrame(rows, columns=["volume_mm3", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm",
+                                        "max_probability"])
+    table = table.sort_values("volume_mm3", ascending=False, kind="stable").reset_index(drop=True)
+    table.insert(0, "lesion", np.arange(1, len(table) + 1))
+    return table
+
+
+def _ensemble(models, image: np.ndarray, policy: dict, device, tta: bool) -> np.ndarray:
+    """Mean lesion probability over the models (and, with ``tta``, over flips of each axis)."""
+    from .inference import predict_volume
+
+    flips = [()] + ([(1,), (2,), (3,)] if tta else [])  # axes of (3, D, H, W)
+    total = np.zeros(image.shape[1:], dtype=np.float64)
+    for model in models:
+        cfg_tile = policy["tile"]
+        for axes in flips:
+            x = np.flip(image, axes).copy() if axes else image
+            tile = None if cfg_tile == "whole" else (tuple(policy["crop"]) if cfg_tile is None else tuple(cfg_tile))
+            p = predict_volume(model, x, tile=tile, overlap=policy["overlap"], device=device,
+                               blending=policy["blending"], batch_size=policy["batch_size"])
+            total += np.flip(p, tuple(a - 1 for a in axes)) if axes else p
+    return (total / (len(models) * len(flips))).astype(np.float32)
+
+
+def segment(
+    model_dir: str | os.PathLike, t1: str, t2: str, flair: str, out: str | os.PathLike, device: str = "auto",
+    threshold: float = 0.5, min_lesion_mm3: float = 3.0, tta: bool = False,
+) -> dict:
+    """Segment one patient; returns the summary written to ``out/summary.json``.
+
+    Raises:
+        InputError: a missing, 4D, empty or non-overlapping input (the message names the file).
+        ExportError: an unusable export.
+    """
+    from .metrics import remove_small_components
+    from .registration import (
+        MIN_COVERAGE, RegistrationError, field_of_view_coverage, header_alignment, register, resample_to_fixed,
+    )
+    from .training import resolve_device
+
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    folder = Path(model_dir)
+    meta = read_export(folder)
+    dev = resolve_device(device)
+    models = _load_models(folder, meta, dev)
+    seconds["load_models"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    fixed = load_checked(flair, "new patient", "FLAIR")
+    images = {"FLAIR": fixed}
+    reg = meta["registration"]
+    for contrast, path in (("T1", t1), ("T2", t2)):
+        moving = load_checked(path, "new patient", contrast)
+        if reg["engine"] == "none":
+            res = header_alignment(path, flair)
+        else:
+            try:
+                res = register(path, flair, dof=reg["dof"], engine=reg["engine"], search_deg=reg["search_deg"],
+                               max_displacement_mm=reg["max_displacement_mm"], threads=max(os.cpu_count() or 1, 1))
+            except RegistrationError as err:
+                raise InputError(f"{contrast} file {path!r}: {err}") from err
+        coverage = field_of_view_coverage(moving, fixed, res.moving_to_fixed)
+        if coverage < MIN_COVERAGE:
+            raise InputError(f"{contrast} file {path!r}: its field of view covers only {100 * coverage:.0f} % of the "
+                             f"FLAIR {flair!r}; give a {contrast} scan of the same head that covers the brain")
+        images[contrast] = resample_to_fixed(moving, fixed, res.moving_to_fixed, "linear")
+    seconds["registration"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    empty = nib.Nifti1Image(np.zeros(fixed.shape[:3], np.uint8), fixed.affine)
+    pre = preprocess_subject(images["T1"], images["T2"], images["FLAIR"], empty, margin=meta["preprocess"]["margin"])
+    seconds["preprocessing"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    policy = {**meta["predict"], "crop": meta["train"]["crop"]}
+    prob = _ensemble(models, pre.image, policy, dev, tta)
+    seconds["prediction"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    prob_img = pre.uncrop(prob)  # on the FLAIR file's own grid
+    prob_ref = np.asarray(prob_img.dataobj, dtype=np.float32)
+    voxel_mm3 = float(abs(np.linalg.det(fixed.affine[:3, :3])))
+    min_voxels = int(np.floor(min_lesion_mm3 / voxel_mm3)) + 1 if min_lesion_mm3 > 0 else 0
+    connectivity = int(meta["evaluation"]["connectivity"])
+    mask = remove_small_components(prob_ref > threshold, min_voxels, connectivity)
+    table = lesion_table(mask, prob_ref, fixed.affine, connectivity)
+    mask_img = nib.Nifti1Image(mask.astype(np.uint8), prob_img.affine, prob_img.header)
+    mask_img.set_data_dtype(np.uint8)
+    summary = {
+        "lesion_count": int(len(table)), "total_lesion_volume_ml": float(table.volume_mm3.sum() / 1000.0),
+        "model": {"variant": meta["variant"], "export": str(folder.resolve()), "n_models": len(models),
+                  "model_card_sha256": _sha256(folder / "MODEL_CARD.md")},
+        "inputs": {"t1": str(t1), "t2": str(t2), "flair": str(flair)},
+        "settings": {"threshold": threshold, "min_lesion_mm3": min_lesion_mm3, "tta": tta,
+                     "connectivity": connectivity, "policy": meta["predict"]},
+        "versions": _versions(), "device": str(dev),
+    }
+    _write_outputs(Path(out), prob_img, mask_img, table, summary, seconds, pre, mask, t0)
+    return summary
+
+
+def _sha256(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    from . import __version__
+
+    out = {"rsanet": __version__}
+    for pkg in ("torch", "numpy", "nibabel", "SimpleITK"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _write_outputs(out: Path, prob_img, mask_img, table, summary, seconds, pre, mask_ref, t0) -> None:
+    """Write the five outputs into a temporary folder beside ``out``, then rename it to ``out``."""
+    from . import figures
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        nib.save(prob_img, str(tmp / "lesion_prob.nii.gz"))
+        nib.save(mask_img, str(tmp / "lesions.nii.gz"))
+        table.to_csv(tmp / "lesions.csv", index=False)
+        from .volumes import ras_to_model
+
+        flair_dhw = pre.image[2]
+        mask_dhw = ras_to_model(mask_img)[0][tuple(slice(a, b) for a, b in pre.bbox)]
+        figures.segmentation_qc(flair_dhw, mask_dhw, pre.spacing, summary, str(tmp / "qc"))
+        (tmp / "qc.pdf").unlink(missing_ok=True)
+        seconds["writing"] = time.perf_counter() - t0
+        summary["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rsanet-segment", description="Segment MS lesions of one patient with an "
+                                "exported RSANet-study model (research use, not a medical device).")
+    p.add_argument("--model", required=True, help="export folder (results/export/<variant>)")
+    p.add_argument("--t1", required=True)
+    p.add_argument("--t2", required=True)
+    p.add_argument("--flair", required=True, help="the reference: outputs lie on this file's grid")
+    p.add_argument("--out", required=True, help="output folder (replaced if it exists)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--min-lesion-mm3", type=float, default=3.0)
+    p.add_argument("--tta", action="store_true", help="also average mirrored copies along each axis")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console script ``rsanet-segment``: exit code 0 on success, 2 on bad input or an unusable export."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        summary = segment(args.model, args.t1, args.t2, args.flair, args.out, device=args.device,
+                          threshold=args.threshold, min_lesion_mm3=args.min_lesion_mm3, tta=args.tta)
+    except (InputError, ExportError) as err:
+        print(f"rsanet-segment: error: {err}", file=sys.stderr)
+        return 2
+    print(f"rsanet-segment: {summary['lesion_count']} lesions, {summary['total_lesion_volume_ml']:.2f} ml -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Segmenting new patients with a study's export: the export, rsanet-segment on a real patient
+(outputs on the input FLAIR's own grid, LPS and oblique copies agreeing voxel for voxel), bad
+inputs and bad exports (clear error, nothing left in the output folder), and `snakemake segment`
+on the three real patients as an external test set."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from real_data import MNI_PATIENTS, open_ms_data
+from test_workflow import TEST_CONFIG, _oblique, _reorient, snakemake
+
+pytestmark = pytest.mark.slow
+OUTPUTS = {"lesion_prob.nii.gz", "lesions.nii.gz", "lesions.csv", "summary.json", "qc.png"}
+
+
+def segment_cli(model: Path, inputs: dict, out: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "rsanet.segment", "--model", str(model), "--t1", str(inputs["T1"]),
+           "--t2", str(inputs["T2"]), "--flair", str(inputs["FLAIR"]), "--out", str(out), "--device", "cpu", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def export(study, tmp_path_factory) -> Path:
+    """The tiny study's export, copied to a folder of its own (as on a machine that never ran the study)."""
+    folders = [p for p in (study / "export").iterdir() if p.is_dir()]
+    assert len(folders) == 1
+    dest = tmp_path_factory.mktemp("elsewhere") / folders[0].name
+    shutil.copytree(folders[0], dest)
+    return dest
+
+
+def _no_registration(export: Path, tmp_path: Path) -> Path:
+    """A copy of the export that trusts the headers (registration.engine none): the MNI patients are
+    co-registered already, and without a registration every orientation gives identical inputs."""
+    copy = tmp_path / "export-none"
+    shutil.copytree(export, copy)
+    meta = json.loads((copy / "export.json").read_text())
+    meta["registration"]["engine"] = "none"
+    (copy / "export.json").write_text(json.dumps(meta))
+    return copy
+
+
+def test_export_holds_the_best_variant_its_models_and_a_model_card(study, export):
+    t1 = pd.read_csv(study / "tables" / "table1.csv").set_index("variant")
+    assert export.name == t1.voxel_dice_mean.idxmax()
+    meta = json.loads((export / "export.json").read_text())
+    assert meta["variant"] == export.name and len(meta["models"]) == 2  # one per split
+    assert meta["training_data"]["n_subjects"] == 6 and len(meta["training_data"]["subject_ids_or_sheet_sha256"]) == 64
+    card = (export / "MODEL_CARD.md").read_text()
+    for heading in ("## Intended use", "## Training data", "## Evaluation", "## Deviations from the paper", "## Limitations"):
+        assert heading in card
+    assert "Not a medical device" in card.replace("**", "")
+
+
+def test_segment_a_real_patient_on_its_own_grid_lps_and_oblique_agree(export, tmp_path):
+    patient = open_ms_data() / "patients_mni" / MNI_PATIENTS[0]
+    inputs = {c: patient / f"{c}.nii.gz" for c in ("T1", "T2", "FLAIR")}
+    # 1. as shipped, with the export's registration (SimpleITK here)
+    run = segment_cli(export, inputs, tmp_path / "out", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert {p.name for p in (tmp_path / "out").iterdir()} == OUTPUTS
+    flair = nib.load(inputs["FLAIR"])
+    for name in ("lesion_prob.nii.gz", "lesions.nii.gz"):
+        img = nib.load(tmp_path / "out" / name)
+        assert img.shape == flair.shape and np.allclose(img.affine, flair.affine, atol=1e-5), name
+    prob = np.asarray(nib.load(tmp_path / "out" / "lesion_prob.nii.gz").dataobj)
+    assert prob.dtype == np.float32 and prob.min() >= 0 and prob.max() <= 1
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert set(summary["seconds"]) >= {"registration", "preprocessing", "prediction", "writing"}
+    assert summary["lesion_count"] == len(pd.read_csv(tmp_path / "out" / "lesions.csv"))
+    # 2. the header alignment only: the input, an LPS copy and an oblique copy, voxel for voxel
+    plain = _no_registration(export, tmp_path)
+    results = {}
+    for name, make in {"LAS": lambda i: i, "LPS": lambda i: _reorient(i, ("L", "P", "S")), "oblique": _oblique}.items():
+        d = tmp_path / name
+        d.mkdir()
+        copies = {c: d / f"{c}.nii.gz" for c in inputs}
+        for c, p in inputs.items():
+            nib.save(make(nib.load(p)), copies[c])
+        run = segment_cli(plain, copies, d / "out", cwd=d)
+        assert run.returncode == 0, name + run.stderr[-3000:]
+        mask = nib.load(d / "out" / "lesions.nii.gz")
+        ref = nib.load(copies["FLAIR"])
+        assert mask.shape == ref.shape and np.allclose(mask.affine, ref.affine, atol=1e-5), name
+        results[name] = (mask, nib.load(d / "out" / "lesion_prob.nii.gz"))
+    base_mask = np.asarray(_reorient(results["LAS"][0], ("R", "A", "S")).dataobj)
+    base_prob = np.asarray(_reorient(results["LAS"][1], ("R", "A", "S")).dataobj)
+    assert base_prob.max() > 0
+    for name, (mask, prob) in results.items():
+        assert np.array_equal(np.asarray(_reorient(mask, ("R", "A", "S")).dataobj), base_mask), name
+        assert np.array_equal(np.asarray(_reorient(prob, ("R", "A", "S")).dataobj), base_prob), name
+
+
+def _tiny_inputs(tmp_path: Path) -> dict:
+    """Small valid inputs (registration engine none in the export used with them)."""
+    patient = open_ms_data() / "patients_mni" / MNI_PATIENTS[0]
+    return {c: patient / f"{c}.nii.gz" for c in ("T1", "T2", "FLAIR")}
+
+
+@pytest.mark.parametrize("case", ["missing", "4d", "no-overlap", "empty-flair"])
+def test_bad_inputs_give_a_clear_error_and_leave_nothing(export, tmp_path, case):
+    plain = _no_registration(export, tmp_path)
+    inputs = dict(_tiny_inputs(tmp_path))
+    flair = nib.load(inputs["FLAIR"])
+    if case == "missing":
+        inputs["T2"] = tmp_path / "absent_T2.nii.gz"
+        bad, expect = inputs["T2"], "file not found"
+    elif case == "4d":
+        bad = tmp_path / "T1_4d.nii.gz"
+        nib.save(nib.Nifti1Image(np.zeros((8, 8, 8, 3), np.float32) + 1, flair.affine), bad)
+        inputs["T1"], expect = bad, "expected a 3D image"
+    elif case == "no-overlap":
+        bad = tmp_path / "T1_far.nii.gz"
+        moved = flair.affine.copy()
+        moved[:3, 3] += 500.0  # 50 cm away: no overlap with the FLAIR at all
+        nib.save(nib.Nifti1Image(np.asarray(nib.load(inputs["T1"]).dataobj), moved), bad)
+        inputs["T1"], expect = bad, "field of view covers only"
+    else:
+        bad = tmp_path / "FLAIR_empty.nii.gz"
+        nib.save(nib.Nifti1Image(np.zeros(flair.shape, np.float32), flair.affine), bad)
+        inputs["FLAIR"], expect = bad, "all zero"
+    run = segment_cli(plain, inputs, tmp_path / "out", cwd=tmp_path)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert expect in run.stderr and str(bad) in run.stderr
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no temporary folder left
+
+
+def test_corrupted_or_incompatible_exports_are_refused(export, tmp_path):
+    inputs = _tiny_inputs(tmp_path)
+    broken = tmp_path / "broken"
+    shutil.copytree(export, broken)
+    model = broken / json.loads((broken / "export.json").read_text())["models"][0]
+    model.write_bytes(model.read_bytes()[:1000])
+    run = segment_cli(broken, inputs, tmp_path / "out", cwd=tmp_path)
+    assert run.returncode == 2 and "cannot be loaded" in run.stderr and str(model) in run.stderr
+    old = tmp_path / "old"
+    shutil.copytree(export, old)
+    meta = json.loads((old / "export.json").read_text())
+    meta["format"] = 0
+    (old / "export.json").write_text(json.dumps(meta))
+    run = segment_cli(old, inputs, tmp_path / "out", cwd=tmp_path)
+    assert run.returncode == 2 and "export format 0" in run.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_snakemake_segment_scores_the_real_patients_as_an_external_test_set(study, tmp_path):
+    data = open_ms_data() / "patients_mni"
+    rows = [{"subject": p, "t1": str(data / p / "T1.nii.gz"), "t2": str(data / p / "T2.nii.gz"),
+             "flair": str(data / p / "FLAIR.nii.gz"), "lesions": str(data / p / "lesions.nii.gz")} for p in MNI_PATIENTS]
+    sheet = tmp_path / "new.tsv"
+    pd.DataFrame(rows).to_csv(sheet, sep="\t", index=False)
+    work = study.parent
+    run = snakemake(work, "--configfile", str(TEST_CONFIG), "--config", f"segment_subjects={sheet}", "segment")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    for p in MNI_PATIENTS:
+        assert {x.name for x in (study / "segment" / p).iterdir()} == OUTPUTS
+    table = pd.read_csv(study / "tables" / "external_test.csv")
+    assert sorted(table.subject) == sorted(MNI_PATIENTS) and table.dice.between(0, 1).all()
+    assert "| patient07 |" in (study / "tables" / "external_test.md").read_text()
+    again = snakemake(work, "--configfile", str(TEST_CONFIG), "-n")  # the study itself is untouched
+    assert "Nothing to be done" in again.stdout + again.stderr

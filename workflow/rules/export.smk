@@ -1,0 +1,78 @@
+# The study's models for new patients: the best (or the configured) variant exported with its
+# model card, and `snakemake segment` applying it to a sheet of new subjects (rsanet-segment's
+# steps); subjects of that sheet with a lesion mask form an external test set.
+
+
+rule export:
+    input:
+        table1="results/tables/table1.csv",
+        table2="results/tables/table2.csv",
+        models=all_models(),
+    output:
+        directory("results/export"),
+    log:
+        "logs/export.log",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    params:
+        choice=config["export"]["variant"],
+        config=study_config(),
+        subjects=SUBJECTS,
+    script:
+        "../../scripts/export.py"
+
+
+rule segment_subject:
+    input:
+        unpack(new_subject_images),
+        export="results/export",
+    output:
+        directory("results/segment/{new_subject}"),
+    log:
+        "logs/segment/{new_subject}.log",
+    conda:
+        ENV
+    threads: job_resources("predict")["threads"]
+    resources:
+        mem_mb=job_resources("predict")["mem_mb"],
+        runtime=job_resources("predict")["runtime"],
+        gpu=job_resources("predict")["gpus"],
+    params:
+        options=section("segment"),
+    script:
+        "../../scripts/segment.py"
+
+
+rule external_test:
+    input:
+        segmented=expand("results/segment/{new_subject}", new_subject=NEW_SUBJECTS),
+    output:
+        csv=report(
+            "results/tables/external_test.csv",
+            caption="../report/external_test.rst",
+            category="Tables",
+        ),
+        md="results/tables/external_test.md",
+    log:
+        "logs/external_test.log",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=10,
+    params:
+        masks=new_subject_masks(),
+        evaluation=section("evaluation"),
+    script:
+        "../../scripts/external_test.py"
+
+
+rule segment:
+    default_target: False
+    input:
+        segment_outputs(),
