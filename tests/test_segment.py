@@ -161,7 +161,8 @@ def test_snakemake_segment_scores_the_real_patients_as_an_external_test_set(stud
     sheet = tmp_path / "new.tsv"
     pd.DataFrame(rows).to_csv(sheet, sep="\t", index=False)
     work = study.parent
-    run = snakemake(work, "--configfile", str(TEST_CONFIG), "--config", f"segment_subjects={sheet}", "segment")
+    # the target before --config (whose values would otherwise swallow it)
+    run = snakemake(work, "segment", "--configfile", str(TEST_CONFIG), "--config", f"segment_subjects={sheet}")
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     for p in MNI_PATIENTS:
         assert {x.name for x in (study / "segment" / p).iterdir()} == OUTPUTS
