@@ -13,7 +13,7 @@ min_version("9.0")
 configfile: Path(workflow.basedir) / "config" / "config.yaml"
 
 
-report: Path(workflow.basedir) / "workflow" / "report" / "workflow.rst"
+report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"

@@ -7,5 +7,6 @@ from rsanet.segment import segment
 with logged(snakemake.log[0]):
     exports = sorted(p for p in Path(snakemake.input.export).iterdir() if p.is_dir())
     o = snakemake.params.options
-    segment(exports[0], snakemake.input.t1, snakemake.input.t2, snakemake.input.flair, snakemake.output[0],
+    segment(exports[0], snakemake.input.t1, snakemake.input.t2, snakemake.input.flair,
+            Path(snakemake.output.summary).parent,
             device="auto", threshold=o["threshold"], min_lesion_mm3=o["min_lesion_mm3"], tta=o["tta"])

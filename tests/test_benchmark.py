@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rsanet import benchmark as B
+from rsanet.benchmarks import speed as B
 from rsanet.models import PAPER_WIDTHS, PointwiseConv3d, RSABlock, slice_attention
 
 

@@ -31,6 +31,7 @@ def load_env(path: Path) -> dict:
 
 
 def pip_requirements(env: dict) -> list[Requirement]:
+    """The pip section's requirements, ``${VAR}`` left unexpanded (as written in the file)."""
     reqs = []
     for dep in env["dependencies"]:
         if isinstance(dep, dict) and "pip" in dep:
@@ -128,9 +129,11 @@ def test_rules_with_scripts_or_shell_use_existing_env_files():
 
 
 def test_main_env_agrees_with_pyproject():
-    """envs/rsanet.yaml pip-installs exactly pyproject's dependencies, same specifiers."""
+    """envs/rsanet.yaml pip-installs exactly pyproject's dependencies, same specifiers, and the
+    package itself from the workflow's checkout."""
     wanted = {canonicalize_name(r.name): r for r in map(Requirement, pyproject()["dependencies"])}
     got = {canonicalize_name(r.name): r for r in pip_requirements(load_env(MAIN_ENV))}
+    assert got.pop("rsanet").url == "file://${RSANET_WORKFLOW_DIR}"
     assert sorted(got) == sorted(wanted), (
         f"only in pyproject: {sorted(set(wanted) - set(got))}; "
         f"only in {MAIN_ENV.name}: {sorted(set(got) - set(wanted))}")
@@ -147,3 +150,26 @@ def test_every_env_agrees_with_pyproject(path):
         name = canonicalize_name(req.name)
         if name in wanted:
             assert req.specifier == wanted[name].specifier, (path.name, str(req))
+
+
+def test_main_env_installs_the_workflows_own_version_of_rsanet(tmp_path):
+    """pip, given the env's pip section as conda passes it (a requirements file), resolves the
+    package line to this checkout at pyproject's version; the file names that version too."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    text = MAIN_ENV.read_text()
+    assert f"rsanet {pyproject()['version']}" in text  # a new version changes the env file
+    pip = [d for d in load_env(MAIN_ENV)["dependencies"] if isinstance(d, dict)][0]["pip"]
+    (tmp_path / "requirements.txt").write_text("\n".join(r for r in pip if r.startswith("rsanet")) + "\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-build-isolation", "--quiet",
+         "--report", str(tmp_path / "report.json"), "-r", str(tmp_path / "requirements.txt")],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "RSANET_WORKFLOW_DIR": str(ROOT)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    (installed,) = json.loads((tmp_path / "report.json").read_text())["install"]
+    assert installed["metadata"]["name"] == "rsanet"
+    assert installed["metadata"]["version"] == pyproject()["version"]
+    assert installed["download_info"]["url"] == ROOT.as_uri()

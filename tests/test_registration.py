@@ -24,6 +24,7 @@ from fsl.data.image import Image as FslImage
 from fsl.transform.flirt import fromFlirt, readFlirt, toFlirt
 
 from rsanet import registration as reg
+from rsanet.registration.cli import main as register_cli
 from rsanet.registration import (
     RegistrationError,
     RegistrationResult,
@@ -95,7 +96,7 @@ def pair(tmp_path_factory) -> tuple[Path, Path, np.ndarray]:
     """A T1-like fixed image and a T2-like moving image moved by TRUE_MOTION, on different grids."""
     d = tmp_path_factory.mktemp("pair")
     fixed = sample_phantom((48, 56, 40), grid_affine((48, 56, 40), (4.0, 4.0, 4.0), CENTER), "t1")
-    tilt = reg.rotation_matrix((0.0, 0.0, 3.0))
+    tilt = reg.rotation_from_euler_deg((0.0, 0.0, 3.0))
     m_aff = grid_affine((44, 52, 36), (4.0, 4.0, 4.5), CENTER + [3.0, -2.0, 1.0], tilt)
     moving = sample_phantom((44, 52, 36), m_aff, "t2", TRUE_MOTION)
     nib.save(fixed, d / "fixed.nii.gz")
@@ -144,7 +145,7 @@ def test_resample_identity_returns_the_same_voxels():
     rng = np.random.default_rng(0)
     data = rng.random((12, 10, 8)).astype(np.float32)
     labels = (data > 0.7).astype(np.uint8) * 3
-    aff = grid_affine((12, 10, 8), (1.5, 1.5, 3.0), (0, 0, 0), reg.rotation_matrix((5, 0, 10)))
+    aff = grid_affine((12, 10, 8), (1.5, 1.5, 3.0), (0, 0, 0), reg.rotation_from_euler_deg((5, 0, 10)))
     out = resample_to_fixed(nib.Nifti1Image(data, aff), nib.Nifti1Image(data, aff), np.eye(4))
     np.testing.assert_allclose(np.asarray(out.dataobj), data, atol=1e-5)
     np.testing.assert_allclose(out.affine, aff)
@@ -337,7 +338,7 @@ def test_bad_inputs_raise_a_clear_error(pair, tmp_path):
     hdr = nib.Nifti1Image(good, np.eye(4)).header.copy()
     hdr["srow_x"], hdr["sform_code"], hdr["qform_code"] = [np.inf, 0, 0, 0], 1, 0
     nib.save(nib.Nifti1Image(good, None, header=hdr), tmp_path / "bad_affine.nii.gz")
-    cases = {four_d: "3D volume", empty: "empty", nan_path: "NaN", tmp_path / "bad_affine.nii.gz": "affine"}
+    cases = {four_d: "3D image", empty: "all zero", nan_path: "NaN", tmp_path / "bad_affine.nii.gz": "affine"}
     for path, what in cases.items():
         with pytest.raises(RegistrationError, match=what) as exc:
             register(path, fixed, engine="simpleitk", settings=FAST)
@@ -362,7 +363,7 @@ def test_cli_writes_image_transforms_and_record(pair, tmp_path, monkeypatch):
     install_flirt_stand_in(tmp_path / "fsl", flirt_matrix_of(truth, moving, fixed), fixed)
     monkeypatch.setenv("FSLDIR", str(tmp_path / "fsl"))
     out = tmp_path / "sub-01"
-    code = reg.main([str(moving), str(fixed), "--out-image", str(out / "t2_in_flair.nii.gz"),
+    code = register_cli([str(moving), str(fixed), "--out-image", str(out / "t2_in_flair.nii.gz"),
                      "--out-mat", str(out / "t2_to_flair.mat"), "--out-itk", str(out / "t2_to_flair.itk.txt"),
                      "--out-json", str(out / "t2_to_flair.json"), "--engine", "auto", "-q"])
     assert code == 0
@@ -387,7 +388,7 @@ def test_cli_bad_input_exits_2_and_writes_nothing(pair, tmp_path, capsys):
     _, fixed, _ = pair
     empty = _save(tmp_path, "empty.nii.gz", np.zeros((20, 20, 20), np.float32))
     out = tmp_path / "out"
-    code = reg.main([str(empty), str(fixed), "--out-image", str(out / "a.nii.gz"), "--out-mat", str(out / "a.mat"),
+    code = register_cli([str(empty), str(fixed), "--out-image", str(out / "a.nii.gz"), "--out-mat", str(out / "a.mat"),
                      "--out-itk", str(out / "a.txt"), "--engine", "simpleitk", "-q"])
     assert code == 2
     assert str(empty) in capsys.readouterr().err

@@ -50,6 +50,20 @@ def test_validation_part_is_carved_out_of_the_training_subjects():
         make_splits(ids, 5, 20, 23, n_val=20)
 
 
+def test_sessions_of_one_participant_stay_on_one_side_of_every_split():
+    people = [f"sub-{i:02d}" for i in range(12)]
+    groups = {f"{p}_ses-{t}": p for p in people for t in ("a", "b", "c")[: 1 + int(p[-1]) % 3]}
+    splits = make_splits(list(groups), 5, 6, 4, seed=3, n_val=2, groups=groups)
+    by_people = make_splits(people, 5, 6, 4, seed=3, n_val=2)
+    assert len({str(s) for s in splits}) == 5
+    for split, plan in zip(splits, by_people):
+        for part in ("train", "val", "test"):
+            assert {groups[c] for c in split[part]} == set(plan[part])  # sizes count participants
+            assert split[part] == sorted(c for c in groups if groups[c] in plan[part])  # all their sessions
+    with pytest.raises(ValueError, match="sub-99"):
+        make_splits([*groups, "sub-99"], 5, 6, 4, groups=groups)
+
+
 def test_small_cohorts_give_distinct_splits_or_say_how_many_they_can():
     ids = ["patient07", "patient19", "patient26"]
     two = make_splits(ids, 2, 2, 1, seed=0)

@@ -69,6 +69,14 @@ def _save_singular(path):
     path.write_bytes(bytes(raw))
 
 
+def _save_unoriented(path):
+    """A NIfTI whose qform and sform codes are both 0 (no world orientation)."""
+    img = _img(np.arange(27.0).reshape(3, 3, 3))
+    img.set_qform(None, code=0)
+    img.set_sform(None, code=0)
+    nib.save(img, path)
+
+
 @pytest.mark.parametrize(
     "make, match",
     [
@@ -78,6 +86,7 @@ def _save_singular(path):
         (lambda p: nib.save(_img(np.full((3, 3, 3), np.nan)), p), "NaN or infinite"),
         (lambda p: nib.save(_img(np.zeros((3, 3, 3))), p), "all zero"),
         (lambda p: _save_singular(p), "singular"),
+        (lambda p: _save_unoriented(p), "no world orientation"),
     ],
 )
 def test_load_checked_names_subject_file_and_problem(tmp_path, make, match):

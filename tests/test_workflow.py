@@ -347,7 +347,7 @@ def test_allow_empty_masks_runs_a_subject_without_lesions_to_the_report(study, t
 
 def test_validation_target_scores_only_the_validation_parts(study):
     """`snakemake validation`: every trained model predicts its split's validation subjects."""
-    run = snakemake(study.parent, "--configfile", str(TEST_CONFIG), "validation")
+    run = snakemake(study.parent, "validation", "--configfile", str(TEST_CONFIG))  # target first
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     splits = json.loads((study / "splits.json").read_text())["splits"]
     rows = pd.concat([pd.read_csv(p) for p in (study / "validation" / "metrics").rglob("*.csv")])

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -135,7 +134,6 @@ def main(argv=None) -> int:
     p.add_argument("--scratch", default=str(REPO / "results" / "tuning"))
     args = p.parse_args(argv)
 
-    sys.path.insert(0, str(REPO / "src"))
     from rsanet.validation import load_config
 
     cfg = load_config(args.config, REPO / "workflow" / "schemas" / "config.schema.yaml")

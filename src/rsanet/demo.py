@@ -65,7 +65,7 @@ __all__ = [
     "mni152_maps",
     "make_cohort",
     "make_subject",
-    "rotation_matrix",
+    "rotation_from_rotvec",
     "subject_id",
     "subject_sheet",
     "tissue_means",
@@ -231,7 +231,7 @@ def _rng(seed: int, index: int, purpose: str) -> np.random.Generator:
     return np.random.default_rng([seed, index, zlib.crc32(purpose.encode())])
 
 
-def rotation_matrix(rotvec_rad: Sequence[float]) -> np.ndarray:
+def rotation_from_rotvec(rotvec_rad: Sequence[float]) -> np.ndarray:
     """3×3 rotation matrix of a rotation vector (axis × angle in radians; Rodrigues)."""
     r = np.asarray(rotvec_rad, dtype=float)
     angle = float(np.linalg.norm(r))
@@ -254,7 +254,7 @@ def _random_rigid(rng: np.random.Generator, max_deg: float, max_mm: float,
     direction = rng.normal(size=3)
     direction /= np.linalg.norm(direction)
     shift = direction * rng.uniform(0.0, 1.0) * max_mm
-    rot = rotation_matrix(axis * np.deg2rad(angle_deg))
+    rot = rotation_from_rotvec(axis * np.deg2rad(angle_deg))
     aff = np.eye(4)
     aff[:3, :3] = rot
     aff[:3, 3] = centre - rot @ centre + shift

@@ -31,9 +31,11 @@ variant begins training as the plain 3D U-Net.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,20 +58,18 @@ class PointwiseConv3d(nn.Conv3d):
 
     On CPU its forward is the equivalent matrix product over channels: oneDNN's 1x1x1 3D
     convolution (its backward above all) is 5-20x slower than a GEMM for the small maps and
-    channel counts of this network (measured by ``scripts/benchmark.py``). A channels-last
-    input stays channels-last. Elsewhere (CUDA) it is the ordinary convolution.
+    channel counts of this network (measured by ``tools/benchmark.py``). A channels-last
+    input stays channels-last. Elsewhere (CUDA), and inside :func:`pointwise_as_convolution`,
+    it is the ordinary convolution.
 
     Shapes: ``(N, C_in, D, H, W) -> (N, C_out, D, H, W)``.
     """
-
-    #: Use the matrix product on CPU (``False``: always the convolution; for benchmarks).
-    gemm_on_cpu: bool = True
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
         super().__init__(in_channels, out_channels, kernel_size=1, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.gemm_on_cpu or x.device.type != "cpu" or x.dim() != 5:
+        if not _GEMM_ON_CPU.get() or x.device.type != "cpu" or x.dim() != 5:
             return super().forward(x)
         weight = self.weight.flatten(1)  # (C_out, C_in)
         if x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
@@ -79,6 +79,21 @@ class PointwiseConv3d(nn.Conv3d):
         if self.bias is not None:
             y = y + self.bias[:, None]
         return y.view(x.shape[0], -1, *x.shape[2:])
+
+
+#: Whether PointwiseConv3d uses the matrix product on CPU; set only by pointwise_as_convolution.
+_GEMM_ON_CPU: contextvars.ContextVar[bool] = contextvars.ContextVar("rsanet_gemm_on_cpu", default=True)
+
+
+@contextlib.contextmanager
+def pointwise_as_convolution() -> Iterator[None]:
+    """Within this block (this thread/context only), every :class:`PointwiseConv3d` runs as the
+    ordinary convolution on CPU too: for benchmarks that count or time oneDNN's 1x1x1 kernels."""
+    token = _GEMM_ON_CPU.set(False)
+    try:
+        yield
+    finally:
+        _GEMM_ON_CPU.reset(token)
 
 
 def logit_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -149,7 +164,7 @@ def _projected_slice_attention(
       (alpha A) V``), so autograd keeps no copy of the result for alpha's gradient.
 
     Several times faster than projecting, reshaping three maps and scaling the result (see
-    ``scripts/benchmark.py``). Returns ``(N, C, D, H, W)``, channels-last.
+    ``tools/benchmark.py``). Returns ``(N, C, D, H, W)``, channels-last.
     """
     x = m.movedim(1, -1)  # (N, D, H, W, C): a view, contiguous when m is channels-last
     v = F.linear(x, value.weight.flatten(1), value.bias)  # (N, D, H, W, C), autocast dtype

@@ -9,7 +9,7 @@ With ``n_val = 0`` the splits are the paper's ``n_train`` / ``n_test``.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -26,7 +26,7 @@ def count_distinct_splits(n_subjects: int, n_train: int, n_test: int, n_val: int
 
 def make_splits(
     subjects: Sequence[str], n_splits: int = 5, n_train: int = 20, n_test: int | None = None, seed: int = 0,
-    n_val: int = 0,
+    n_val: int = 0, groups: Mapping[str, str] | None = None,
 ) -> list[dict[str, list[str]]]:
     """Draw ``n_splits`` distinct random partitions into train, validation and test subjects.
 
@@ -37,6 +37,10 @@ def make_splits(
     the validation part, the others ``train``; the next ``n_test`` (default: all remaining) are
     ``test``. Lists inside each split are sorted.
 
+    ``groups`` maps each case to the person it belongs to (e.g. BIDS sessions of one
+    participant). The participants are then split as above - the sizes count participants - and
+    every case goes to its participant's part, so no person is in both training and test data.
+
     Raises:
         ValueError: sizes that do not fit the cohort, or a cohort too small for ``n_splits``
             distinct splits (the message says how many it can give).
@@ -44,6 +48,13 @@ def make_splits(
     Returns:
         ``[{"train": [...], "val": [...], "test": [...]}, ...]`` of length ``n_splits``.
     """
+    if groups is not None:
+        missing = sorted(set(subjects) - set(groups))
+        if missing:
+            raise ValueError(f"make_splits: no participant given for {', '.join(missing)}")
+        people = make_splits(sorted({groups[s] for s in subjects}), n_splits, n_train, n_test, seed, n_val)
+        return [{part: sorted(s for s in subjects if groups[s] in set(split[part])) for part in split}
+                for split in people]
     ids = sorted(subjects)
     if len(set(ids)) != len(ids):
         raise ValueError("make_splits: subject ids are not unique")

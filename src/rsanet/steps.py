@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -495,7 +494,7 @@ def export_step(
         shutil.copyfile(p, out / name)
         names.append(name)
     sheet = config["subjects"]
-    if sheet == "demo":
+    if not isinstance(sheet, str) or sheet == "demo":  # the demo cohort or a BIDS dataset
         sheet_hash = hashlib.sha256("\n".join(sorted(subjects)).encode()).hexdigest()
     else:
         sheet_hash = hashlib.sha256(Path(sheet).read_bytes()).hexdigest()

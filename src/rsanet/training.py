@@ -229,7 +229,7 @@ def train(
     torch.manual_seed(config.seed)
     r = lesion_fraction([s.lesions for s in subjects])
     model = build_model(config.variant, widths=config.widths, dropout=config.dropout, rsa_order=config.rsa_order)
-    # Memory layout (scripts/benchmark.py, docs/performance.md): on a CPU oneDNN runs 3x3x3
+    # Memory layout (tools/benchmark.py, docs/performance.md): on a CPU oneDNN runs 3x3x3
     # convolutions 2-4x faster channels-last (NDHWC); on an H200 cuDNN is faster with the
     # default NCDHW under bf16 autocast (1.25-1.29x per benchmark step, 1.10-1.21x per training
     # iteration). Same numbers up to rounding either way.

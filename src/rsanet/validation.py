@@ -15,13 +15,11 @@ import io
 import json
 import logging
 
-import logging
 import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import jsonschema
-import nibabel as nib
 import numpy as np
 import pandas as pd
 import yaml

@@ -64,19 +64,21 @@ def save_json(obj: object, path: str | os.PathLike) -> None:
 # ---------------------------------------------------------------------------------------------
 # Loading with checks
 # ---------------------------------------------------------------------------------------------
-def load_checked(path: str | os.PathLike, subject: str, role: str, allow_empty: bool = False) -> nib.Nifti1Image:
+def load_checked(path: str | os.PathLike, subject: str | None, role: str, allow_empty: bool = False) -> nib.Nifti1Image:
     """Load a 3D NIfTI image and check it is usable, or raise :class:`InputError`.
 
+    The one loader of user images (the workflow's steps, ``rsanet-segment`` and registration).
     Checks: the file exists and is a readable NIfTI; it is 3D (a trailing singleton 4th axis is
-    squeezed); qform and sform, where
+    squeezed); it has a world orientation (qform or sform code set); qform and sform, where
     both are set, agree (tools differ in which one they read); voxels and affine are finite; the
     affine is invertible; the image is not all zero (unless ``allow_empty``, for lesion masks of
-    subjects without lesions). ``role`` is a word such as ``"T1"`` or ``"lesion mask"`` used in
-    messages. Non-finite scaling factors (``scl_slope`` NaN or infinite) mean "no scaling": nibabel
-    reads such files unscaled, as the NIfTI convention says for a slope of 0.
+    subjects without lesions). ``subject`` (or ``None``) and ``role``, a
+    word such as ``"T1"`` or ``"lesion mask"``, name the file in messages. Non-finite scaling
+    factors (``scl_slope`` NaN or infinite) mean "no scaling": nibabel reads such files unscaled,
+    as the NIfTI convention says for a slope of 0.
     """
     path = Path(path)
-    where = f"subject {subject!r}, {role} file {str(path)!r}"
+    where = (f"subject {subject!r}, " if subject is not None else "") + f"{role} file {str(path)!r}"
     if not path.is_file():
         raise InputError(f"{where}: file not found. Fix the path in the subject sheet.")
     try:
@@ -88,6 +90,11 @@ def load_checked(path: str | os.PathLike, subject: str, role: str, allow_empty: 
         ) from err
     qform, qcode = img.get_qform(coded=True)
     sform, scode = img.get_sform(coded=True)
+    if not qcode and not scode:
+        raise InputError(
+            f"{where}: no world orientation (qform_code and sform_code are both 0). Set a scanner or "
+            "aligned qform/sform (the converter from DICOM normally does)."
+        )
     if qcode and scode and qform is not None and sform is not None:
         corners = np.array([[i, j, k, 1.0] for i in (0, img.shape[0]) for j in (0, img.shape[1]) for k in (0, img.shape[2])])
         gap = float(np.abs((qform - sform) @ corners.T).max())

@@ -2,24 +2,25 @@
 # constraints and every input function.
 import os
 import re
-import sys
 from pathlib import Path
 
 import pandas as pd
 from snakemake.utils import validate
 
-# The package is imported from this checkout even where it is not pip-installed (e.g. a bare
-# Snakemake environment with `--sdm conda`, whose job environments hold only the dependencies).
-_SRC = str(Path(workflow.basedir) / "src")
-sys.path.insert(0, _SRC)
-os.environ.update(
-    PYTHONPATH=os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH")) if p)
+# The `rsanet` package must be importable where Snakemake and its jobs run: `pip install .` (or
+# ./run.sh) in the environment that runs Snakemake, or envs/rsanet.yaml with `--sdm conda`,
+# which installs it from this checkout (the folder of pyproject.toml, expanded by pip).
+os.environ.setdefault(
+    "RSANET_WORKFLOW_DIR",
+    str(Path(workflow.source_path("../../pyproject.toml")).parent),
 )
-
+from rsanet.bids import bids_sheet
 from rsanet.splits import make_splits
 from rsanet.validation import config_problems, read_sheet, sheet_problems
 
-SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas"
+# Found relative to this file, also where the workflow is used as a module.
+CONFIG_SCHEMA = workflow.source_path("../schemas/config.schema.yaml")
+SUBJECTS_SCHEMA = workflow.source_path("../schemas/subjects.schema.yaml")
 ENV = "../../envs/rsanet.yaml"
 
 
@@ -41,25 +42,30 @@ def _demo_sheet(cfg):
 # --- Validate the config (every violation listed at once; the schema's defaults applied) and
 # --- the subject sheet. Rules read the validated config only: the schema is the one home of
 # --- every default.
-_issues = config_problems(config, SCHEMAS / "config.schema.yaml")
+_issues = config_problems(config, CONFIG_SCHEMA)
 if not _issues:
-    validate(config, SCHEMAS / "config.schema.yaml")
+    validate(config, CONFIG_SCHEMA)
 DEMO = "subjects" in config and config["subjects"] == "demo"
+BIDS = not _issues and isinstance(config["subjects"], dict)
 if DEMO:
     SHEET = _demo_sheet(config) if not _issues else pd.DataFrame(columns=["subject"])
+elif BIDS:
+    SHEET = bids_sheet(**config["subjects"])  # lists every incomplete case at once
 else:
     SHEET = read_sheet(config["subjects"])
     _issues += sheet_problems(SHEET, f"subject sheet {config['subjects']}")
+# Cases of one participant (BIDS sessions, or the sheet's optional column) share a split side.
+GROUPS = dict(zip(SHEET.subject, SHEET.participant)) if "participant" in SHEET else None
 if not _issues:
     _issues = config_problems(
-        config, SCHEMAS / "config.schema.yaml", n_subjects=len(SHEET)
+        config, CONFIG_SCHEMA, n_subjects=len(set(GROUPS.values()) if GROUPS else SHEET)
     )
 if _issues:
     raise ValueError(
         f"{len(_issues)} problem(s) in the configuration or subject sheet; fix them all and rerun:\n"
         + "\n".join(f"  - {p}" for p in _issues)
     )
-validate(SHEET, SCHEMAS / "subjects.schema.yaml")
+validate(SHEET, SUBJECTS_SCHEMA)
 SHEET = SHEET.set_index("subject", drop=False)
 SUBJECTS = list(SHEET.subject)
 
@@ -71,6 +77,7 @@ SPLITS = make_splits(
     config["splits"]["n_test"],
     config["splits"]["seed"],
     config["splits"]["n_val"],
+    groups=GROUPS,
 )
 SPLIT_IDS = list(range(len(SPLITS)))
 SEED_IDS = list(range(config["train"]["seeds"]))
@@ -133,7 +140,7 @@ def new_subject_masks():
 
 
 def segment_outputs():
-    out = expand("results/segment/{new_subject}", new_subject=NEW_SUBJECTS)
+    out = expand("results/segment/{new_subject}/summary.json", new_subject=NEW_SUBJECTS)
     if new_subject_masks():
         out += ["results/tables/external_test.md"]
     return out

@@ -31,7 +31,11 @@ rule segment_subject:
         unpack(new_subject_images),
         export="results/export",
     output:
-        directory("results/segment/{new_subject}"),
+        prob="results/segment/{new_subject}/lesion_prob.nii.gz",
+        lesions="results/segment/{new_subject}/lesions.nii.gz",
+        table="results/segment/{new_subject}/lesions.csv",
+        summary="results/segment/{new_subject}/summary.json",
+        qc="results/segment/{new_subject}/qc.png",
     log:
         "logs/segment/{new_subject}.log",
     conda:
@@ -49,7 +53,9 @@ rule segment_subject:
 
 rule external_test:
     input:
-        segmented=expand("results/segment/{new_subject}", new_subject=NEW_SUBJECTS),
+        segmented=expand(
+            "results/segment/{new_subject}/lesions.nii.gz", new_subject=NEW_SUBJECTS
+        ),
     output:
         csv=report(
             "results/tables/external_test.csv",

@@ -36,15 +36,18 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .losses import ExpWeightedCrossEntropy
-from .models import PAPER_WIDTHS, VARIANTS, NonLocalBlock, PointwiseConv3d, RSABlock, build_model, count_parameters
+from ..losses import ExpWeightedCrossEntropy
+from ..models import (
+    PAPER_WIDTHS, VARIANTS, NonLocalBlock, RSABlock, build_model, count_parameters,
+    pointwise_as_convolution,
+)
 
 MIB = 2**20
 DEMO_WIDTHS: tuple[int, ...] = (8, 16, 32, 64)
@@ -131,17 +134,6 @@ def make_block(kind: str, channels: int) -> nn.Module:
     return block
 
 
-@contextlib.contextmanager
-def conv_projections() -> Iterator[None]:
-    """Run 1x1x1 projections as convolutions, so ``aten.bmm`` is exactly the attention maps."""
-    old = PointwiseConv3d.gemm_on_cpu
-    PointwiseConv3d.gemm_on_cpu = False
-    try:
-        yield
-    finally:
-        PointwiseConv3d.gemm_on_cpu = old
-
-
 def counted_flops(build: Callable[[], Callable[[], Any]], backward: bool = False) -> dict[str, int]:
     """FLOPs per ATen op of ``fn()`` counted by :class:`FlopCounterMode` on fake tensors.
 
@@ -151,7 +143,7 @@ def counted_flops(build: Callable[[], Callable[[], Any]], backward: bool = False
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with conv_projections(), FakeTensorMode():
+    with pointwise_as_convolution(), FakeTensorMode():  # aten.bmm is then exactly the maps
         fn = build()
         counter = FlopCounterMode(display=False)
         with counter:
@@ -523,7 +515,7 @@ def time_prediction(
     model: nn.Module, size: Sequence[int], reps: int, device: torch.device | str = "cpu"
 ) -> float:
     """Median seconds of :func:`rsanet.inference.predict_volume` on a whole random volume."""
-    from .inference import predict_volume
+    from ..inference import predict_volume
 
     image = np.random.default_rng(0).standard_normal((3, *size)).astype(np.float32)
     model.eval()
@@ -614,19 +606,15 @@ def layout_ablation(
 ) -> dict[str, float]:
     """U-Net training step on CPU: before (NCDHW, oneDNN 1x1x1 convs) and after each change."""
     cases = {}
-    old = PointwiseConv3d.gemm_on_cpu
-    try:
-        for name, cl, gemm in (("ncdhw_conv1x1", False, False), ("ndhwc_conv1x1", True, False), ("ndhwc_gemm1x1", True, True)):
-            step, _, _ = make_train_step("unet3d", widths, crop, batch, "cpu", channels_last=cl)
+    for name, cl, gemm in (("ncdhw_conv1x1", False, False), ("ndhwc_conv1x1", True, False), ("ndhwc_gemm1x1", True, True)):
+        step, _, _ = make_train_step("unet3d", widths, crop, batch, "cpu", channels_last=cl)
 
-            def run(step=step, gemm=gemm):
-                PointwiseConv3d.gemm_on_cpu = gemm
+        def run(step=step, gemm=gemm):
+            with contextlib.nullcontext() if gemm else pointwise_as_convolution():
                 step()
 
-            cases[name] = run
-        times = interleaved_times(cases, rounds, warmup=1)
-    finally:
-        PointwiseConv3d.gemm_on_cpu = old
+        cases[name] = run
+    times = interleaved_times(cases, rounds, warmup=1)
     out = {f"{k}_ms": 1e3 * statistics.median(v) for k, v in times.items()}
     out["speedup_total"] = paired_ratio(times, "ncdhw_conv1x1", "ndhwc_gemm1x1")
     out["speedup_channels_last"] = paired_ratio(times, "ncdhw_conv1x1", "ndhwc_conv1x1")
@@ -648,7 +636,7 @@ def thread_policy(threads: int, widths: Sequence[int], crop: Sequence[int], batc
         if policy != "default":
             env["OMP_WAIT_POLICY"] = policy
         args = json.dumps({"threads": n, "widths": list(widths), "crop": list(crop), "batch": batch})
-        cmd = [sys.executable, "-c", f"from rsanet.benchmark import _worker_step; _worker_step({args!r})"]
+        cmd = [sys.executable, "-c", f"from rsanet.benchmarks.speed import _worker_step; _worker_step({args!r})"]
         try:
             res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, check=True)
             out[f"{policy.lower()}_{n}thr_ms"] = float(res.stdout.strip().splitlines()[-1])

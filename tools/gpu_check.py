@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Check the CUDA path and time the paper's settings on this machine's GPU.
 
-    python scripts/gpu_check.py --config config/paper.yaml --iterations 60 --out results/gpu_check
+    python tools/gpu_check.py --config config/paper.yaml --iterations 60 --out results/gpu_check
 
 What it does, on synthetic subjects of the paper's size (nothing is read from disk but the
 config), for each variant of the config:
@@ -35,7 +35,6 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
 
 from rsanet.inference import predict_volume  # noqa: E402
 from rsanet.models import build_model  # noqa: E402

@@ -11,7 +11,7 @@
 (c) seconds per pair on ``--threads`` threads (target ≤ 30 s on 2 cores), plus the time of
     one synthetic pair at 1.4×1.4×3 mm.
 
-Usage: ``python scripts/benchmark_registration.py [--out results/benchmarks/registration.csv]
+Usage: ``python tools/benchmark_registration.py [--out results/benchmarks/registration.csv]
 [--data ../shared/data/open_ms_data] [--engine simpleitk] [--dof 6] [--threads 2]``.
 The error of a transform ``E`` against the truth ``T`` (both moving_to_fixed, RAS mm) is
 ``|E⁻¹ p − T⁻¹ p|`` over the fixed brain points ``p``: how far apart the two transforms put the
@@ -34,7 +34,6 @@ import numpy as np
 from scipy import ndimage
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
 
 from rsanet.registration import (  # noqa: E402
     RegistrationError,

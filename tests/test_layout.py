@@ -1,0 +1,67 @@
+"""The repository's layout: rule scripts apart from hand-run tools, measurement code apart from
+the runtime package, and the package imported without editing ``sys.path``."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "src" / "rsanet"
+
+
+def rule_scripts() -> set[str]:
+    """File names given to a rule's ``script:`` in the workflow."""
+    names = set()
+    for smk in [ROOT / "Snakefile", *sorted((ROOT / "workflow" / "rules").glob("*.smk"))]:
+        names |= set(re.findall(r"script:\s*\n\s*\"[./]*scripts/([\w.]+)\"", smk.read_text()))
+    return names
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Absolute names of the modules ``path`` imports (relative imports resolved in the package)."""
+    tree = ast.parse(path.read_text())
+    package = ".".join(path.relative_to(ROOT / "src").with_suffix("").parts[:-1]) if PACKAGE in path.parents else ""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            out.add(mod)
+            out |= {f"{mod}.{a.name}" for a in node.names}
+    return out
+
+
+def test_scripts_holds_only_the_scripts_rules_call():
+    files = {p.name for p in (ROOT / "scripts").iterdir() if p.is_file()}
+    assert files == rule_scripts(), (files - rule_scripts(), rule_scripts() - files)
+
+
+def test_the_runtime_imports_nothing_from_the_benchmark_code():
+    runtime = [p for p in PACKAGE.rglob("*.py") if "benchmarks" not in p.relative_to(PACKAGE).parts]
+    runtime += [p for p in (ROOT / "scripts").glob("*.py") if p.name != "benchmark.py"]
+    offenders = [str(p.relative_to(ROOT)) for p in runtime
+                 if any(m == "rsanet.benchmarks" or m.startswith("rsanet.benchmarks.") for m in imported_modules(p))]
+    assert not offenders
+    assert {"rsanet.benchmarks.speed.run_benchmark"} <= imported_modules(ROOT / "scripts" / "benchmark.py")
+
+
+def test_no_file_of_the_workflow_or_package_edits_sys_path():
+    files = [ROOT / "Snakefile", *(ROOT / "workflow").rglob("*.smk"), *(ROOT / "scripts").glob("*.py"),
+             *PACKAGE.rglob("*.py"), *(ROOT / "tools").glob("*.py")]
+    assert not [str(p.relative_to(ROOT)) for p in files if "sys.path" in p.read_text() and p.name != "test_layout.py"]
+
+
+def test_registration_is_a_subpackage_with_register_where_it_was():
+    from rsanet.registration import register
+    from rsanet.registration.cli import main
+
+    assert (PACKAGE / "registration" / "__init__.py").is_file()
+    assert {p.stem for p in (PACKAGE / "registration").glob("*.py")} >= {"flirt", "simpleitk", "transforms", "qc", "cli"}
+    assert register.__module__ == "rsanet.registration" and main.__module__ == "rsanet.registration.cli"
