@@ -689,15 +689,16 @@ def cuda_precision(
 # 4c. The CPU speed targets, checked
 # ---------------------------------------------------------------------------------------------
 def rsa_softmax_shapes(variant: str, widths: Sequence[int], crop: Sequence[int], batch: int) -> list[tuple[int, ...]]:
-    """Shapes of every softmax output (the attention maps) of a forward+backward pass, recorded."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    """Shapes of every softmax output (the attention maps) of a forward+backward pass, recorded
+    through PyTorch's public ``TorchFunctionMode`` (every ``torch.softmax``/``F.softmax`` call)."""
+    from torch.overrides import TorchFunctionMode
 
     shapes: list[tuple[int, ...]] = []
 
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            if func.overloadpacket in (torch.ops.aten._softmax, torch.ops.aten.softmax):
+            if getattr(func, "__name__", "") == "softmax":
                 shapes.append(tuple(out.shape))
             return out
 
