@@ -159,13 +159,18 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     assert target.read_text() == "whole" and len(list(tmp_path.iterdir())) == 1
 
 
-def test_preprocess_roundtrip_and_uncrop(tmp_path):
-    rng = np.random.default_rng(1)
-    shape = (12, 14, 10)
+def _three_contrasts(seed: int, affine: np.ndarray, shape=(12, 14, 10)) -> list[nib.Nifti1Image]:
+    """T1, T2, FLAIR stand-ins: random intensities inside a box-shaped brain, zero outside."""
+    rng = np.random.default_rng(seed)
     brain = np.zeros(shape, bool)
     brain[2:10, 3:12, 2:8] = True
+    return [_img(np.where(brain, rng.uniform(50, 100, shape), 0), affine) for _ in range(3)]
+
+
+def test_preprocess_roundtrip_and_uncrop(tmp_path):
+    shape = (12, 14, 10)
     affine = np.diag([0.7, 0.7, 3.0, 1.0])
-    imgs = [_img(np.where(brain, rng.uniform(50, 100, shape), 0), affine) for _ in range(3)]
+    imgs = _three_contrasts(1, affine, shape)
     les = np.zeros(shape, np.uint8)
     les[5, 6, 4] = 1
     pre = preprocess_subject(*imgs, nib.Nifti1Image(les, affine), margin=1)
@@ -198,12 +203,9 @@ def _oblique(img: nib.Nifti1Image, degrees: float = 20.0) -> nib.Nifti1Image:
                                   lambda i: _reoriented(i, ("P", "S", "R")), _oblique])
 def test_uncrop_returns_to_the_reference_files_own_grid(make):
     """Preprocess on an LPS / LAS / permuted / oblique reference, uncrop: the reference's exact grid."""
-    rng = np.random.default_rng(2)
     shape = (12, 14, 10)
-    brain = np.zeros(shape, bool)
-    brain[2:10, 3:12, 2:8] = True
     affine = np.diag([0.9, 1.1, 3.0, 1.0])
-    ras = [_img(np.where(brain, rng.uniform(50, 100, shape), 0), affine) for _ in range(3)]
+    ras = _three_contrasts(2, affine, shape)
     les = np.zeros(shape, np.uint8)
     les[5, 6, 4] = les[6, 6, 4] = 1
     ras_mask = nib.Nifti1Image(les, affine)
