@@ -140,3 +140,13 @@ def test_bids_cases_missing_a_contrast_or_mask_are_listed_in_one_error(tmp_path)
     assert "sub-03: 2 _T1w images" in message
     with pytest.raises(ValidationError, match="dataset_description.json"):
         bids_sheet(root, "derivatives/missing")
+
+
+def test_a_mistyped_bids_mapping_is_listed_with_the_other_config_problems(tmp_path):
+    (tmp_path / "mine.yaml").write_text("subjects: {bids: /nowhere, lesion: derivatives/x}\nsplits: {n_splits: 0}\n")
+    run = snakemake(tmp_path / "work", "--configfile", str(tmp_path / "mine.yaml"), "-n")
+    assert run.returncode != 0
+    out = run.stdout + run.stderr
+    assert "3 problem(s) in the configuration" in out, out[-2000:]
+    assert "('lesion' was unexpected)" in out and "'lesions' is a required property" in out
+    assert "config splits.n_splits" in out

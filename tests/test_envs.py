@@ -31,11 +31,11 @@ def load_env(path: Path) -> dict:
 
 
 def pip_requirements(env: dict) -> list[Requirement]:
-    """The pip section's requirements, ``${VAR}`` left unexpanded (as written in the file)."""
+    """The pip section's requirements (editable ``-e`` lines, the local package, left out)."""
     reqs = []
     for dep in env["dependencies"]:
         if isinstance(dep, dict) and "pip" in dep:
-            reqs += [Requirement(r) for r in dep["pip"]]
+            reqs += [Requirement(r) for r in dep["pip"] if not r.startswith("-e ")]
     return reqs
 
 
@@ -133,7 +133,8 @@ def test_main_env_agrees_with_pyproject():
     package itself from the workflow's checkout."""
     wanted = {canonicalize_name(r.name): r for r in map(Requirement, pyproject()["dependencies"])}
     got = {canonicalize_name(r.name): r for r in pip_requirements(load_env(MAIN_ENV))}
-    assert got.pop("rsanet").url == "file://${RSANET_WORKFLOW_DIR}"
+    pip = [d for d in load_env(MAIN_ENV)["dependencies"] if isinstance(d, dict)][0]["pip"]
+    assert [r for r in pip if r.startswith("-e ")] == ["-e ${RSANET_WORKFLOW_DIR}"]
     assert sorted(got) == sorted(wanted), (
         f"only in pyproject: {sorted(set(wanted) - set(got))}; "
         f"only in {MAIN_ENV.name}: {sorted(set(got) - set(wanted))}")
@@ -153,8 +154,8 @@ def test_every_env_agrees_with_pyproject(path):
 
 
 def test_main_env_installs_the_workflows_own_version_of_rsanet(tmp_path):
-    """pip, given the env's pip section as conda passes it (a requirements file), resolves the
-    package line to this checkout at pyproject's version; the file names that version too."""
+    """pip, given the env's pip line as conda passes it (a requirements file), installs this
+    checkout, editable, at pyproject's version; the file names that version too."""
     import json
     import os
     import subprocess
@@ -163,7 +164,7 @@ def test_main_env_installs_the_workflows_own_version_of_rsanet(tmp_path):
     text = MAIN_ENV.read_text()
     assert f"rsanet {pyproject()['version']}" in text  # a new version changes the env file
     pip = [d for d in load_env(MAIN_ENV)["dependencies"] if isinstance(d, dict)][0]["pip"]
-    (tmp_path / "requirements.txt").write_text("\n".join(r for r in pip if r.startswith("rsanet")) + "\n")
+    (tmp_path / "requirements.txt").write_text("\n".join(r for r in pip if r.startswith("-e ")) + "\n")
     run = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-build-isolation", "--quiet",
          "--report", str(tmp_path / "report.json"), "-r", str(tmp_path / "requirements.txt")],
@@ -173,3 +174,4 @@ def test_main_env_installs_the_workflows_own_version_of_rsanet(tmp_path):
     assert installed["metadata"]["name"] == "rsanet"
     assert installed["metadata"]["version"] == pyproject()["version"]
     assert installed["download_info"]["url"] == ROOT.as_uri()
+    assert installed["download_info"]["dir_info"]["editable"] is True  # jobs run the checkout's code

@@ -62,6 +62,8 @@ def test_sessions_of_one_participant_stay_on_one_side_of_every_split():
             assert split[part] == sorted(c for c in groups if groups[c] in plan[part])  # all their sessions
     with pytest.raises(ValueError, match="sub-99"):
         make_splits([*groups, "sub-99"], 5, 6, 4, groups=groups)
+    with pytest.raises(ValueError, match=r"count participants: 12 participants, 22 cases"):
+        make_splits(list(groups), 5, 10, 4, groups=groups)  # 14 participants needed
 
 
 def test_small_cohorts_give_distinct_splits_or_say_how_many_they_can():

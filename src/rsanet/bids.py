@@ -29,7 +29,8 @@ def bids_sheet(bids: str | os.PathLike, lesions: str, label: str = "lesion") -> 
     """The subject sheet of a BIDS dataset: columns subject, participant, t1, t2, flair, lesions.
 
     Args:
-        bids: root folder of the BIDS dataset (has ``dataset_description.json``).
+        bids: root folder of the BIDS dataset (has ``dataset_description.json``); a relative path
+            is taken from the working directory (Snakemake's ``--directory``).
         lesions: the derivatives folder with the lesion masks, relative to ``bids`` or absolute
             (a BIDS derivatives dataset: its own ``dataset_description.json`` with ``GeneratedBy``).
         label: the ``label-`` entity of the masks (``..._label-<label>_mask.nii.gz``).
@@ -45,7 +46,8 @@ def bids_sheet(bids: str | os.PathLike, lesions: str, label: str = "lesion") -> 
     from bids.layout import Query
 
     root = Path(bids).expanduser().resolve()
-    derivatives = Path(lesions) if Path(lesions).is_absolute() else root / lesions
+    derivatives = Path(lesions).expanduser()
+    derivatives = derivatives.resolve() if derivatives.is_absolute() else (root / derivatives).resolve()
     for folder, what in ((root, "BIDS dataset"), (derivatives, "lesion derivatives folder")):
         if not (folder / "dataset_description.json").is_file():
             raise ValidationError(
@@ -55,7 +57,8 @@ def bids_sheet(bids: str | os.PathLike, lesions: str, label: str = "lesion") -> 
     try:
         layout = BIDSLayout(str(root), derivatives=[str(derivatives)], validate=True)
     except Exception as err:  # pybids raises several kinds for unreadable datasets
-        raise ValidationError(f"subjects.bids: pybids cannot read {str(root)!r}: {err}") from err
+        raise ValidationError(f"subjects.bids: pybids cannot read the dataset {str(root)!r} or its lesion "
+                              f"derivatives {str(derivatives)!r}: {err}") from err
 
     rows, problems = [], []
     for subject in sorted(layout.get_subjects(scope="raw")):

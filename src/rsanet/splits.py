@@ -49,10 +49,16 @@ def make_splits(
         ``[{"train": [...], "val": [...], "test": [...]}, ...]`` of length ``n_splits``.
     """
     if groups is not None:
+        if len(set(subjects)) != len(subjects):
+            raise ValueError("make_splits: subject ids are not unique")
         missing = sorted(set(subjects) - set(groups))
         if missing:
             raise ValueError(f"make_splits: no participant given for {', '.join(missing)}")
-        people = make_splits(sorted({groups[s] for s in subjects}), n_splits, n_train, n_test, seed, n_val)
+        try:
+            people = make_splits(sorted({groups[s] for s in subjects}), n_splits, n_train, n_test, seed, n_val)
+        except ValueError as err:  # the sizes count participants, not cases
+            raise ValueError(f"{err} (with sessions grouped, the split sizes and the cohort count participants: "
+                             f"{len({groups[s] for s in subjects})} participants, {len(subjects)} cases)") from err
         return [{part: sorted(s for s in subjects if groups[s] in set(split[part])) for part in split}
                 for split in people]
     ids = sorted(subjects)

@@ -43,8 +43,9 @@ def config_problems(config: Mapping, schema_path: str | Path, n_subjects: int | 
     validator = jsonschema.Draft202012Validator(schema)
     problems = []
     for err in sorted(validator.iter_errors(dict(config)), key=lambda e: list(e.absolute_path)):
-        where = ".".join(str(p) for p in err.absolute_path) or "(top level)"
-        problems.append(f"config {where}: {err.message}")
+        for e in _specific(err):
+            where = ".".join(str(p) for p in e.absolute_path) or "(top level)"
+            problems.append(f"config {where}: {e.message}")
     splits = config.get("splits", {}) if isinstance(config.get("splits"), Mapping) else {}
     n_train, n_test = splits.get("n_train"), splits.get("n_test")
     if n_subjects is not None and isinstance(n_train, int):
@@ -55,6 +56,17 @@ def config_problems(config: Mapping, schema_path: str | Path, n_subjects: int | 
                 f"but the cohort has {n_subjects}"
             )
     return problems
+
+
+def _specific(err: jsonschema.ValidationError) -> list[jsonschema.ValidationError]:
+    """For a ``oneOf`` failure, the errors of the alternative whose type the value has (e.g. a
+    BIDS mapping's unknown or missing keys) instead of "is not valid under any of the given schemas"."""
+    if err.validator != "oneOf" or not err.context:
+        return [err]
+    typed = [e for e in err.context if e.validator != "type" and
+             not any(c.validator == "type" and c.relative_schema_path[0] == e.relative_schema_path[0] and
+                     not c.relative_path for c in err.context)]
+    return typed or [err]
 
 
 def with_defaults(config: Mapping, schema: Mapping) -> dict:

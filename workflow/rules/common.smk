@@ -7,13 +7,13 @@ from pathlib import Path
 import pandas as pd
 from snakemake.utils import validate
 
-# The `rsanet` package must be importable where Snakemake and its jobs run: `pip install .` (or
-# ./run.sh) in the environment that runs Snakemake, or envs/rsanet.yaml with `--sdm conda`,
-# which installs it from this checkout (the folder of pyproject.toml, expanded by pip).
-os.environ.setdefault(
-    "RSANET_WORKFLOW_DIR",
-    str(Path(workflow.source_path("../../pyproject.toml")).parent),
-)
+# The `rsanet` package must be installed in the environment that runs Snakemake (`pip install .`
+# or ./run.sh): this file imports it, on the submitting host and in every cluster job. With
+# `--sdm conda` the rules' jobs run in envs/rsanet.yaml, which installs this checkout editable
+# (pip expands RSANET_WORKFLOW_DIR, the checkout's folder, set here for local workflows).
+_CHECKOUT = Path(workflow.current_basedir.get_path_or_uri(secret_free=False)).parents[1]
+if (_CHECKOUT / "pyproject.toml").is_file():
+    os.environ.setdefault("RSANET_WORKFLOW_DIR", str(_CHECKOUT))
 from rsanet.bids import bids_sheet
 from rsanet.splits import make_splits
 from rsanet.validation import config_problems, read_sheet, sheet_problems
@@ -45,16 +45,23 @@ def _demo_sheet(cfg):
 _issues = config_problems(config, CONFIG_SCHEMA)
 if not _issues:
     validate(config, CONFIG_SCHEMA)
-DEMO = "subjects" in config and config["subjects"] == "demo"
-BIDS = not _issues and isinstance(config["subjects"], dict)
-if DEMO:
-    SHEET = _demo_sheet(config) if not _issues else pd.DataFrame(columns=["subject"])
-elif BIDS:
-    SHEET = bids_sheet(**config["subjects"])  # lists every incomplete case at once
-else:
-    SHEET = read_sheet(config["subjects"])
-    _issues += sheet_problems(SHEET, f"subject sheet {config['subjects']}")
-# Cases of one participant (BIDS sessions, or the sheet's optional column) share a split side.
+# "demo", a sheet's path or a BIDS mapping (None when missing: reported above)
+COHORT = config.get("subjects")
+DEMO = COHORT == "demo"
+SHEET = pd.DataFrame(columns=["subject"])
+if DEMO and not _issues:
+    SHEET = _demo_sheet(config)
+elif isinstance(COHORT, dict) and not _issues:
+    SHEET = bids_sheet(**COHORT)  # lists every incomplete case at once
+elif isinstance(COHORT, str) and not DEMO:
+    SHEET = read_sheet(COHORT)
+    _issues += sheet_problems(SHEET, f"subject sheet {COHORT}")
+# Cases of one participant (BIDS sessions, or the sheet's optional column; blank = the subject
+# itself) share a split side.
+if "participant" in SHEET:
+    SHEET["participant"] = SHEET.participant.where(
+        SHEET.participant != "", SHEET.subject
+    )
 GROUPS = dict(zip(SHEET.subject, SHEET.participant)) if "participant" in SHEET else None
 if not _issues:
     _issues = config_problems(
