@@ -13,6 +13,7 @@ with logged(snakemake.log[0]):
         dof=snakemake.params.dof,
         max_displacement_mm=snakemake.params.max_displacement_mm,
         search_deg=snakemake.params.search_deg,
+        finest_level_mm=snakemake.params.finest_level_mm,
         threads=snakemake.threads,
         allow_empty_mask=snakemake.params.allow_empty,
     )

@@ -73,7 +73,7 @@ def _score(model_path: str, files: list[str], policy: dict) -> dict:
         pre = Preprocessed.load(f)
         t0 = time.perf_counter()
         prob = predict_volume(model, pre.image, tile=tile, overlap=policy["overlap"],
-                              blending=policy["blending"], batch_size=policy.get("batch_size", 4))
+                              blending=policy["blending"], batch_size=policy.get("batch_size", 4), amp=cfg.amp)
         seconds.append(time.perf_counter() - t0)
         s = evaluate_case(prob > 0.5, pre.lesions > 0, pre.spacing)
         dices.append(s["dice"])

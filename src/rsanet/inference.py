@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .models import VARIANTS
-from .training import memory_layout
+from .training import bf16_native, memory_layout
 
 log = logging.getLogger(__name__)
 
@@ -102,16 +102,19 @@ def predict_volume(
         tile: ``(d, h, w)`` tile size in voxels (clipped to the volume), or ``None`` to run the
             whole volume in one pass (the network pads sizes to a multiple of its stride).
         overlap: fraction of a tile shared with its neighbour (0 <= overlap < 1).
-        device: where to run; bf16 autocast on CUDA when ``amp``.
+        device: where to run.
+        amp: bfloat16 autocast where the device computes it natively (:func:`rsanet.training.bf16_native`);
+            give the ``train.amp`` the network was trained with, so it predicts in the precision it learnt in.
         blending: ``"gaussian"`` (weights highest at each tile's centre) or ``"constant"``
             (plain averaging of overlapping tiles).
-        batch_size: tiles run together in one forward pass (same result, fewer calls).
+        batch_size: at most this many tiles run together in one forward pass (same result, fewer
+            calls); the tiles are spread evenly over the passes.
 
     Returns:
         ``(D, H, W)`` float32 softmax probability of the lesion class, in ``[0, 1]``.
     """
     device = torch.device(device)
-    use_amp = amp and device.type == "cuda"
+    use_amp = amp and bf16_native(device)
     x_full = torch.from_numpy(np.ascontiguousarray(image))  # (3, D, H, W)
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -133,8 +136,12 @@ def predict_volume(
     weight = torch.from_numpy(gaussian_weight(tile) if blending == "gaussian" else np.ones(tile, np.float32))
     total = torch.zeros(shape)
     norm = torch.zeros(shape)
-    for first in range(0, len(corners), max(int(batch_size), 1)):
-        group = corners[first : first + max(int(batch_size), 1)]
+    # Tiles spread evenly over the passes (45 tiles by 4: nine passes of 4 and three of 3, not
+    # a last pass of 1): for a batch of one, PyTorch's CPU convolution takes a ~10x slower path.
+    passes = math.ceil(len(corners) / max(int(batch_size), 1))
+    bounds = [round(i * len(corners) / passes) for i in range(passes + 1)]
+    for first, last in zip(bounds[:-1], bounds[1:]):
+        group = corners[first:last]
         boxes = [tuple(slice(c, c + t) for c, t in zip(corner, tile)) for corner in group]
         probs = run(torch.stack([x_full[(slice(None),) + box] for box in boxes]))  # (n, d, h, w)
         for box, p in zip(boxes, probs):

@@ -117,7 +117,7 @@ def _ensemble(models, image: np.ndarray, policy: dict, device, tta: bool) -> np.
             x = np.flip(image, axes).copy() if axes else image
             tile = None if cfg_tile == "whole" else (tuple(policy["crop"]) if cfg_tile is None else tuple(cfg_tile))
             p = predict_volume(model, x, tile=tile, overlap=policy["overlap"], device=device,
-                               blending=policy["blending"], batch_size=policy["batch_size"])
+                               blending=policy["blending"], batch_size=policy["batch_size"], amp=policy["amp"])
             total += np.flip(p, tuple(a - 1 for a in axes)) if axes else p
     return (total / (len(models) * len(flips))).astype(np.float32)
 
@@ -173,7 +173,7 @@ def segment(
     seconds["preprocessing"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    policy = {**meta["predict"], "crop": meta["train"]["crop"]}
+    policy = {**meta["predict"], "crop": meta["train"]["crop"], "amp": meta["train"].get("amp", True)}
     prob = _ensemble(models, pre.image, policy, dev, tta)
     seconds["prediction"] = time.perf_counter() - t0
 

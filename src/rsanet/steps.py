@@ -168,7 +168,10 @@ def _predict_all(model_path, split, splits_json, preprocessed, out_dir, tile, ov
     names = read_split(splits_json, split)[part]
     policy = ("whole volume, one pass" if tile is None else
               f"tiles of {tuple(tile)} voxels, overlap {overlap}, {blending} blending, {batch_size} tiles per pass")
-    log.info("%s split %d: predicting %d %s subjects (%s)", cfg.variant, split, len(names), part, policy)
+    from .training import bf16_native
+
+    precision = "bf16 autocast" if cfg.amp and bf16_native(dev) else "float32"
+    log.info("%s split %d: predicting %d %s subjects (%s; %s)", cfg.variant, split, len(names), part, policy, precision)
     rows = []
     for i, subject in enumerate(names, start=1):
         pre = Preprocessed.load(preprocessed[subject])
@@ -183,7 +186,7 @@ def _predict_all(model_path, split, splits_json, preprocessed, out_dir, tile, ov
             )
         try:
             prob = predict_volume(model, pre.image, tile=tile, overlap=overlap, device=dev, blending=blending,
-                                  batch_size=batch_size)
+                                  batch_size=batch_size, amp=cfg.amp)
         except (MemoryError, RuntimeError) as err:
             if isinstance(err, MemoryError) or "out of memory" in str(err).lower():
                 log.error("%s split %d, subject %s: out of memory while predicting (attention maps ~%.0f MiB "
@@ -339,7 +342,7 @@ def demo_subject_step(subject: str, demo: Mapping, outputs: Mapping[str, str]) -
 def coregister_step(
     subject: str, images: Mapping[str, str], lesions: str, outputs: Mapping[str, str], reference: str = "FLAIR",
     engine: str = "auto", dof: int = 6, max_displacement_mm: float = 40.0, threads: int = 1,
-    search_deg: float = 30.0, allow_empty_mask: bool = False,
+    search_deg: float = 30.0, allow_empty_mask: bool = False, finest_level_mm: float = 1.5,
 ) -> None:
     """Register every non-reference contrast onto ``reference``; resample it onto the reference grid.
 
@@ -348,11 +351,13 @@ def coregister_step(
     and, when ``outputs`` has ``"qc"``, the QC figure (registered edges over the reference).
     ``engine="none"``: the contrasts are already co-registered (header alignment, resampling
     only). A failed registration, or a contrast whose field of view misses most of the
-    reference's head, raises before anything is written for the subject.
+    reference's head, raises before anything is written for the subject. ``finest_level_mm``:
+    see :meth:`rsanet.registration.SimpleITKSettings.finest_level`.
     """
     from .registration import (
         MIN_COVERAGE,
         RegistrationError,
+        SimpleITKSettings,
         field_of_view_coverage,
         header_alignment,
         register,
@@ -371,7 +376,8 @@ def coregister_step(
             log.info("%s: registering %s -> %s", subject, contrast, reference)
             try:
                 res = register(images[contrast], fixed_path, dof=dof, engine=engine, search_deg=search_deg,
-                               max_displacement_mm=max_displacement_mm, threads=threads)
+                               max_displacement_mm=max_displacement_mm, threads=threads,
+                               settings=SimpleITKSettings().finest_level(finest_level_mm))
             except RegistrationError as err:
                 raise InputError(f"subject {subject!r}: {err}") from err
         log.info("%s: %s -> %s with %s in %.1f s, cost %.4f -> %.4f", subject, contrast, reference,

@@ -33,6 +33,7 @@ rule coregister:
         dof=config["registration"]["dof"],
         max_displacement_mm=config["registration"]["max_displacement_mm"],
         search_deg=config["registration"]["search_deg"],
+        finest_level_mm=config["registration"]["finest_level_mm"],
         allow_empty=config["preprocess"]["allow_empty_masks"],
     script:
         "../../scripts/coregister.py"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal, Mapping
 
 import numpy as np
@@ -67,6 +67,16 @@ class SimpleITKSettings:
     def __post_init__(self) -> None:
         if not self.level_spacings_mm or len(self.samples_per_level) != len(self.level_spacings_mm):
             raise ValueError("level_spacings_mm and samples_per_level need one entry per level")
+
+    def finest_level(self, finest_mm: float) -> "SimpleITKSettings":
+        """These settings without the pyramid levels finer than ``finest_mm`` (the coarsest is always kept).
+
+        E.g. ``3.0`` for images whose reference has 3 mm slices: about 2.7x faster on the demo
+        cohort, with mean errors of 0.1-0.5 mm instead of 0.1-0.2 mm (docs/registration.md).
+        """
+        keep = [i for i, s in enumerate(self.level_spacings_mm) if s >= finest_mm - 1e-9] or [0]
+        return replace(self, level_spacings_mm=tuple(self.level_spacings_mm[i] for i in keep),
+                       samples_per_level=tuple(self.samples_per_level[i] for i in keep))
 
 
 @dataclass(frozen=True, eq=False)
