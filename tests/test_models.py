@@ -12,6 +12,7 @@ from rsanet.models import (
     PAPER_WIDTHS,
     SLICE_AXIS,
     VARIANTS,
+    GroupNorm,
     NonLocalBlock,
     RSABlock,
     SliceAttention,
@@ -284,3 +285,35 @@ def test_gradients_reach_every_alpha_in_a_network(widths):
     model(torch.randn(1, 3, 16, 16, 16)).mean().backward()
     for block in (model.attn_encoder, model.attn_bottom, model.attn_decoder):
         assert block.alpha.grad is not None and block.alpha.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("layout", [torch.channels_last_3d, torch.contiguous_format])
+def test_group_norm_equals_torchs_in_both_modes_and_keeps_layout(layout):
+    """The CPU backward path (float32 NCDHW copy) computes the same norm and gradients as nn.GroupNorm."""
+    ours, ref = GroupNorm(4, 8).double(), torch.nn.GroupNorm(4, 8).double()
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.uniform_(-0.5, 0.5)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 8, 3, 5, 4, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
+    y, y_ref = ours(x), ref(x)
+    assert y.dtype == torch.float64 and y.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, ours.weight, ours.bias], g)
+    grads_ref = torch.autograd.grad(y_ref, [x, ref.weight, ref.bias], g)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    with torch.no_grad():  # inference: torch's own kernel
+        torch.testing.assert_close(ours(x), y_ref, rtol=0, atol=1e-12)
+
+
+def test_group_norm_under_bf16_autocast_returns_the_inputs_dtype():
+    norm = GroupNorm(8, 8)
+    x = torch.randn(2, 8, 4, 6, 6).contiguous(memory_format=torch.channels_last_3d)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x.to(torch.bfloat16).requires_grad_())
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last_3d)
+    # statistics in float32: the bf16 output is the float32 norm rounded once
+    torch.testing.assert_close(y.float(), torch.nn.functional.group_norm(x.to(torch.bfloat16).float(), 8),
+                               rtol=1e-2, atol=1e-2)

@@ -437,3 +437,11 @@ def test_real_already_aligned_patients_register_near_identity_and_recover_a_moti
         truth = np.linalg.inv(motion)  # moved world -> original (= FLAIR) world
         err = reg.displacement_mm(np.linalg.inv(res.moving_to_fixed), np.linalg.inv(truth), brain).mean()
         assert err <= 1.0, f"{patient} {contrast} with motion: {err:.2f} mm"
+
+
+def test_finest_level_drops_the_finer_pyramid_levels():
+    base = SimpleITKSettings()
+    assert base.finest_level(1.5) == base
+    coarse = base.finest_level(3.0)
+    assert coarse.level_spacings_mm == (6.0, 3.0) and coarse.samples_per_level == base.samples_per_level[:2]
+    assert base.finest_level(10.0).level_spacings_mm == (6.0,)  # the coarsest level always stays

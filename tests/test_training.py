@@ -126,6 +126,30 @@ def test_tiled_prediction_matches_whole_volume_for_a_pointwise_model():
     assert np.allclose(whole, tiled, atol=1e-6)
 
 
+def test_tiles_are_spread_evenly_over_the_passes():
+    """45 tiles at 4 per pass run as passes of 3-4 tiles, never a pass of one (a slow CPU path)."""
+    sizes = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x):
+            sizes.append(x.shape[0])
+            return torch.zeros(x.shape[0], 2, *x.shape[2:])
+
+    img = np.zeros((3, 54, 142, 113), dtype=np.float32)  # 5 x 3 x 3 tiles of 16x64x64
+    predict_volume(Recorder(), img, tile=(16, 64, 64), overlap=0.25, batch_size=4)
+    assert sum(sizes) == 45 and len(sizes) == 12 and min(sizes) == 3 and max(sizes) == 4
+
+
+def test_bf16_only_where_the_device_computes_it(monkeypatch):
+    from rsanet import training
+
+    monkeypatch.setattr(training, "_cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert not training.bf16_native(torch.device("cpu"))
+    monkeypatch.setattr(training, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert training.bf16_native(torch.device("cpu"))
+    assert training.bf16_native(torch.device("cuda")) and not training.bf16_native(torch.device("meta"))
+
+
 _RUNNER = textwrap.dedent(
     """
     import pickle, sys, time
