@@ -123,6 +123,7 @@ def test_provenance_records_versions_config_and_engine(study):
     assert prov["registration_engines"] in (["simpleitk"], ["flirt"])
     assert prov["libraries"]["torch"] and prov["config"]["splits"]["n_splits"] == 2
     assert prov["device"] == "cpu" or prov["device"].startswith("cuda")
+    assert prov["precision"] in ("bf16 autocast", "float32")
 
 
 def test_training_logs_and_progress_lines(study):
@@ -133,6 +134,7 @@ def test_training_logs_and_progress_lines(study):
     assert not (study / "models" / "unet3d" / "split0" / "seed0" / "checkpoint.pt").exists()  # cleaned up
     pred_log = (study.parent / "logs" / "predict" / "unet3d" / "split0" / "seed0.log").read_text()
     assert "tiles of (16, 32, 32) voxels, overlap 0.25, gaussian blending" in pred_log
+    assert "; bf16 autocast)" in pred_log or "; float32)" in pred_log
 
 
 def test_rerun_has_nothing_to_do_and_report_builds(study):

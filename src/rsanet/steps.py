@@ -448,6 +448,7 @@ def provenance_step(config: Mapping, records: Sequence[str], out_json: str) -> N
     import torch
 
     from . import __version__
+    from .training import bf16_native, resolve_device
 
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -465,6 +466,8 @@ def provenance_step(config: Mapping, records: Sequence[str], out_json: str) -> N
         "rsanet_version": __version__, "git_commit": commit, "python": platform.python_version(),
         "platform": platform.platform(), "libraries": versions,
         "device": "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "precision": ("bf16 autocast" if config["train"]["amp"] and bf16_native(resolve_device(config["train"]["device"]))
+                      else "float32"),
         "registration_engines": engines, "config": dict(config),
     }, out_json)
 
