@@ -121,15 +121,20 @@ def resample_to_fixed(
         src, order = data.astype(np.float32), 1
     else:
         src, order = data, 0
-    out = ndimage.affine_transform(
-        src,
-        fixed_vox_to_moving_vox[:3, :3],
-        offset=fixed_vox_to_moving_vox[:3, 3],
-        output_shape=tuple(fixed_img.shape[:3]),
-        order=order,
-        mode="grid-constant",  # outside the moving grid is 0, blended linearly at its border
-        cval=0.0,
-    )
+    if data.shape[:3] == tuple(fixed_img.shape[:3]) and np.allclose(fixed_vox_to_moving_vox, np.eye(4), rtol=0, atol=1e-6):
+        # the same grid (e.g. registration.engine: none on co-registered scans): the voxels as
+        # they are, not an interpolation through a transform that is the identity up to rounding
+        out = np.array(src, copy=True)
+    else:
+        out = ndimage.affine_transform(
+            src,
+            fixed_vox_to_moving_vox[:3, :3],
+            offset=fixed_vox_to_moving_vox[:3, 3],
+            output_shape=tuple(fixed_img.shape[:3]),
+            order=order,
+            mode="grid-constant",  # outside the moving grid is 0, blended linearly at its border
+            cval=0.0,
+        )
     result = nib.Nifti1Image(out, fixed_img.affine)
     result.set_qform(fixed_img.affine, code=1)
     result.set_sform(fixed_img.affine, code=1)
