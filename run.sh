@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One entry point for a fresh clone: creates/reuses .venv, installs the package (editable), runs.
+# One entry point for a fresh clone: creates/reuses .venv, installs the package (editable; with
+# its test extras for `test`), runs.
 #   ./run.sh study [snakemake args...]   the whole study (demo cohort by default) + HTML report
 #   ./run.sh test  [pytest args...]      the test suite
 set -euo pipefail
@@ -10,17 +11,20 @@ if [ ! -x .venv/bin/python ]; then
   echo "[run.sh] creating virtual environment .venv with $($PYTHON --version)"
   "$PYTHON" -m venv .venv
 fi
-stamp=.venv/.rsanet-installed
+cmd=${1:-}
+[ $# -gt 0 ] && shift
+# The study needs the package only; the tests also need the `test` extras (pytest, MONAI, snakefmt).
+extras="" stamp=.venv/.rsanet-installed
+if [ "$cmd" = test ]; then extras="[test]" stamp=.venv/.rsanet-test-installed; fi
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "[run.sh] installing rsanet and its dependencies into .venv (first run takes a few minutes)"
+  echo "[run.sh] installing rsanet$extras and its dependencies into .venv (first run takes a few minutes)"
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e ".[test]"
+  .venv/bin/python -m pip install --quiet -e ".$extras"
   touch "$stamp"
+  [ -z "$extras" ] || touch .venv/.rsanet-installed
 fi
 export PATH="$PWD/.venv/bin:$PATH"
 
-cmd=${1:-}
-[ $# -gt 0 ] && shift
 case "$cmd" in
   study)
     snakemake --cores "${CORES:-all}" "$@"
