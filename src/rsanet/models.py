@@ -73,13 +73,18 @@ class PointwiseConv3d(nn.Conv3d):
         if not _GEMM_ON_CPU.get() or x.device.type != "cpu" or x.dim() != 5:
             return super().forward(x)
         weight = self.weight.flatten(1)  # (C_out, C_in)
-        if x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        if _is_channels_last(x):
             # (N, D, H, W, C) is a view of a channels-last tensor: one GEMM, no copies
             return F.linear(x.movedim(1, -1), weight, self.bias).movedim(-1, 1)
         y = torch.matmul(weight, x.flatten(2))  # (N, C_out, D*H*W)
         if self.bias is not None:
             y = y + self.bias[:, None]
         return y.view(x.shape[0], -1, *x.shape[2:])
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    """Whether the 5D tensor ``x`` is laid out channels-last (and is not also plain contiguous)."""
+    return x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
 
 
 #: Whether PointwiseConv3d uses the matrix product on CPU; set only by pointwise_as_convolution.
@@ -115,7 +120,7 @@ class GroupNorm(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled() or x.device.type != "cpu" or x.dim() != 5:
             return super().forward(x)
-        channels_last = x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+        channels_last = _is_channels_last(x)
         dt = logit_dtype(x.dtype, self.weight.dtype)
         with torch.autocast(device_type="cpu", enabled=False):
             y = F.group_norm(x.to(dt).contiguous(), self.num_groups, _maybe_to(self.weight, dt), _maybe_to(self.bias, dt), self.eps)

@@ -168,10 +168,9 @@ def _predict_all(model_path, split, splits_json, preprocessed, out_dir, tile, ov
     names = read_split(splits_json, split)[part]
     policy = ("whole volume, one pass" if tile is None else
               f"tiles of {tuple(tile)} voxels, overlap {overlap}, {blending} blending, {batch_size} tiles per pass")
-    from .training import bf16_native
+    from .training import precision
 
-    precision = "bf16 autocast" if cfg.amp and bf16_native(dev) else "float32"
-    log.info("%s split %d: predicting %d %s subjects (%s; %s)", cfg.variant, split, len(names), part, policy, precision)
+    log.info("%s split %d: predicting %d %s subjects (%s; %s)", cfg.variant, split, len(names), part, policy, precision(cfg.amp, dev))
     rows = []
     for i, subject in enumerate(names, start=1):
         pre = Preprocessed.load(preprocessed[subject])
@@ -448,7 +447,7 @@ def provenance_step(config: Mapping, records: Sequence[str], out_json: str) -> N
     import torch
 
     from . import __version__
-    from .training import bf16_native, resolve_device
+    from .training import precision, resolve_device
 
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -466,8 +465,7 @@ def provenance_step(config: Mapping, records: Sequence[str], out_json: str) -> N
         "rsanet_version": __version__, "git_commit": commit, "python": platform.python_version(),
         "platform": platform.platform(), "libraries": versions,
         "device": "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-        "precision": ("bf16 autocast" if config["train"]["amp"] and bf16_native(resolve_device(config["train"]["device"]))
-                      else "float32"),
+        "precision": precision(config["train"]["amp"], resolve_device(config["train"]["device"])),
         "registration_engines": engines, "config": dict(config),
     }, out_json)
 

@@ -130,6 +130,12 @@ def bf16_native(device: torch.device) -> bool:
     return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
+def precision(amp: bool, device: torch.device) -> str:
+    """The arithmetic a network trains and predicts in on ``device`` with ``train.amp`` = ``amp``:
+    ``"bf16 autocast"`` or ``"float32"`` (for logs and provenance)."""
+    return "bf16 autocast" if amp and bf16_native(device) else "float32"
+
+
 @functools.cache
 def _cpu_flags() -> frozenset[str]:
     try:
