@@ -146,7 +146,10 @@ def test_bf16_only_where_the_device_computes_it(monkeypatch):
     monkeypatch.setattr(training, "_cpu_flags", lambda: frozenset({"avx2", "fma"}))
     assert not training.bf16_native(torch.device("cpu"))
     assert training.precision(True, torch.device("cpu")) == "float32"
+    # AVX512-BF16 without AMX: float32 (bf16 trainings diverged on such a CPU; training.bf16_native)
     monkeypatch.setattr(training, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert not training.bf16_native(torch.device("cpu"))
+    monkeypatch.setattr(training, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16", "amx_bf16"}))
     assert training.bf16_native(torch.device("cpu"))
     assert training.precision(True, torch.device("cpu")) == "bf16 autocast"
     assert training.precision(False, torch.device("cpu")) == "float32"

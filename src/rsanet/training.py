@@ -55,7 +55,7 @@ class TrainConfig:
             CUDA only where PyTorch has deterministic kernels, with warnings for the rest).
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
         amp: mixed precision (bfloat16 autocast) where the device computes bfloat16 natively
-            (:func:`bf16_native`: CUDA, and CPUs with AVX512-BF16 or AMX); float32 elsewhere.
+            (:func:`bf16_native`: CUDA, and CPUs with AMX); float32 elsewhere.
         rsa_order: order of the SA steps inside RSA blocks.
         dropout: rate of the stem's Dropout3d.
         lesion_weight: ``None`` for the paper's exponential class weights as printed; a number
@@ -116,18 +116,21 @@ def memory_layout(device: torch.device) -> torch.memory_format:
 
 
 def bf16_native(device: torch.device) -> bool:
-    """Whether bfloat16 autocast pays on ``device``: always on CUDA; on a CPU only when it has
-    AVX512-BF16 or AMX-BF16 instructions (Linux's ``/proc/cpuinfo`` flags), without which
-    oneDNN emulates bf16 and is slower than float32. Elsewhere (macOS, Windows): False.
+    """Whether bfloat16 autocast is used on ``device``: always on CUDA; on a CPU only when it has
+    AMX-BF16 instructions (Linux's ``/proc/cpuinfo`` flag ``amx_bf16``). Elsewhere (macOS,
+    Windows, CPUs without AMX): False, float32.
 
-    On such a CPU a demo training step runs ~1.5x faster and a forward pass ~1.3x (tiles of
-    16x64x64, one thread; docs/performance.md).
+    With AMX a demo training step runs ~1.5x faster and a forward pass ~1.3x (tiles of 16x64x64,
+    one thread; docs/performance.md). AVX512-BF16 alone is not enough: on an AMD EPYC with
+    ``avx512_bf16`` and no AMX, bf16 trainings of the demo diverged to NaN (the U-Net at
+    iteration 67, RSA-101 at iterations 8-30, runs of one seed differing), its backward pass was
+    not reproducible from run to run, and it was no faster than float32 (docs/performance.md).
     """
     if device.type == "cuda":
         return True
     if device.type != "cpu":
         return False
-    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    return "amx_bf16" in _cpu_flags()
 
 
 def precision(amp: bool, device: torch.device) -> str:
@@ -324,7 +327,10 @@ def train(
             optimiser.step()
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
-                raise FloatingPointError(f"{config.variant}: loss became {loss_value} at iteration {it}")
+                raise FloatingPointError(
+                    f"{config.variant}: loss became {loss_value} at iteration {it} ({precision(config.amp, device)}); "
+                    "lower train.lr, or set train.amp: false if it ran in bf16"
+                )
             row = {
                 "iteration": it, "loss": loss_value, "lesion_fraction_in_batch": float(y.float().mean()),
                 "seconds": time.perf_counter() - t0, "lr": optimiser.param_groups[0]["lr"],
