@@ -3,4 +3,5 @@ from rsanet.logs import logged
 from rsanet.steps import aggregate_step
 
 with logged(snakemake.log[0]):
-    aggregate_step(list(snakemake.input.metrics), snakemake.input.splits, dict(snakemake.output))
+    aggregate_step(list(snakemake.input.metrics), list(snakemake.input.health), snakemake.input.splits,
+                   dict(snakemake.output))

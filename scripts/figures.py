@@ -13,5 +13,6 @@ with logged(snakemake.log[0]):
         splits_json=snakemake.input.splits,
         preprocessed={Path(f).stem: f for f in snakemake.input.preprocessed},
         predictions=dict(zip(p.fig5_variants, snakemake.input.predictions)),
+        health_jsons=list(snakemake.input.health),
         stems={k: str(Path(getattr(snakemake.output, k)).with_suffix("")) for k in ("fig1", "fig5", "curves", "scores", "by_size", "load")},
     )

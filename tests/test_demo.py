@@ -115,16 +115,13 @@ def test_different_seed_differs(cohort: tuple[Path, pd.DataFrame]) -> None:
 def test_subjects_differ(cohort: tuple[Path, pd.DataFrame]) -> None:
     out, _ = cohort
     a, b = _load(out, "demo-001"), _load(out, "demo-002")
-    assert a["truth"]["lesion_source"]["patient"] != b["truth"]["lesion_source"]["patient"]
+    assert a["truth"]["lesion_sources"] != b["truth"]["lesion_sources"]
     assert not np.array_equal(_array(a["FLAIR"]), _array(b["FLAIR"]))
     assert a["truth"]["anatomy"]["size_scale"] != b["truth"]["anatomy"]["size_scale"]
 
 
-def test_43_subjects_from_30_masks() -> None:
-    sources = [demo.lesion_source(i) for i in range(43)]
-    assert len(set(sources)) == 43
-    assert sources[0] == (1, False) and sources[30] == (1, True) and sources[42] == (13, True)
-    # the mirrored mask is the original reflected about the MNI mid-sagittal plane x = 0
+def test_mirrored_mask_is_reflected() -> None:
+    """The mirrored mask is the original reflected about the MNI mid-sagittal plane x = 0."""
     plain = demo._lesion_on_template(1, False)
     mirrored = demo._lesion_on_template(1, True)
     anatomy = demo.load_anatomy()
@@ -134,6 +131,55 @@ def test_43_subjects_from_30_masks() -> None:
     ijk = np.rint(nib.affines.apply_affine(np.linalg.inv(anatomy.affine), xyz)).astype(int)
     inside = np.all((ijk >= 0) & (ijk < plain.shape), axis=1)
     assert mirrored[tuple(ijk[inside].T)].mean() > 0.95
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+
+
+@pytest.mark.slow
+def test_no_test_subject_shares_a_lesion_layout_with_training() -> None:
+    """Issue 22: subjects 31-43 used to reuse masks 1-13 mirrored, so a test subject's layout
+    could sit, mirrored, in the training set. In every split of the demo config, no test or
+    validation subject is now more alike (Dice of the template-space masks, plain or mirrored)
+    to a training subject than the two most alike different real patients are to each other."""
+    import yaml
+
+    from rsanet.splits import make_splits
+
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "config" / "config.yaml").read_text())
+    n, seed = cfg["demo"]["n_subjects"], cfg["demo"]["seed"]
+    masks = [demo.lesion_template(i, seed) > 0 for i in range(n)]
+    mirrored = [demo._lesion_on_template(p, True) > 0 for p in range(1, demo.N_LESION_MASKS + 1)]
+
+    def alike(i: int, j: int) -> float:
+        both = [_dice(masks[i], masks[j])]
+        if j < demo.N_LESION_MASKS:  # collages are mirrored per source already
+            both.append(_dice(masks[i], mirrored[j]))
+        return max(both)
+
+    real = range(demo.N_LESION_MASKS)
+    natural = max(alike(i, j) for i in real for j in real if i != j)
+    assert 0.1 < natural < 0.5  # different patients' lesions overlap, periventricular above all
+    assert all(m.any() for m in masks)
+    ids = [demo.subject_id(i) for i in range(n)]
+    s = cfg["splits"]
+    worst = 0.0
+    for split in make_splits(ids, s["n_splits"], s["n_train"], s["n_test"], s["seed"], s["n_val"]):
+        train = [ids.index(x) for x in split["train"]]
+        for held_out in split["test"] + split["val"]:
+            i = ids.index(held_out)
+            worst = max([worst] + [alike(i, j) if i >= demo.N_LESION_MASKS or j >= demo.N_LESION_MASKS
+                                   else 0.0 for j in train])
+    assert worst < natural, (worst, natural)
+
+
+def test_lesion_sources_are_seeded_and_distinct() -> None:
+    assert demo.lesion_sources(0, 0) == [{"patient": 1, "flip_lr": False, "components": None}]
+    collage = demo.lesion_sources(30, 0)
+    assert collage == demo.lesion_sources(30, 0) and collage != demo.lesion_sources(30, 1)
+    assert len(collage) > 5 and all(src["components"] for src in collage)
+    assert collage != demo.lesion_sources(31, 0)
 
 
 def test_lesion_contrast(still0: dict) -> None:

@@ -127,3 +127,17 @@ def test_markdown_and_latex_writers():
     assert md.count("\n") == 2 + len(df) and md.startswith("| Method |")
     tex = evaluation.to_latex(df, "Cap 5%", "tab:x")
     assert r"\begin{tabular}" in tex and r"$\pm$" in tex and r"5\%" in tex
+
+
+def test_table1_counts_the_failed_trainings_per_variant():
+    """Issue 22: a failed training is never averaged in silently: Table 1 says how many failed."""
+    health = pd.DataFrame({"variant": ["unet3d", "unet3d", "rsa-111", "rsa-111"], "split": [0, 1, 0, 1],
+                           "seed": [0, 0, 0, 0], "learned": [True, False, True, True]})
+    failed = evaluation.failed_trainings(health).set_index("variant")
+    assert failed.loc["unet3d", "n_failed"] == 1 and failed.loc["unet3d", "failed"] == "split 1 seed 0"
+    assert failed.loc["rsa-111", "n_failed"] == 0 and failed.loc["rsa-111", "failed"] == ""
+    t = evaluation.table1(_rows(), health)
+    shown = evaluation.table1_display(t)
+    assert shown["Failed trainings"].tolist() == ["1/2", "0/2"]
+    # the scores are the same with or without the count: nothing is dropped
+    assert t.sample_dice_mean.tolist() == evaluation.table1(_rows()).sample_dice_mean.tolist()

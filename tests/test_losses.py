@@ -182,3 +182,16 @@ def test_dice_weight_adds_the_dice_term_to_training():
     assert 0 < both - plain < 1.0
     with pytest.raises(ValueError, match="dice_weight"):
         TrainConfig(variant="unet3d", dice_weight=-1.0)
+
+
+def test_printed_and_swapped_class_weights_by_name():
+    """config/paper.yaml's choice between the paper's weights as printed and swapped (issue 22)."""
+    from rsanet.losses import ExpWeightedCrossEntropy, class_weights
+
+    printed, swapped = class_weights(5.15e-4, "printed"), class_weights(5.15e-4, "swapped")
+    assert printed[1] == pytest.approx(0.2691, abs=1e-4) and swapped[1] == pytest.approx(0.7309, abs=1e-4)
+    assert torch.equal(printed.flip(0), swapped)
+    assert torch.equal(ExpWeightedCrossEntropy(5.15e-4, lesion_weight="swapped").weight, swapped)
+    assert torch.equal(ExpWeightedCrossEntropy(5.15e-4).weight, printed)  # the paper's text by default
+    with pytest.raises(ValueError, match="printed"):
+        class_weights(0.01, "inverted")

@@ -257,7 +257,7 @@ def test_paper_backbone_parameter_counts():
     """The authors' backbone: 23.77 M for the U-Net, 24.55 M for RSA-010 (method notes)."""
     unet = count_parameters(build_model("unet3d"))
     assert abs(unet / 1e6 - 23.77) <= 0.01
-    assert unet == 23_766_368
+    assert unet == 23_766_368 + 2  # the authors' network plus the output bias (issue 22)
     rsa_block = 3 * (512 * 512 + 512) + 3  # ~0.79 M, as the method notes say
     assert count_parameters(build_model("rsa-010")) - unet == rsa_block
     assert abs(count_parameters(build_model("rsa-010")) / 1e6 - 24.55) <= 0.01
@@ -273,7 +273,7 @@ def test_backbone_widens_in_the_level_block_not_in_the_down_convolution():
         assert m.encoders[i + 1][0].in_channels == PAPER_WIDTHS[i]
         assert m.encoders[i + 1][0].out_channels == PAPER_WIDTHS[i + 1]
     assert all(up.reduce.bias is None for up in m.ups)
-    assert all(layer.bias is None for layer in m.head)
+    assert m.head[0].bias is None and m.head[1].bias is not None  # the output bias: issue 22
 
 
 @pytest.mark.parametrize("widths", [(4, 8), SMALL, (4, 8, 8, 8)])
@@ -317,3 +317,27 @@ def test_group_norm_under_bf16_autocast_returns_the_inputs_dtype():
     # statistics in float32: the bf16 output is the float32 norm rounded once
     torch.testing.assert_close(y.float(), torch.nn.functional.group_norm(x.to(torch.bfloat16).float(), 8),
                                rtol=1e-2, atol=1e-2)
+
+
+def test_the_output_can_exceed_p_half_where_every_feature_is_off():
+    """Issue 22: the head used to be bias-free on ReLU features (>= 0), so a voxel with all
+    features off had p = 0.5 exactly and short trainings marked lesions that way (an empty mask
+    at p > 0.5). The output conv has a bias now, starting at the lesion prior: "all off" means
+    background (p = 0.01), and the head alone, on an all-zero feature map, can learn p > 0.5."""
+    from rsanet.models import LESION_PRIOR
+    from rsanet.paper import CODE_SETTINGS
+
+    model = build_model("unet3d", widths=(4, 8))
+    last = model.head[-1]
+    assert last.bias is not None and "0.01" in CODE_SETTINGS["model.output_bias"]
+    features = torch.zeros(1, 4, 4, 8, 8)  # the decoder's output, all off
+    target = torch.ones(1, 4, 8, 8, dtype=torch.long)
+    p0 = torch.softmax(model.head(features), 1)[:, 1]
+    assert torch.allclose(p0, torch.full_like(p0, LESION_PRIOR), atol=1e-6)
+    opt = torch.optim.SGD(model.head.parameters(), lr=2.0)
+    for _ in range(20):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model.head(features), target).backward()
+        opt.step()
+    p = torch.softmax(model.head(features), 1)[:, 1]
+    assert (p > 0.6).all()

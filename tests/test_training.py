@@ -228,3 +228,80 @@ def test_cuda_request_without_gpu_is_a_clear_error():
         pytest.skip("a GPU is present; this test checks the CPU-only message")
     with pytest.raises(RuntimeError, match="no CUDA GPU"):
         train(TrainConfig(variant="unet3d", **{**CFG, "device": "cuda"}), _subjects())
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 22: trainings that learn, and a study that knows when one did not
+# ---------------------------------------------------------------------------------------------
+def test_every_batch_holds_a_lesion_crop_with_min_lesion_crops():
+    subjects = _subjects(shape=(16, 40, 40))
+    forced = CropSampler(subjects, (8, 8, 8), lesion_prob=0.0, seed=1, min_lesion=1)
+    loose = CropSampler(subjects, (8, 8, 8), lesion_prob=0.0, seed=1)
+    assert all(int(forced.batch(2)[1][0].sum()) > 0 for _ in range(50))  # the first crop, always
+    assert sum(int(loose.batch(2)[1][0].sum()) > 0 for _ in range(50)) < 40  # by chance only
+    with pytest.raises(ValueError, match="min_lesion_crops"):
+        TrainConfig(variant="unet3d", batch_size=2, min_lesion_crops=3)
+
+
+def test_cosine_schedule_ends_at_its_floor():
+    cfg = TrainConfig(variant="unet3d", lr=2e-3, iterations=100, lr_schedule="cosine", lr_floor=0.1)
+    rates = [learning_rate(cfg, i) for i in range(1, 101)]
+    assert rates[0] == pytest.approx(2e-3) and rates[-1] == pytest.approx(2e-4, rel=0.01)
+    assert min(rates) >= 2e-4 - 1e-12
+    assert rates[50] == pytest.approx(2e-4 + 0.5 * 1.8e-3, rel=1e-3)
+
+
+def test_check_iterations_end_at_the_last_iteration():
+    from rsanet.training import check_iterations
+
+    assert check_iterations(120, 4) == [30, 60, 90, 120]
+    assert check_iterations(3, 4) == [1, 2, 3]
+    assert check_iterations(800, 1) == [800]
+
+
+def test_health_check_passes_a_training_that_learns_and_logs_its_scores():
+    """A bright-blob problem a tiny U-Net learns in 40 iterations: the verdict is 'learned', the
+    log has the batch Dice, predicted fraction and the health scores at the check points."""
+    cfg = TrainConfig(variant="unet3d", **{**CFG, "iterations": 40, "lr": 1e-2, "lesion_crop_prob": 0.8,
+                                           "min_lesion_crops": 1, "lesion_weight": 0.9, "dice_weight": 1.0})
+    res = train(cfg, _subjects(n=4, seed=1), validation=_subjects(n=2, seed=2), threads=1)
+    scored = [r for r in res.log_rows if r.get("health_score", "") != ""]
+    assert [r["iteration"] for r in scored] == [10, 20, 30, 40]
+    assert res.health["source"] == "validation patches"
+    assert res.health["learned"] and res.health["score"] >= 0.2, res.health
+    assert all(0 <= r["predicted_lesion_fraction"] <= 1 for r in res.log_rows)
+    assert any(r["batch_dice"] != "" and r["batch_dice"] > 0.2 for r in res.log_rows[-10:])
+
+
+def test_a_training_that_cannot_learn_stops_early_with_on_failure_fail(tmp_path):
+    """lr 0: the network never changes. With on_failure: fail the run stops at the first check from
+    half-way on (iteration 20 of 40) with a message naming variant, split, seed and what to change;
+    with flag it runs to the end and records the failure."""
+    from rsanet.steps import train_step
+    from rsanet.training import TrainingFailed
+
+    cfg = {**CFG, "iterations": 40, "lr": 0.0, "lesion_weight": 0.9, "dice_weight": 1.0}
+    subjects, val = _subjects(n=3, seed=1), _subjects(n=2, seed=2)
+    flagged = train(TrainConfig(variant="unet3d", **cfg), subjects, validation=val)
+    assert len(flagged.log_rows) == 40 and not flagged.health["learned"] and flagged.health["stopped_at"] is None
+    files = {}
+    for name, s in [*(("t%d" % i, s) for i, s in enumerate(subjects)), *(("v%d" % i, s) for i, s in enumerate(val))]:
+        files[name] = str(tmp_path / f"{name}.npz")
+        s.save(files[name])
+    (tmp_path / "splits.json").write_text(
+        '{"n_train": 5, "splits": [{"train": ["t0", "t1", "t2"], "val": ["v0", "v1"], "test": []}]}')
+    with pytest.raises(TrainingFailed) as err:
+        train_step("rsa-101", 0, str(tmp_path / "splits.json"), files, {**cfg, "on_failure": "fail", "seed": 0},
+                   str(tmp_path / "m.pt"), str(tmp_path / "log.csv"), str(tmp_path / "h.json"),
+                   str(tmp_path / "ckpt.pt"), seed_index=1)
+    message = str(err.value)
+    assert "split 0" in message and "seed index 1" in message and "rsa-101 (seed 1000)" in message
+    assert "iteration 20 of 40" in message and "train.lr = 0.0" in message and "on_failure" in message
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_health_without_validation_scores_lesion_bearing_training_batches():
+    cfg = TrainConfig(variant="unet3d", **{**CFG, "iterations": 8, "health_checks": 2})
+    res = train(cfg, _subjects())
+    assert res.health["source"] == "lesion-bearing training batches"
+    assert [c["iteration"] for c in res.health["checks"]] == [4, 8]

@@ -7,6 +7,8 @@ its own networks in a scratch folder, so it never touches the study's models:
     python tools/tune_on_validation.py settings --splits 0 1 2      # the demo's training settings
     python tools/tune_on_validation.py policy --splits 0 1 2        # the inference policy
     python tools/tune_on_validation.py seeds --seeds 0 1 2 3 4      # seed-to-seed spread
+    python tools/tune_on_validation.py health --splits 0 1 2 3 4 --seeds 0 1 2 3   # do trainings learn?
+    python tools/tune_on_validation.py paper-loss --splits 0 1 --seeds 0 1   # printed vs swapped weights
 
 ``settings``: the config's ``train:`` section (the baseline) and one change at a time back to
 the paper's value (lesion weight, Dice term, learning rate, schedule, dropout) or to twice the
@@ -16,6 +18,12 @@ each candidate inference policy (whole volume; tiles of the training crop or twi
 several overlaps, Gaussian or plain blending); Dice and seconds per volume. ``seeds``: the
 baseline 3D U-Net of split 0 trained with several seeds; validation and test Dice per seed
 (test Dice is reported only as the size of the training noise; no setting is chosen on it).
+``health``: the baseline 3D U-Net on every split and seed given (the workflow's seed rule);
+per training its validation sample Dice, the health check's verdict, and a summary (failures,
+trainings below 20 % validation Dice, the seed-to-seed sd on split 0). ``paper-loss``: the
+training settings of ``config/paper.yaml`` (800 iterations, batch 4, no Dice term, constant
+rate) at the demo's widths and crop, with the paper's class weights as printed and swapped.
+``--set key=value`` changes a ``train:`` setting of the baseline (e.g. to measure an alternative).
 
 Each prints a Markdown table and writes it, with a CSV, to ``--out`` (default ``docs/tuning/``).
 """
@@ -47,9 +55,10 @@ def _train_one(job: dict) -> dict:
     out = Path(job["out"])
     if not out.exists():
         subjects = [Preprocessed.load(p) for p in job["train_files"]]
+        validation = [Preprocessed.load(p) for p in job["val_files"]]  # the health check's patches
         cfg = TrainConfig.from_dict({**job["train_cfg"], "variant": job["variant"], "seed": job["seed"]})
         t0 = time.perf_counter()
-        result = train(cfg, subjects, threads=1)
+        result = train(cfg, subjects, threads=1, validation=validation)
         save_model(result, cfg, out)
         print(f"  trained {out.parent.name}/{out.name} in {time.perf_counter() - t0:.0f} s", flush=True)
     return job
@@ -95,6 +104,7 @@ def _jobs_for(cfg: dict, splits: list[dict], split_ids, variant: str, train_cfg:
         jobs.append({
             "variant": variant, "split": k, "setting": name, "seed": seed, "train_cfg": train_cfg,
             "train_files": [str(results / "preprocessed" / f"{s}.npz") for s in splits[k]["train"]],
+            "val_files": [str(results / "preprocessed" / f"{s}.npz") for s in splits[k]["val"]],
             # the file name holds a hash of the settings, so a changed config never reuses a model
             "out": str(scratch / f"{name}-{variant}-split{k}-seed{seed}-{_digest(train_cfg)}.pt"),
         })
@@ -102,9 +112,14 @@ def _jobs_for(cfg: dict, splits: list[dict], split_ids, variant: str, train_cfg:
 
 
 def _digest(train_cfg: dict) -> str:
+    """Hash of the settings and of the training code (models, losses, training), so neither a
+    changed config nor changed code ever reuses a model of the scratch folder."""
     import hashlib
 
-    return hashlib.sha256(json.dumps(train_cfg, sort_keys=True).encode()).hexdigest()[:10]
+    h = hashlib.sha256(json.dumps(train_cfg, sort_keys=True).encode())
+    for name in ("models.py", "losses.py", "training.py"):
+        h.update((REPO / "src" / "rsanet" / name).read_bytes())
+    return h.hexdigest()[:10]
 
 
 def _files(results: Path, names: list[str]) -> list[str]:
@@ -122,7 +137,9 @@ def _write(table: pd.DataFrame, out: Path, name: str, header: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["settings", "policy", "seeds"])
+    p.add_argument("what", choices=["settings", "policy", "seeds", "health", "paper-loss"])
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="change train: settings of the baseline (YAML values), e.g. min_lesion_crops=0")
     p.add_argument("--config", default=str(REPO / "config" / "config.yaml"))
     p.add_argument("--results", default=str(REPO / "results"))
     p.add_argument("--splits", type=int, nargs="*", default=[0, 1, 2])
@@ -131,6 +148,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", type=int, nargs="*", default=None,
                    help="settings: measure only these rows of the table (0 = the baseline)")
     p.add_argument("--out", default=str(REPO / "docs" / "tuning"))
+    p.add_argument("--name", default="health", help="health: the output table's name (health.md, health.csv)")
     p.add_argument("--scratch", default=str(REPO / "results" / "tuning"))
     args = p.parse_args(argv)
 
@@ -143,6 +161,14 @@ def main(argv=None) -> int:
     if not all(splits[k]["val"] for k in args.splits):
         raise SystemExit("the splits have no validation part: set splits.n_val > 0 and rerun the splits rule")
     base = {k: v for k, v in cfg["train"].items() if k != "seeds"}
+    import yaml
+
+    changed = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+    unknown = sorted(set(changed) - set(base))
+    if unknown:
+        raise SystemExit(f"--set: unknown train setting(s) {', '.join(unknown)}")
+    base.update(changed)
+    set_note = f" --set {' '.join(args.set)}" if args.set else ""
     pool = mp.get_context("spawn").Pool(args.processes)
     commit = _commit()
     tag = "" if Path(args.config).resolve() == (REPO / "config" / "config.yaml").resolve() else Path(args.config).stem + "-"
@@ -152,7 +178,7 @@ def main(argv=None) -> int:
     if args.what == "settings":
         changes = {
             "baseline (config)": {},
-            "lesion_weight: null (paper's weights)": {"lesion_weight": None},
+            "lesion_weight: printed (paper's weights)": {"lesion_weight": "printed"},
             "dice_weight: 0 (paper's loss)": {"dice_weight": 0.0},
             "lr: 1e-3 (paper)": {"lr": 1e-3},
             "lr_schedule: constant": {"lr_schedule": "constant"},
@@ -203,6 +229,67 @@ def main(argv=None) -> int:
                   f"volume, median, one thread, batches of 4 tiles; commit {commit}; "
                   f"`python tools/tune_on_validation.py policy --splits {' '.join(map(str, args.splits))}`")
         _write(table, out, "policy", header)
+    elif args.what == "health":
+        jobs = []
+        for s in args.seeds:
+            jobs += _jobs_for(cfg, splits, args.splits, "unet3d", base, "s0", results, scratch, seed_index=s)
+        pool.map(_train_one, jobs)
+        df = pd.DataFrame(pool.map(_score_job, [(j, _files(results, splits[j["split"]]["val"]), cfg["predict"],
+                                                 {"split": j["split"], "seed": j["seed"]}) for j in jobs]))
+        verdicts = [_health(j["out"]) for j in jobs]
+        df["health_score"] = [round(v["score"], 3) for v in verdicts]
+        df["learned"] = [v["learned"] for v in verdicts]
+        df[["sample_dice", "voxel_dice"]] = df[["sample_dice", "voxel_dice"]].mul(100).round(1)
+        table = df[["split", "seed", "sample_dice", "voxel_dice", "health_score", "learned"]].rename(
+            columns={"sample_dice": "val sample Dice", "voxel_dice": "val voxel Dice"})
+        split0 = table[table.split == 0]["val sample Dice"]
+        header = (
+            f"Do the trainings learn? The 3D U-Net of {Path(args.config).name}{set_note} on splits {args.splits}, "
+            f"seeds {args.seeds} (seed = train.seed + split + 1000 x index), scored on each split's "
+            f"{len(splits[0]['val'])} validation subjects; commit {commit}; "
+            f"`python tools/tune_on_validation.py health --splits {' '.join(map(str, args.splits))} "
+            f"--seeds {' '.join(map(str, args.seeds))}{set_note}`\n\n"
+            f"- trainings that failed the health check: {int((~table.learned).sum())} of {len(table)}\n"
+            f"- validation sample Dice below 20 %: {int((table['val sample Dice'] < 20).sum())} of {len(table)}; "
+            f"min {table['val sample Dice'].min():.1f}, median {table['val sample Dice'].median():.1f}, "
+            f"sd {table['val sample Dice'].std():.1f} points\n"
+            + (f"- split 0, seed-to-seed sd of the validation sample Dice: {statistics.stdev(split0):.2f} points "
+               f"({len(split0)} seeds)\n" if len(split0) > 1 else ""))
+        _write(table, out, tag + args.name, header)
+    elif args.what == "paper-loss":
+        paper = load_config(REPO / "config" / "paper.yaml", REPO / "workflow" / "schemas" / "config.schema.yaml")
+        demo_scale = {k: base[k] for k in ("widths", "crop", "deterministic", "device", "amp", "log_every")}
+        rows = []
+        for form in ("printed", "swapped"):
+            setting = {**{k: v for k, v in paper["train"].items() if k != "seeds"}, **demo_scale,
+                       "lesion_weight": form, "checkpoint_every": 10**6, **changed}
+            jobs = []
+            for s in args.seeds:
+                jobs += _jobs_for(cfg, splits, args.splits, "unet3d", setting, f"paper-{form}", results, scratch, seed_index=s)
+            pool.map(_train_one, jobs)
+            scored = pool.map(_score_job, [(j, _files(results, splits[j["split"]]["val"]), cfg["predict"],
+                                            {"class weights": form, "split": j["split"], "seed": j["seed"]}) for j in jobs])
+            for j, sc in zip(jobs, scored):
+                v = _health(j["out"])
+                rows.append({**sc, "health_score": round(v["score"], 3), "learned": v["learned"]})
+        df = pd.DataFrame(rows)
+        df[["sample_dice", "voxel_dice"]] = df[["sample_dice", "voxel_dice"]].mul(100).round(1)
+        table = df[["class weights", "split", "seed", "sample_dice", "voxel_dice", "health_score", "learned"]].rename(
+            columns={"sample_dice": "val sample Dice", "voxel_dice": "val voxel Dice"})
+        summary = table.groupby("class weights")["val sample Dice"].agg(["mean", "min", "max"]).round(1)
+        header = (
+            f"The paper's training settings (config/paper.yaml: {paper['train']['iterations']} iterations, batch "
+            f"{paper['train']['batch_size']}, lr {paper['train']['lr']} {paper['train']['lr_schedule']}, Dice term "
+            f"{paper['train']['dice_weight']}, dropout {paper['train']['dropout']}, random crops) at the demo's widths "
+            f"{base['widths']} and crop {base['crop']}, 3D U-Net, with the paper's class weights as printed (lesion ~0.27) "
+            f"and swapped (lesion ~0.73); validation subjects of splits {args.splits}, seeds {args.seeds}; commit {commit}; "
+            f"`python tools/tune_on_validation.py paper-loss --splits {' '.join(map(str, args.splits))} "
+            f"--seeds {' '.join(map(str, args.seeds))}{set_note}`\n\n"
+            + "\n".join(f"- {form}: validation sample Dice mean {r['mean']}, min {r['min']}, max {r['max']}; "
+                         f"{int((~table[table['class weights'] == form].learned).sum())} of "
+                         f"{int((table['class weights'] == form).sum())} failed the health check"
+                         for form, r in summary.iterrows()) + "\n")
+        _write(table, out, "paper-loss", header)
     else:
         jobs = []
         for s in args.seeds:
@@ -223,6 +310,13 @@ def main(argv=None) -> int:
         _write(table, out, "seeds", header)
     pool.close()
     return 0
+
+
+def _health(model_path: str) -> dict:
+    """The health verdict a training recorded with its weights (rsanet.training.health_verdict)."""
+    import torch
+
+    return torch.load(model_path, map_location="cpu", weights_only=True)["health"]
 
 
 def _commit() -> str:

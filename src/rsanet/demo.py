@@ -10,7 +10,10 @@ Everything is made from data that ships with the installed packages, so nothing 
   doi:10.1007/s12021-017-9348-7; see the README and LICENSE there).
 
 Subject ``index`` (0-based; subject id ``demo-{index + 1:03d}``) uses lesion mask
-``patient{index % 30 + 1:02d}``, mirrored left-right when ``(index // 30)`` is odd. Each subject
+``patient{index + 1:02d}`` for the first 30 subjects; every further subject gets a lesion
+*collage* of its own (:func:`lesion_sources`): each lesion of each of the 30 masks, mirrored
+left-right or not (one draw per mask), may be taken (small lesions only), so no two subjects share a
+lesion layout, mirrored or not (``tests/test_demo.py`` measures it against the splits). Each subject
 gets its own head pose, global size jitter and smooth random deformation (applied to anatomy and
 lesions alike), its own tissue intensities per contrast, and each contrast is "acquired" on its
 own anisotropic grid (thick axial slices) with its own rigid head motion relative to the FLAIR,
@@ -60,7 +63,8 @@ __all__ = [
     "DemoConfig",
     "Anatomy",
     "lesion_mask_files",
-    "lesion_source",
+    "lesion_sources",
+    "lesion_template",
     "load_anatomy",
     "mni152_maps",
     "make_cohort",
@@ -214,11 +218,56 @@ def subject_id(index: int) -> str:
     return f"demo-{index + 1:03d}"
 
 
-def lesion_source(index: int) -> tuple[int, bool]:
-    """Lesion mask of subject ``index``: ``(patient number 1..30, mirrored left-right?)``."""
+#: A collage takes no lesion larger than this share of its source mask's lesion volume.
+_MAX_COLLAGE_SHARE = 0.1
+#: Expected number of patients' worth of (small) lesions a collage takes.
+_COLLAGE_TAKE = 2.0
+
+
+def lesion_sources(index: int, seed: int) -> list[dict[str, Any]]:
+    """Where the lesions of subject ``index`` come from, for cohort seed ``seed``.
+
+    The first :data:`N_LESION_MASKS` subjects use one real mask each, as it is:
+    ``[{"patient": index + 1, "flip_lr": False, "components": None}]`` (``None``: all lesions).
+    Every further subject is a collage: for each real mask a seeded draw decides whether it is
+    mirrored left-right, and each of its lesions (26-connected components on the template grid)
+    is taken with probability ``2 / N_LESION_MASKS`` unless it holds more than 10 % of that
+    mask's lesion volume (it would carry the patient's layout along), so a collage holds about
+    a typical patient's lesion load (median 12,400 template voxels for seed 0; the real masks'
+    median is 13,900) spread over many patients' lesions. Returned as one entry per mask
+    that contributes, ``components`` listing the chosen component labels (1-based, in
+    :func:`scipy.ndimage.label` order).
+    """
     if index < 0:
         raise ValueError(f"subject index must be >= 0, got {index}")
-    return index % N_LESION_MASKS + 1, (index // N_LESION_MASKS) % 2 == 1
+    if index < N_LESION_MASKS:
+        return [{"patient": index + 1, "flip_lr": False, "components": None}]
+    rng = _rng(seed, index, "lesion-collage")
+    sources = []
+    for patient in range(1, N_LESION_MASKS + 1):
+        flip = bool(rng.random() < 0.5)
+        labels, n = _lesion_components(patient, flip)
+        taken = rng.random(n) < _COLLAGE_TAKE / N_LESION_MASKS
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+        # a lesion holding much of its patient's load would carry that patient's layout along
+        chosen = np.flatnonzero(taken & (sizes <= _MAX_COLLAGE_SHARE * sizes.sum())) + 1
+        if len(chosen):
+            sources.append({"patient": patient, "flip_lr": flip, "components": [int(c) for c in chosen]})
+    return sources
+
+
+def lesion_template(index: int, seed: int) -> np.ndarray:
+    """Lesion mask of subject ``index`` on the cropped template grid (float32 0/1, read-only),
+    made from :func:`lesion_sources`."""
+    out = np.zeros(load_anatomy().brain.shape, dtype=np.float32)
+    for src in lesion_sources(index, seed):
+        if src["components"] is None:
+            out = np.maximum(out, _lesion_on_template(src["patient"], src["flip_lr"]))
+        else:
+            labels = _lesion_components(src["patient"], src["flip_lr"])[0]
+            out[np.isin(labels, src["components"])] = 1.0
+    out.setflags(write=False)
+    return out
 
 
 def tissue_means() -> dict[str, dict[str, float]]:
@@ -452,6 +501,14 @@ def _nearest_resample(src: np.ndarray, out_to_src: np.ndarray,
     return out
 
 
+@functools.lru_cache(maxsize=2 * N_LESION_MASKS)
+def _lesion_components(patient: int, flip_lr: bool) -> tuple[np.ndarray, int]:
+    """26-connected lesions of mask ``patient`` on the template grid: ``(labels int32, count)``."""
+    labels, n = ndi.label(_lesion_on_template(patient, flip_lr) > 0, structure=np.ones((3, 3, 3)))
+    labels.setflags(write=False)
+    return labels, int(n)
+
+
 @functools.lru_cache(maxsize=4)
 def _lesion_on_template(patient: int, flip_lr: bool) -> np.ndarray:
     """Lesion mask ``patient`` (1-based) on the cropped template grid, float32 0/1.
@@ -616,7 +673,7 @@ def make_subject(index: int, config: DemoConfig = DemoConfig()) -> dict[str, Any
         scan world → FLAIR world), ``to_flair`` (the same for all three contrasts, identity for
         FLAIR: for another reference ``R``, contrast ``c`` maps by
         ``inv(to_flair[R]) @ to_flair[c]``), ``motion`` (rotation axis/angle, translation, centre per
-        contrast), ``lesion_source`` (patient mask, file, ``flip_lr``), ``anatomy`` (head pose,
+        contrast), ``lesion_sources`` (:func:`lesion_sources`, with files), ``anatomy`` (head pose,
         size scale, deformation RMS), ``tissue_means``, ``grids`` (shape and spacing per contrast),
         ``lesion_voxels``, ``lesion_volume_ml`` and ``config`` (all fields but ``n_subjects``, so
         a subject's files do not depend on the cohort size).
@@ -625,8 +682,8 @@ def make_subject(index: int, config: DemoConfig = DemoConfig()) -> dict[str, Any
         raise ValueError(f"subject index must be >= 0, got {index}")
     anatomy = load_anatomy()
     centre = anatomy.centre_mm
-    patient, flip = lesion_source(index)
-    lesion = _lesion_on_template(patient, flip)
+    sources = lesion_sources(index, config.seed)
+    lesion = lesion_template(index, config.seed)
     strength = _lesion_strength(config, index, lesion)
     warp = _subject_warp(config, index, centre)
     means = _jittered_means(config, index)
@@ -689,11 +746,10 @@ def make_subject(index: int, config: DemoConfig = DemoConfig()) -> dict[str, Any
         "moving_to_fixed": moving_to_fixed,
         "to_flair": {c: moving_to_fixed.get(c, np.eye(4).tolist()) for c in CONTRASTS},
         "motion": motion,
-        "lesion_source": {"patient": f"patient{patient:02d}",
-                          "file": f"{LESION_FOLDER}/patient{patient:02d}.nii.gz",
-                          "flip_lr": flip,
-                          "citation": "Lesjak et al., Neuroinformatics 16:51-63 (2018), "
-                                      "doi:10.1007/s12021-017-9348-7 (CC-BY)"},
+        "lesion_sources": [{**src, "file": f"{LESION_FOLDER}/patient{src['patient']:02d}.nii.gz"}
+                           for src in sources],
+        "lesion_citation": "Lesjak et al., Neuroinformatics 16:51-63 (2018), "
+                           "doi:10.1007/s12021-017-9348-7 (CC-BY)",
         "anatomy": warp.params,
         "tissue_means": means,
         "grids": {c: {"shape": list(config.shape(c)), "spacing_mm": list(config.spacing(c))}

@@ -69,13 +69,37 @@ def _order(variants: Sequence[str]) -> list[str]:
     return [v for v in VARIANTS if v in set(variants)]
 
 
-def table1(rows: pd.DataFrame) -> pd.DataFrame:
-    """Table 1: per variant, mean and sd over splits of the four numbers, percent, with the paper's."""
+def table1(rows: pd.DataFrame, health: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Table 1: per variant, mean and sd over splits of the four numbers, percent, with the paper's.
+
+    With ``health`` (one row per training: ``variant, split, seed, learned``, see
+    :func:`failed_trainings`), the columns ``n_trainings`` and ``n_failed`` say how many of the
+    trainings behind each row failed their health check (their scores are included, not hidden).
+    """
     out = _mean_sd_over_splits(mean_over_seeds(rows), {m: 100 for m in TABLE1_METRICS})
     for i, m in enumerate(TABLE1_METRICS):
         out[f"{m}_paper"] = [PAPER_TABLE1[v][i] for v in out.variant]
-    order = ["variant", "method", "n_splits"] + [f"{m}_{k}" for m in TABLE1_METRICS for k in ("mean", "sd", "paper")]
-    return out[order]
+    order = ["variant", "method", "n_splits"]
+    if health is not None:
+        counts = failed_trainings(health).set_index("variant")
+        out["n_trainings"] = [int(counts.n_trainings.get(v, 0)) for v in out.variant]
+        out["n_failed"] = [int(counts.n_failed.get(v, 0)) for v in out.variant]
+        order += ["n_trainings", "n_failed"]
+    return out[order + [f"{m}_{k}" for m in TABLE1_METRICS for k in ("mean", "sd", "paper")]]
+
+
+def failed_trainings(health: pd.DataFrame) -> pd.DataFrame:
+    """Per variant (Table 1 order): ``n_trainings``, ``n_failed`` and ``failed`` (the failed
+    runs as ``"split k seed s"``, comma-separated) from one row per training with columns
+    ``variant, split, seed, learned`` (bool)."""
+    out = []
+    for variant in _order(health.variant.unique()):
+        g = health[health.variant == variant]
+        bad = g[~g.learned.astype(bool)]
+        out.append({"variant": variant, "method": VARIANTS[variant].display_name, "n_trainings": len(g),
+                    "n_failed": len(bad),
+                    "failed": ", ".join(f"split {int(a)} seed {int(b)}" for a, b in zip(bad.split, bad.seed))})
+    return pd.DataFrame(out, columns=["variant", "method", "n_trainings", "n_failed", "failed"])
 
 
 def table2(rows: pd.DataFrame) -> pd.DataFrame:
@@ -208,6 +232,8 @@ def table1_display(t1: pd.DataFrame) -> pd.DataFrame:
     """Table 1 as strings: 'ours mean ± sd' next to the paper's number for each metric."""
     names = {"sample_dice": "Sample Dice", "voxel_dice": "Voxel Dice", "sample_iou": "Sample IoU", "voxel_iou": "Voxel IoU"}
     out = pd.DataFrame({"Method": t1.method})
+    if "n_failed" in t1:
+        out["Failed trainings"] = [f"{a}/{b}" for a, b in zip(t1.n_failed, t1.n_trainings)]
     for m, label in names.items():
         out[label] = [_pm(a, b, 2) for a, b in zip(t1[f"{m}_mean"], t1[f"{m}_sd"])]
         out[f"{label} (paper)"] = [f"{v:.3f}" for v in t1[f"{m}_paper"]]

@@ -103,21 +103,39 @@ def figure5(
     return save_figure(fig, stem)
 
 
-def training_curves(logs: pd.DataFrame, stem: str, smooth: int = 10) -> list[Path]:
-    """Training loss against iteration, one line per variant (median over splits and seeds, smoothed).
+def training_curves(logs: pd.DataFrame, stem: str, smooth: int = 10, floor: float | None = None) -> list[Path]:
+    """Every run's training loss and health-check scores, one colour per variant.
 
-    ``logs`` has columns ``variant, split, iteration, loss`` (the loss the run optimised: the
-    weighted cross-entropy, plus the soft Dice term where ``train.dice_weight`` > 0).
+    ``logs`` has columns ``variant, split, seed, iteration, loss`` (the loss the run optimised)
+    and, from the health check, ``health_score`` (NaN except at check points); ``learned``
+    (bool, optional) draws failed runs dashed. ``floor`` is drawn as the health floor.
     """
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for variant in [v for v in VARIANTS if v in set(logs.variant)]:
-        g = logs[logs.variant == variant].groupby("iteration").loss.median()
-        ax.plot(g.index, g.rolling(smooth, min_periods=1).mean(), label=VARIANTS[variant].display_name)
+    fig, (ax, hx) = plt.subplots(1, 2, figsize=(11, 4))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for c, variant in enumerate([v for v in VARIANTS if v in set(logs.variant)]):
+        colour = colours[c % len(colours)]
+        for k, ((_, _), run) in enumerate(logs[logs.variant == variant].groupby(["split", "seed"])):
+            run = run.sort_values("iteration")
+            style = "-" if bool(run.get("learned", pd.Series([True])).iloc[0]) else "--"
+            label = VARIANTS[variant].display_name if k == 0 else None
+            ax.plot(run.iteration, run.loss.rolling(smooth, min_periods=1).mean(), style, color=colour,
+                    lw=0.7, alpha=0.6, label=label)
+            if "health_score" in run:
+                checks = run[run.health_score.notna()]
+                hx.plot(checks.iteration, checks.health_score, style + "o", color=colour, lw=0.7, ms=3,
+                        alpha=0.7, label=label)
     ax.set_xlabel("iteration")
-    ax.set_ylabel("training loss (median over runs)")
+    ax.set_ylabel("training loss (every run)")
     ax.set_yscale("log")
     ax.legend(fontsize=8, ncol=2)
     ax.grid(alpha=0.3)
+    if floor is not None:
+        hx.axhline(floor, color="k", ls="--", lw=1, label="health floor")
+    hx.set_xlabel("iteration")
+    hx.set_ylabel("health check: hard Dice")
+    hx.set_ylim(0, 1)
+    hx.legend(fontsize=7, ncol=2)
+    hx.grid(alpha=0.3)
     return save_figure(fig, stem)
 
 

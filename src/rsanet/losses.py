@@ -14,8 +14,9 @@ Note -- implemented exactly as printed, not "fixed":
     and the background weight about 0.731, i.e. the printed formula *down*-weights the rare
     class, the opposite of what the paper's motivation (class imbalance) suggests. The ratio
     ``w_0 / w_1 = e^(1 - 2r)`` is also bounded by ``e``, so it could never compensate an
-    imbalance of ~1:2000 anyway. We follow the paper's text; a swapped variant would be a
-    deviation to be reported separately.
+    imbalance of ~1:2000 anyway. Both forms are available by name: ``"printed"`` (the paper's
+    text) and ``"swapped"`` (the two weights the other way round, lesion ~0.73, evidently what
+    was meant); which one a study runs, and the measurement behind it, is in docs/models.md.
 
 Nothing here reads or writes files.
 """
@@ -66,23 +67,28 @@ def lesion_fraction(masks: Iterable[np.ndarray]) -> float:
     return float(np.mean(fractions))
 
 
-def class_weights(r: float) -> torch.Tensor:
+def class_weights(r: float, form: str = "printed") -> torch.Tensor:
     """Class weights of the paper's exponentially weighted cross-entropy.
 
     Args:
         r: average lesion fraction of the training images, in [0, 1].
+        form: ``"printed"``: as the paper prints them; ``"swapped"``: the two the other way round.
 
     Returns:
-        float32 tensor of shape ``(2,)``: ``[background, lesion]`` =
-        ``[e^(1-r), e^r] / (e^r + e^(1-r))``. They sum to 1; for ``r < 0.5`` the background
-        weight is the larger one (see the module docstring).
+        float32 tensor of shape ``(2,)``, ``[background, lesion]``: printed
+        ``[e^(1-r), e^r] / (e^r + e^(1-r))``, swapped ``[e^r, e^(1-r)] / (e^r + e^(1-r))``. They
+        sum to 1; printed, for ``r < 0.5`` the background weight is the larger one (see the
+        module docstring).
     """
     r = float(r)
     if not (0.0 <= r <= 1.0) or math.isnan(r):
         raise ValueError(f"r must be a fraction in [0, 1], got {r}")
+    if form not in ("printed", "swapped"):
+        raise ValueError(f"form must be 'printed' or 'swapped', got {form!r}")
     e_bg, e_les = math.exp(1.0 - r), math.exp(r)
     z = e_bg + e_les
-    return torch.tensor([e_bg / z, e_les / z], dtype=torch.float32)
+    w = [e_bg / z, e_les / z]
+    return torch.tensor(w if form == "printed" else w[::-1], dtype=torch.float32)
 
 
 class ExpWeightedCrossEntropy(nn.Module):
@@ -97,22 +103,22 @@ class ExpWeightedCrossEntropy(nn.Module):
     Args:
         r: average lesion fraction of the training images (e.g. from :func:`lesion_fraction`).
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` as in PyTorch.
-        lesion_weight: ``None`` (default) for the paper's weights as printed; a number ``w`` in
-            (0, 1) replaces them by ``[1 - w, w]`` -- a documented deviation for short trainings,
-            where the printed weights (which favour the background) leave the network predicting
-            no lesion at all (see README, "The loss as printed").
+        lesion_weight: ``"printed"`` (default) for the paper's weights as printed,
+            ``"swapped"`` for the two the other way round (:func:`class_weights`); a number ``w``
+            in (0, 1) replaces them by ``[1 - w, w]`` -- a documented deviation for short
+            trainings (docs/models.md).
     """
 
     weight: torch.Tensor
 
-    def __init__(self, r: float, reduction: str = "mean", lesion_weight: float | None = None) -> None:
+    def __init__(self, r: float, reduction: str = "mean", lesion_weight: float | str = "printed") -> None:
         super().__init__()
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
         self.r = float(r)
         self.reduction = reduction
-        if lesion_weight is None:
-            weight = class_weights(r)
+        if isinstance(lesion_weight, str):
+            weight = class_weights(r, lesion_weight)
         elif 0.0 < lesion_weight < 1.0:
             weight = torch.tensor([1.0 - lesion_weight, lesion_weight], dtype=torch.float32)
         else:

@@ -365,6 +365,11 @@ class Up(nn.Module):
         return self.block(torch.cat([up, skip], dim=1))
 
 
+#: The lesion probability the output bias starts at (RetinaNet's prior initialisation, Lin et
+#: al. 2017, applied to the lesion class). Measured in docs/models.md, "The output bias".
+LESION_PRIOR = 0.01
+
+
 def _attention(kind: str | None, channels: int, order: Sequence[Direction]) -> nn.Module:
     if kind is None:
         return nn.Identity()
@@ -388,6 +393,8 @@ class UNet3D(nn.Module):
             ``b`` at the bottom (bottleneck), ``c`` after the decoder of the second-bottom level.
         dropout: rate of the ``Dropout3d`` after the stem (the only dropout).
         rsa_order: order of the SA steps inside RSA blocks.
+        lesion_prior: the lesion probability where every decoder feature is off, i.e. the
+            initial output bias (two classes): ``[0, logit(lesion_prior)]``; trainable.
 
     Shapes: ``(N, in_channels, D, H, W) -> (N, num_classes, D, H, W)`` logits. Any ``D, H, W``
     work: inputs are zero-padded up to a multiple of ``2 ** (levels - 1)`` and the logits
@@ -403,6 +410,7 @@ class UNet3D(nn.Module):
         placement: str = "000",
         dropout: float = 0.2,
         rsa_order: Sequence[Direction] = PAPER_ORDER,
+        lesion_prior: float = LESION_PRIOR,
     ) -> None:
         super().__init__()
         widths = tuple(int(w) for w in widths)
@@ -427,10 +435,22 @@ class UNet3D(nn.Module):
         self.ups = nn.ModuleList(
             [Up(deep, shallow) for shallow, deep in zip(widths[:-1], widths[1:])]
         )  # ups[i]: level i+1 -> level i
+        # The authors' head: a 3x3x3 conv (no bias) and a 1x1x1 conv to the classes. Here the
+        # last conv has a bias that starts at the lesion prior (a deviation, docs/models.md "The
+        # output bias"). Without it the logits are a linear, bias-free function of the
+        # decoder's ReLU output (features >= 0): a voxel whose features are all off gets logits
+        # (0, 0), p = 0.5 exactly, and short trainings learned to mark lesions by "all features
+        # off", so no voxel ever exceeded p = 0.5 (an empty mask). With the bias at
+        # logit(lesion_prior) "all off" means background (p = 0.01) and a lesion has to be
+        # marked by features that are on.
         self.head = nn.Sequential(
             nn.Conv3d(widths[0], widths[0], 3, padding=1, bias=False),
-            PointwiseConv3d(widths[0], num_classes, bias=False),
+            PointwiseConv3d(widths[0], num_classes, bias=True),
         )
+        nn.init.zeros_(self.head[1].bias)
+        if num_classes == 2:
+            with torch.no_grad():
+                self.head[1].bias[1] = math.log(lesion_prior / (1.0 - lesion_prior))
 
         second = widths[-2]
         self.attn_encoder = _attention(attention if enc_bit else None, second, rsa_order)

@@ -84,27 +84,38 @@ def read_split(splits_json: str, split: int) -> dict[str, list[str]]:
 # ---------------------------------------------------------------------------------------------
 def train_step(
     variant: str, split: int, splits_json: str, preprocessed: Mapping[str, str], train_cfg: Mapping,
-    out_model: str, out_log: str, checkpoint: str, threads: int = 1, seed_index: int = 0,
+    out_model: str, out_log: str, out_health: str, checkpoint: str, threads: int = 1, seed_index: int = 0,
 ) -> None:
     """Train one variant on the training subjects of one split; resumes from ``checkpoint``.
 
-    The validation part of the split is never used here. The run's seed is ``train.seed +
-    split + 1000 * seed_index``: each split and each repeat (``train.seeds``) has its own.
+    The validation part of the split is never fitted on: the health check scores fixed patches
+    of it (``preprocessed`` holds the training and the validation files). The verdict goes into
+    the model file and ``out_health`` (JSON). The run's seed is ``train.seed + split + 1000 *
+    seed_index``: each split and each repeat (``train.seeds``) has its own.
     """
-    from .training import TrainConfig, save_model, train, write_log_csv
+    from .training import TrainConfig, TrainingFailed, save_model, train, write_log_csv
 
     from .gpus import claim_gpu
 
-    names = read_split(splits_json, split)["train"]
+    parts = read_split(splits_json, split)
+    names = parts["train"]
     subjects = [Preprocessed.load(preprocessed[s]) for s in names]
-    log.info("%s split %d: training on %d subjects: %s", variant, split, len(names), ", ".join(names))
+    validation = [Preprocessed.load(preprocessed[s]) for s in parts.get("val", [])]
+    log.info("%s split %d: training on %d subjects: %s; health check on %d validation subjects",
+             variant, split, len(names), ", ".join(names), len(validation))
     seed = int(train_cfg["seed"]) + int(split) + 1000 * int(seed_index)
     cfg = TrainConfig.from_dict({**train_cfg, "variant": variant, "seed": seed})
     partial = Path(checkpoint).with_suffix(".partial.csv")
-    with claim_gpu() if cfg.device != "cpu" else contextlib.nullcontext():
-        result = train(cfg, subjects, checkpoint=checkpoint, partial_log=partial, threads=threads)
+    try:
+        with claim_gpu() if cfg.device != "cpu" else contextlib.nullcontext():
+            result = train(cfg, subjects, checkpoint=checkpoint, partial_log=partial, threads=threads,
+                           validation=validation)
+    except TrainingFailed as err:
+        raise TrainingFailed(f"split {split}, seed index {seed_index}: {err}") from None
     save_model(result, cfg, out_model)
     write_log_csv(result.log_rows, out_log)
+    save_json({**result.health, "variant": variant, "split": int(split), "seed": seed,
+                "seed_index": int(seed_index)}, out_health)
     for leftover in (Path(checkpoint), partial):
         leftover.unlink(missing_ok=True)
     log.info("%s split %d seed %d: saved %s", variant, split, seed, out_model)
@@ -208,20 +219,45 @@ def _predict_all(model_path, split, splits_json, preprocessed, out_dir, tile, ov
 # ---------------------------------------------------------------------------------------------
 # Aggregation and figures
 # ---------------------------------------------------------------------------------------------
-def aggregate_step(metric_csvs: Sequence[str], splits_json: str, outputs: Mapping[str, str]) -> None:
-    """All per-subject metrics -> Table 1 (csv/md/tex), Table 2 (csv/md), paired tests, all rows."""
+def read_health(health_jsons: Sequence[str]) -> pd.DataFrame:
+    """One row per training from its ``health.json``: variant, split, seed (index), learned, score,
+    floor, source, stopped_at."""
+    recs = [json.loads(Path(p).read_text()) for p in health_jsons]
+    cols = ["variant", "split", "seed_index", "learned", "score", "floor", "source", "stopped_at"]
+    df = pd.DataFrame([{c: r.get(c) for c in cols} for r in recs], columns=cols)
+    return df.rename(columns={"seed_index": "seed"})
+
+
+def aggregate_step(metric_csvs: Sequence[str], health_jsons: Sequence[str], splits_json: str,
+                   outputs: Mapping[str, str]) -> None:
+    """All per-subject metrics and training verdicts -> Table 1 (csv/md/tex; with the failed
+    trainings per variant), the training-health table, Table 2 (csv/md), paired tests, all rows."""
     from . import evaluation
 
     rows = pd.concat([pd.read_csv(p) for p in metric_csvs], ignore_index=True)
+    health = read_health(health_jsons)
     n_train = json.loads(Path(splits_json).read_text())["n_train"]
-    t1, t2 = evaluation.table1(rows), evaluation.table2(rows)
+    t1, t2 = evaluation.table1(rows, health), evaluation.table2(rows)
+    failed = evaluation.failed_trainings(health)
+    evaluation.write_csv(health, outputs["health_csv"])
+    n_bad = int(failed.n_failed.sum())
+    evaluation.write_text(
+        evaluation.to_markdown(failed.drop(columns="variant")) +
+        f"\n{n_bad} of {len(health)} trainings failed their health check ({health.source.iloc[0] if len(health) else ''}"
+        f": hard Dice at the last check below train.health_floor = {health.floor.iloc[0] if len(health) else ''}). "
+        "Their scores are included in Table 1 as they came.\n", outputs["health_md"])
+    if n_bad:
+        log.warning("%d of %d trainings failed their health check: %s", n_bad, len(health),
+                    "; ".join(f"{m}: {f}" for m, f in zip(failed.method, failed.failed) if f))
     tests = evaluation.paired_tests(evaluation.mean_over_seeds(rows), n_train=n_train)
     n_seeds = int(rows["seed"].nunique()) if "seed" in rows else 1
     evaluation.write_csv(rows, outputs["per_subject"])
     evaluation.write_csv(t1, outputs["table1_csv"])
     d1 = evaluation.table1_display(t1)
     seeds = f", each split the mean of {n_seeds} training seeds" if n_seeds > 1 else ""
-    note = (f"\nMean ± sd over {int(t1.n_splits.max())} splits{seeds}, in percent; 'paper' columns are the paper's "
+    note = (f"\nMean ± sd over {int(t1.n_splits.max())} splits{seeds}, in percent; 'Failed trainings': how many of "
+            f"the variant's trainings failed their health check (training_health.md; {n_bad} in all), included as "
+            "they came; 'paper' columns are the paper's "
             "Table 1 (its private 43-patient cohort). The sd is descriptive: the splits' test sets overlap, so "
             "it is not the standard error of an independent sample (see paired_tests.md for the corrected test).\n")
     evaluation.write_text(evaluation.to_markdown(d1) + note, outputs["table1_md"])
@@ -280,11 +316,13 @@ def validation_step(metric_csvs: Sequence[str], out_csv: str, out_md: str) -> No
 def figures_step(
     per_subject_csv: str, train_logs: Mapping[tuple[str, int, int], str], splits_json: str,
     preprocessed: Mapping[str, str], predictions: Mapping[str, str], stems: Mapping[str, str],
+    health_jsons: Sequence[str] = (),
 ) -> None:
     """Fig. 1, Fig. 5, training curves and score distributions.
 
     Args:
         train_logs: ``(variant, split, seed) -> train_log.csv``.
+        health_jsons: the trainings' ``health.json`` (failed runs drawn dashed, the floor shown).
         predictions: variant -> prediction folder of split 0, for the variants shown in Fig. 5.
         stems: output stems for ``fig1``, ``fig5``, ``curves``, ``scores``.
     """
@@ -303,7 +341,12 @@ def figures_step(
     logs = pd.concat(
         [pd.read_csv(p).assign(variant=v, split=s, seed=k) for (v, s, k), p in train_logs.items()], ignore_index=True
     )
-    figures.training_curves(logs, stems["curves"])
+    floor = None
+    if health_jsons:
+        health = read_health(health_jsons)
+        logs = logs.merge(health[["variant", "split", "seed", "learned"]], on=["variant", "split", "seed"], how="left")
+        floor = float(health.floor.iloc[0])
+    figures.training_curves(logs, stems["curves"], floor=floor)
     figures.score_distributions(rows, stems["scores"])
     from . import evaluation
 

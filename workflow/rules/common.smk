@@ -247,6 +247,15 @@ def train_logs():
     )
 
 
+def health_files():
+    return expand(
+        "results/models/{variant}/split{split}/seed{seed}/health.json",
+        variant=VARIANT_IDS,
+        split=SPLIT_IDS,
+        seed=SEED_IDS,
+    )
+
+
 def fig5_variants():
     wanted = config["figures"]["fig5_variants"]
     return [v for v in wanted if v in VARIANT_IDS] or VARIANT_IDS[:3]

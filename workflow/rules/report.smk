@@ -4,9 +4,16 @@
 rule aggregate:
     input:
         metrics=metric_csvs(),
+        health=health_files(),
         splits="results/splits.json",
     output:
         per_subject="results/tables/per_subject_metrics.csv",
+        health_csv=report(
+            "results/tables/training_health.csv",
+            caption="../report/training_health.rst",
+            category="Tables",
+        ),
+        health_md="results/tables/training_health.md",
         table1_csv=report(
             "results/tables/table1.csv",
             caption="../report/table1.rst",
@@ -49,6 +56,7 @@ rule figures:
         per_subject="results/tables/per_subject_metrics.csv",
         splits="results/splits.json",
         logs=train_logs(),
+        health=health_files(),
         predictions=fig5_predictions(),
         preprocessed=list(preprocessed_all().values()),
     output:

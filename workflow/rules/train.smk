@@ -8,9 +8,12 @@ rule train:
     input:
         splits="results/splits.json",
         train=split_preprocessed("train"),
+        # scored by the health check as fixed patches, never fitted on
+        val=split_preprocessed("val"),
     output:
         model="results/models/{variant}/split{split}/seed{seed}/model.pt",
         log_csv="results/models/{variant}/split{split}/seed{seed}/train_log.csv",
+        health="results/models/{variant}/split{split}/seed{seed}/health.json",
     log:
         "logs/train/{variant}/split{split}/seed{seed}.log",
     conda:
