@@ -25,7 +25,7 @@ include: "workflow/rules/splits.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/export.smk"
-include: "workflow/rules/benchmark.smk"
+include: "workflow/rules/network_costs.smk"
 
 
 localrules:

@@ -13,6 +13,10 @@ Used by ``tests/test_slurm.py`` (``from slurm_cluster import slurm_cluster``). T
 4. waits (bounded) until ``sinfo`` reports the node idle, yields a :class:`SlurmCluster`;
 5. on teardown cancels the jobs left on its own cluster and stops only the daemons it started.
 
+Nothing of this happens unless asked: on CI (``CI=true``, set by ``.ci/run``) or with
+``RSANET_TEST_SLURM=1``; otherwise the SLURM tests are skipped with that reason, and the suite
+changes nothing on the machine outside the checkout and temporary folders.
+
 Where the cluster cannot be provided (not root, no apt-get, a foreign SLURM installation that
 must not be overwritten) the tests are *skipped* with the reason -- except when the environment
 variable ``CI=true`` is set: CI must run these tests, so there the fixture *fails* instead.
@@ -87,6 +91,17 @@ LOCK_TIMEOUT_S = 1800
 # --------------------------------------------------------------------------------------------
 def on_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
+
+
+#: Set to 1 to let the fixture change this machine (install packages, write /etc/slurm, start
+#: daemons) outside CI; without it, and outside CI, the SLURM tests are skipped and the test
+#: suite changes nothing outside the checkout and temporary folders.
+ALLOW_ENV = "RSANET_TEST_SLURM"
+
+
+def system_changes_allowed() -> bool:
+    """Whether the fixture may install packages and write /etc/slurm: on CI, or when asked."""
+    return on_ci() or os.environ.get(ALLOW_ENV, "").strip().lower() in {"true", "1", "yes"}
 
 
 def unavailable(reason: str) -> None:
@@ -381,6 +396,10 @@ def kill_orphan_stepds(since_ticks: int) -> None:
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[SlurmCluster]:
+    if not system_changes_allowed():
+        unavailable(f"the SLURM test cluster installs Debian packages, writes /etc/slurm and starts daemons, "
+                    f"which a test run on a workstation must not do unasked; it runs on CI (CI=true) or "
+                    f"with {ALLOW_ENV}=1")
     if not (Path("/etc/debian_version").exists() or shutil.which("apt-get") or not missing_tools()):
         unavailable("not a Debian-like system and no SLURM tools installed")
     ensure_packages()

@@ -29,6 +29,7 @@ def small_config(**changes) -> dict:
     return cfg
 
 
+@pytest.mark.slow
 def test_runs_from_another_folder_with_a_config_of_only_subjects_and_splits(tmp_path):
     (tmp_path / "mine.yaml").write_text("subjects: demo\nsplits: {n_splits: 2, n_train: 20, n_test: 10, n_val: 2}\n")
     elsewhere = tmp_path / "study"
@@ -43,6 +44,7 @@ def test_runs_from_another_folder_with_a_config_of_only_subjects_and_splits(tmp_
     assert not (elsewhere / "results").exists()  # a dry run writes nothing
 
 
+@pytest.mark.slow
 def test_the_workflow_runs_as_a_snakemake_module(tmp_path):
     """Another workflow includes this one (`module ... use rule * from rsanet as rsanet_*`)."""
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(small_config()))
@@ -90,6 +92,7 @@ def write_bids(root: Path, cases: dict[tuple[str, str | None], Path]) -> None:
          "GeneratedBy": [{"Name": "rsanet demo"}]}))
 
 
+@pytest.mark.slow
 def test_bids_dataset_with_two_sessions_runs_the_tiny_study_sessions_kept_together(study, tmp_path):
     demo = study / "demo"
     # five participants; sub-01 was scanned twice (two demo subjects stand in for its sessions)
@@ -142,6 +145,7 @@ def test_bids_cases_missing_a_contrast_or_mask_are_listed_in_one_error(tmp_path)
         bids_sheet(root, "derivatives/missing")
 
 
+@pytest.mark.slow
 def test_a_mistyped_bids_mapping_is_listed_with_the_other_config_problems(tmp_path):
     (tmp_path / "mine.yaml").write_text("subjects: {bids: /nowhere, lesion: derivatives/x}\nsplits: {n_splits: 0}\n")
     run = snakemake(tmp_path / "work", "--configfile", str(tmp_path / "mine.yaml"), "-n")
@@ -150,3 +154,19 @@ def test_a_mistyped_bids_mapping_is_listed_with_the_other_config_problems(tmp_pa
     assert "3 problem(s) in the configuration" in out, out[-2000:]
     assert "('lesion' was unexpected)" in out and "'lesions' is a required property" in out
     assert "config splits.n_splits" in out
+
+
+@pytest.mark.slow
+def test_a_partial_config_from_another_folder_with_no_subject_left_to_fit_is_a_listed_problem(tmp_path):
+    """splits.n_val equal to splits.n_train leaves no training subject: one listed problem that
+    says what to set, not a Python traceback (it used to end in a ValueError from common.smk)."""
+    (tmp_path / "mine.yaml").write_text("subjects: demo\nsplits: {n_splits: 2, n_train: 4, n_val: 4, n_test: 10}\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path / "study"),
+         "--configfile", "mine.yaml", "--cores", "1", "-n"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    out = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert "1 problem(s) in the configuration" in out, out[-2000:]
+    assert "set splits.n_val below splits.n_train" in out
+    assert "Traceback" not in out and "Error in file" not in out and 'File "' not in out, out[-2000:]

@@ -141,3 +141,24 @@ def test_table1_counts_the_failed_trainings_per_variant():
     assert shown["Failed trainings"].tolist() == ["1/2", "0/2"]
     # the scores are the same with or without the count: nothing is dropped
     assert t.sample_dice_mean.tolist() == evaluation.table1(_rows()).sample_dice_mean.tolist()
+
+
+def test_job_time_table_sums_each_stage_from_snakemake_benchmark_files(tmp_path):
+    """The time table is computed from the jobs' benchmark files (Snakemake's TSV columns)."""
+    from rsanet.steps import job_times_step
+
+    header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+    files = {}
+    for stage, seconds in {"coregister": [4.0, 6.0], "train": [30.0, 40.0, 50.0], "predict": [10.0]}.items():
+        files[stage] = []
+        for i, s in enumerate(seconds):
+            path = tmp_path / f"{stage}{i}.tsv"
+            path.write_text(header + f"{s}\t0:00:{int(s):02d}\t{100 + 10 * i}\t1\t1\t1\t0\t0\t90\t{s - 1}\n")
+            files[stage].append(str(path))
+    job_times_step(files, str(tmp_path / "t.csv"), str(tmp_path / "t.md"))
+    table = pd.read_csv(tmp_path / "t.csv").set_index("stage")
+    assert list(table.index) == ["coregister", "train", "predict", "all"]
+    assert table.loc["train", "jobs"] == 3 and table.loc["train", "total_s"] == 120 and table.loc["train", "median_s"] == 40
+    assert table.loc["train", "max_s"] == 50 and table.loc["train", "cpu_s"] == 117 and table.loc["train", "max_rss_mb"] == 120
+    assert table.loc["all", "jobs"] == 6 and table.loc["all", "total_s"] == 140
+    assert "| train | 3 | 120 |" in (tmp_path / "t.md").read_text()

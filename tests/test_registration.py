@@ -445,3 +445,70 @@ def test_finest_level_drops_the_finer_pyramid_levels():
     coarse = base.finest_level(3.0)
     assert coarse.level_spacings_mm == (6.0, 3.0) and coarse.samples_per_level == base.samples_per_level[:2]
     assert base.finest_level(10.0).level_spacings_mm == (6.0,)  # the coarsest level always stays
+
+
+# ------------------------------------------------- one co-registration: the study and rsanet-segment
+def test_the_study_and_segment_prepare_a_real_patient_identically(tmp_path):
+    """The study's coregister + preprocess steps and rsanet-segment's preparation of a new patient
+    run the same code with the same settings (the export's record of registration: and
+    preprocess:): equal transforms and an equal preprocessed array, here with the demo's 3 mm
+    pyramid (a setting segment used to ignore) and T1/T2 moved in their headers."""
+    from dataclasses import asdict
+
+    from real_data import open_ms_data
+    from rsanet.segment import prepare_patient
+    from rsanet.steps import coregister_step, preprocess_step
+    from rsanet.volumes import Preprocessed
+
+    folder = open_ms_data() / "patients_mni" / "patient07"
+    flair = folder / "FLAIR.nii.gz"
+    brain = reg.voxel_points_mm(reg.foreground_mask(np.asarray(nib.load(str(flair)).dataobj)), nib.load(str(flair)).affine, step=3)
+    centre = brain.mean(axis=0)
+    images = {"FLAIR": str(flair)}
+    for contrast, (angles, shift) in {"T1": ((6.0, 0.0, 0.0), (5.0, 0.0, 0.0)), "T2": ((0.0, 5.0, 0.0), (0.0, -4.0, 3.0))}.items():
+        images[contrast] = str(tmp_path / f"{contrast}_moved.nii.gz")
+        _moved_header(folder / f"{contrast}.nii.gz", Path(images[contrast]), rigid_matrix(angles, shift, centre))
+    settings = reg.CoregistrationSettings(engine="simpleitk", search_deg=0, finest_level_mm=3.0)
+
+    study = tmp_path / "study"
+    outputs = {c.lower(): str(study / f"{c}.nii.gz") for c in ("T1", "T2", "FLAIR")}
+    outputs.update(lesions=str(study / "lesions.nii.gz"), transforms=str(study / "transforms"),
+                   record=str(study / "registration.json"))
+    coregister_step("patient07", images, str(folder / "lesions.nii.gz"), outputs, settings, threads=1)
+    preprocess_step("patient07", {c: outputs[c.lower()] for c in ("T1", "T2", "FLAIR")}, outputs["lesions"],
+                    str(study / "pre.npz"), margin=2)
+    record = json.loads((study / "registration.json").read_text())["results"]
+
+    meta = {"registration": asdict(settings), "preprocess": {"margin": 2}}
+    seconds: dict[str, float] = {}
+    new, pre = prepare_patient(meta, images["T1"], images["T2"], images["FLAIR"], threads=1, seconds=seconds)
+    assert set(seconds) == {"registration", "preprocessing"}
+    for contrast in ("T1", "T2"):
+        assert np.array_equal(np.asarray(record[contrast]["moving_to_fixed"]), new.results[contrast].moving_to_fixed), contrast
+        # and the registration did its work: the header motion is undone to within a millimetre
+        assert reg.displacement_mm(new.results[contrast].moving_to_fixed,
+                                   np.linalg.inv(nib.load(images[contrast]).affine @ np.linalg.inv(
+                                       nib.load(str(folder / f"{contrast}.nii.gz")).affine)), brain).mean() <= 1.0
+    assert new.results["T1"].details == record["T1"]["details"]
+    saved = Preprocessed.load(study / "pre.npz")
+    assert saved.image.shape == pre.image.shape and np.array_equal(saved.image, pre.image)
+    assert np.array_equal(saved.bbox, pre.bbox)
+
+
+def test_segment_prepares_on_the_study_reference_grid(tmp_path):
+    """registration.reference is honoured for new patients too: with the T1 as reference (headers
+    trusted), every prepared contrast lies on the T1's grid."""
+    from real_data import open_ms_data
+    from rsanet.segment import prepare_patient
+
+    folder = open_ms_data() / "patients_mni" / "patient19"
+    t1 = nib.load(str(folder / "T1.nii.gz"))
+    coarse = tmp_path / "T1_coarse.nii.gz"  # a T1 on a grid of its own (2 mm), so the grids differ
+    nib.save(nib.Nifti1Image(np.asarray(t1.dataobj, np.float32)[::2, ::2, ::2], t1.affine @ np.diag([2, 2, 2, 1])), coarse)
+    meta = {"registration": {"reference": "T1", "engine": "none", "dof": 6}, "preprocess": {"margin": 2}}
+    new, pre = prepare_patient(meta, str(coarse), str(folder / "T2.nii.gz"), str(folder / "FLAIR.nii.gz"))
+    assert new.reference == "T1" and set(new.results) == {"T2", "FLAIR"}
+    for contrast, img in new.images.items():
+        assert img.shape == nib.load(str(coarse)).shape and np.allclose(img.affine, nib.load(str(coarse)).affine), contrast
+        assert img.get_data_dtype() == np.float32
+    assert pre.image.shape[0] == 3

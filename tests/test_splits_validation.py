@@ -236,3 +236,13 @@ def test_config_readme_is_generated_from_the_schema_and_current():
     assert (ROOT / "config" / "README.md").read_text() == want, (
         "config/README.md is stale: python tools/config_reference.py > config/README.md")
     assert "`train.lr`" in want and "`resources.train.gpus`" in want
+
+
+def test_config_problems_lists_a_validation_part_that_leaves_nothing_to_fit():
+    from rsanet.validation import config_problems
+
+    schema = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+    problems = config_problems({"subjects": "demo", "splits": {"n_splits": 2, "n_train": 4, "n_val": 4}}, schema)
+    assert any("n_val=4" in p and "set splits.n_val below splits.n_train" in p for p in problems)
+    assert not any("n_val" in p for p in config_problems(
+        {"subjects": "demo", "splits": {"n_splits": 2, "n_train": 4, "n_val": 3}}, schema))

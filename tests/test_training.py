@@ -140,6 +140,33 @@ def test_tiles_are_spread_evenly_over_the_passes():
     assert sum(sizes) == 45 and len(sizes) == 12 and min(sizes) == 3 and max(sizes) == 4
 
 
+def test_prediction_policy_from_the_config_and_its_mirroring():
+    """The one inference policy: predict.tile null = the training crop, "whole" = one pass, a list
+    = that tile; mirroring averages the predictions of the flipped copies, mapped back."""
+    from rsanet.inference import PredictionPolicy
+
+    section = {"tile": None, "overlap": 0.25, "blending": "gaussian", "batch_size": 4}
+    assert PredictionPolicy.from_config(section, [16, 64, 64]).tile == (16, 64, 64)
+    assert PredictionPolicy.from_config({**section, "tile": "whole"}, [16, 64, 64]).tile is None
+    assert PredictionPolicy.from_config({**section, "tile": [8, 32, 32]}, [16, 64, 64]).tile == (8, 32, 32)
+    # the attention maps of one pass: none for the U-Net; NCL's grow with the tile, not the volume
+    tiled = PredictionPolicy.from_config(section, [16, 64, 64])
+    assert tiled.pass_bytes("unet3d", [8, 16, 32, 64], (40, 120, 100)) == 0
+    assert tiled.pass_bytes("ncl-010", [8, 16, 32, 64], (40, 120, 100)) == \
+        tiled.pass_bytes("ncl-010", [8, 16, 32, 64], (80, 240, 200)) > 0
+
+    torch.manual_seed(0)
+    model = torch.nn.Conv3d(3, 2, 3, padding=1).eval()  # not mirror-symmetric: the flips differ
+    img = np.random.default_rng(0).normal(size=(3, 9, 12, 10)).astype(np.float32)
+    plain = PredictionPolicy(tile=None, amp=False)
+    mirrored = PredictionPolicy(tile=None, amp=False, mirror=True)
+    copies = [plain.predict(model, img)] + [
+        np.flip(plain.predict(model, np.flip(img, axis).copy()), axis - 1) for axis in (1, 2, 3)]
+    assert np.allclose(mirrored.predict(model, img), np.mean(copies, axis=0), atol=1e-6)
+    assert not np.allclose(copies[0], copies[1], atol=1e-3)
+    assert "mirrored" in mirrored.describe() and "whole volume" in plain.describe()
+
+
 def test_bf16_only_where_the_device_computes_it(monkeypatch):
     from rsanet import training
 

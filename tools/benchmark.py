@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Attention cost (RSA against non-local) and speed of every variant, run by hand.
 
-The same measurements as ``snakemake benchmark`` (rule ``benchmark``), without Snakemake::
+The same measurements as ``snakemake network_costs`` (rule ``network_costs``), without Snakemake::
 
     python tools/benchmark.py --out results/benchmarks [--config config/config.yaml]
         [--threads 2] [--rounds 7] [--variants unet3d rsa-111] [--no-extras]

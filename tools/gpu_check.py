@@ -11,8 +11,8 @@ config), for each variant of the config:
 2. training: ``rsanet.training.train`` for ``--iterations`` iterations with the config's widths,
    crop, batch and precision, with a checkpoint half-way and a resume from it; seconds per
    iteration (median over the iterations after the first 10) and peak GPU memory;
-3. prediction: ``rsanet.inference.predict_volume`` of one paper-sized volume with the config's
-   tiling (median of 3) and its peak GPU memory;
+3. prediction: the config's ``rsanet.inference.PredictionPolicy`` (as in the workflow) on one
+   paper-sized volume (median of 3) and its peak GPU memory;
 
 then the time the whole study's training and prediction would take on this GPU (35 trainings
 of ``train.iterations`` and 7 x 5 x ``n_test`` predictions, one job at a time; variants not
@@ -36,7 +36,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
-from rsanet.inference import predict_volume  # noqa: E402
+from rsanet.inference import PredictionPolicy  # noqa: E402
 from rsanet.models import build_model  # noqa: E402
 from rsanet.training import TrainConfig, memory_layout, train  # noqa: E402
 from rsanet.volumes import Preprocessed  # noqa: E402
@@ -113,8 +113,6 @@ def main(argv=None) -> int:
     cfg = yaml.safe_load(Path(args.config).read_text())
     tcfg = dict(cfg["train"])
     variants = args.variants or cfg["variants"]
-    tile = cfg["predict"].get("tile")  # as the workflow: null = tiles of the training crop
-    tile = None if tile == "whole" else tuple(tcfg["crop"]) if tile is None else tuple(tile)
     n_test = int(cfg["splits"]["n_test"])
     n_splits = int(cfg["splits"]["n_splits"])
     out = Path(args.out)
@@ -149,12 +147,13 @@ def main(argv=None) -> int:
         model = build_model(variant, widths=config.widths, dropout=config.dropout, rsa_order=config.rsa_order)
         model = model.to(device, memory_format=memory_layout(device)).eval()
         model.load_state_dict(full.state_dict)
+        policy = PredictionPolicy.from_config(cfg["predict"], tcfg["crop"], amp=config.amp)  # as the workflow
         times = []
         _reset_peak(cpu)
         with torch.inference_mode():
             for _ in range(4):
                 t = time.perf_counter()
-                prob = predict_volume(model, subjects[0].image, tile=tile, device=args.device, amp=config.amp)
+                prob = policy.predict(model, subjects[0].image, args.device)
                 times.append(time.perf_counter() - t)
         row["predict_s"] = statistics.median(times[1:])
         row["predict_peak_gib"] = _peak_gib(cpu)

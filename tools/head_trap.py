@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import torch
 
-from rsanet.inference import predict_volume
+from rsanet.inference import PredictionPolicy
 from rsanet.metrics import dice_from_counts
 from rsanet.training import load_model
 from rsanet.volumes import Preprocessed
@@ -33,7 +33,7 @@ def main(model_path: str, volumes: list[str]) -> None:
           f"{int((net > 0).sum())} of {len(net)} positive; output bias {bias}")
     for path in volumes:
         pre = Preprocessed.load(path)
-        prob = predict_volume(model, pre.image, tile=tuple(cfg.crop), overlap=0.25, blending="gaussian", amp=False)
+        prob = PredictionPolicy(tile=tuple(cfg.crop), overlap=0.25, blending="gaussian", amp=False).predict(model, pre.image)
         truth = pre.lesions > 0
         half = np.isclose(prob, 0.5, atol=1e-6)
 

@@ -68,21 +68,19 @@ def _score(model_path: str, files: list[str], policy: dict) -> dict:
     """Sample Dice, voxel Dice and seconds per volume of one model under one policy."""
     import torch
 
-    from rsanet.inference import predict_volume
+    from rsanet.inference import PredictionPolicy
     from rsanet.metrics import dice_from_counts, evaluate_case
     from rsanet.training import load_model
     from rsanet.volumes import Preprocessed
 
     torch.set_num_threads(1)
     model, cfg = load_model(model_path, "cpu")
-    tile = policy["tile"]
-    tile = tuple(cfg.crop) if tile is None else (None if tile == "whole" else tuple(tile))
+    chosen = PredictionPolicy.from_config(policy, cfg.crop, amp=cfg.amp)
     dices, tp, fp, fn, seconds = [], 0, 0, 0, []
     for f in files:
         pre = Preprocessed.load(f)
         t0 = time.perf_counter()
-        prob = predict_volume(model, pre.image, tile=tile, overlap=policy["overlap"],
-                              blending=policy["blending"], batch_size=policy.get("batch_size", 4), amp=cfg.amp)
+        prob = chosen.predict(model, pre.image)
         seconds.append(time.perf_counter() - t0)
         s = evaluate_case(prob > 0.5, pre.lesions > 0, pre.spacing)
         dices.append(s["dice"])

@@ -55,7 +55,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
-from .volumes import atomic_path
+from .volumes import CONTRASTS, atomic_path
 
 __all__ = [
     "CONTRASTS",
@@ -81,9 +81,6 @@ __all__ = [
     "SUBJECT_FILES",
     "main",
 ]
-
-CONTRASTS: tuple[str, ...] = ("T1", "T2", "FLAIR")
-"""The three contrasts, in the order of the model's input channels."""
 
 REFERENCE = "FLAIR"
 """The contrast whose grid and world space the lesion mask and the true transforms refer to."""

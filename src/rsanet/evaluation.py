@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -309,6 +309,35 @@ def detection_by_size_display(table: pd.DataFrame) -> pd.DataFrame:
     shown = pd.DataFrame(out)
     shown.loc[len(shown)] = ["true lesions per split"] + [f"{counts[b]:.1f}" for b in bins]
     return shown
+
+
+def job_time_table(benchmarks: Mapping[str, Sequence[pd.DataFrame]]) -> pd.DataFrame:
+    """Wall time per stage from Snakemake ``benchmark:`` tables (one per job; columns ``s``,
+    ``cpu_time`` in seconds, ``max_rss`` in MB, as Snakemake writes them).
+
+    Returns one row per stage: ``stage, jobs, total_s, median_s, max_s, cpu_s, max_rss_mb``
+    (the sums add up the jobs, which may have run in parallel), and a last row ``all`` over every job.
+    """
+    rows = []
+    everything = []
+    for stage, frames in benchmarks.items():
+        if not frames:
+            continue
+        jobs = pd.concat([f.iloc[[0]] for f in frames], ignore_index=True)  # one repeat per job
+        everything.append(jobs)
+        rows.append(_time_row(stage, jobs))
+    if everything:
+        rows.append(_time_row("all", pd.concat(everything, ignore_index=True)))
+    return pd.DataFrame(rows, columns=["stage", "jobs", "total_s", "median_s", "max_s", "cpu_s", "max_rss_mb"])
+
+
+def _time_row(stage: str, jobs: pd.DataFrame) -> dict:
+    rss = pd.to_numeric(jobs.get("max_rss"), errors="coerce") if "max_rss" in jobs else pd.Series(dtype=float)
+    cpu = pd.to_numeric(jobs.get("cpu_time"), errors="coerce") if "cpu_time" in jobs else pd.Series(dtype=float)
+    return {"stage": stage, "jobs": len(jobs), "total_s": round(float(jobs.s.sum()), 1),
+            "median_s": round(float(jobs.s.median()), 1), "max_s": round(float(jobs.s.max()), 1),
+            "cpu_s": round(float(cpu.sum()), 1) if cpu.notna().any() else float("nan"),
+            "max_rss_mb": round(float(rss.max()), 1) if rss.notna().any() else float("nan")}
 
 
 def to_markdown(df: pd.DataFrame) -> str:

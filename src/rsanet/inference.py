@@ -14,7 +14,8 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from typing import Literal, Sequence
+from dataclasses import dataclass
+from typing import Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -148,3 +149,59 @@ def predict_volume(
             total[box] += p * weight
             norm[box] += weight
     return (total / norm).clamp_(0, 1).numpy()
+
+
+@dataclass(frozen=True)
+class PredictionPolicy:
+    """How every network of a study predicts a volume: the one inference policy of the project,
+    used by the study's prediction rule, ``rsanet-segment`` and the hand-run tools.
+
+    ``tile``: ``(d, h, w)`` voxels, or ``None`` for the whole volume in one pass; ``overlap``,
+    ``blending``, ``batch_size``: see :func:`predict_volume`; ``mirror``: also average the
+    predictions of copies mirrored along each spatial axis (test-time augmentation, 4 passes);
+    ``amp``: bf16 autocast where native (the ``train.amp`` the network was trained with).
+    """
+
+    tile: tuple[int, int, int] | None
+    overlap: float = 0.25
+    blending: Blending = "gaussian"
+    batch_size: int = 4
+    mirror: bool = False
+    amp: bool = True
+
+    @classmethod
+    def from_config(cls, section: Mapping, crop: Sequence[int], amp: bool = True, mirror: bool = False) -> "PredictionPolicy":
+        """From the config's ``predict:`` section and the training ``crop`` (D, H, W voxels).
+
+        ``predict.tile``: ``null`` = tiles of the training crop, ``"whole"`` = one pass, or a
+        ``[d, h, w]`` list.
+        """
+        tile = section.get("tile")
+        tile = tuple(int(c) for c in crop) if tile is None else (None if tile == "whole" else tuple(int(t) for t in tile))
+        return cls(tile=tile, overlap=float(section.get("overlap", 0.25)), blending=section.get("blending", "gaussian"),
+                   batch_size=int(section.get("batch_size", 4)), mirror=mirror, amp=amp)
+
+    def describe(self) -> str:
+        """One line for the logs, e.g. ``tiles of (16, 64, 64) voxels, overlap 0.25, ...``."""
+        text = ("whole volume, one pass" if self.tile is None else
+                f"tiles of {self.tile} voxels, overlap {self.overlap}, {self.blending} blending, "
+                f"{self.batch_size} tiles per pass")
+        return text + (", mirrored along each axis" if self.mirror else "")
+
+    def pass_bytes(self, variant: str, widths: Sequence[int], shape: Sequence[int]) -> int:
+        """Bytes of the attention maps of one forward pass over a volume of ``shape`` (D, H, W)."""
+        if self.tile is None:
+            return attention_map_bytes(variant, widths, shape, 1)
+        return attention_map_bytes(variant, widths, [min(t, s) for t, s in zip(self.tile, shape)], self.batch_size)
+
+    def predict(self, model: torch.nn.Module, image: np.ndarray, device: str | torch.device = "cpu") -> np.ndarray:
+        """``(D, H, W)`` float32 lesion probability of ``image`` ``(3, D, H, W)`` under this policy."""
+        flips = [()] + ([(1,), (2,), (3,)] if self.mirror else [])  # axes of (3, D, H, W)
+        total = None
+        for axes in flips:
+            x = np.flip(image, axes).copy() if axes else image
+            p = predict_volume(model, x, tile=self.tile, overlap=self.overlap, device=device, amp=self.amp,
+                               blending=self.blending, batch_size=self.batch_size)
+            p = np.flip(p, tuple(a - 1 for a in axes)) if axes else p
+            total = p.astype(np.float64) if total is None else total + p
+        return p if len(flips) == 1 else (total / len(flips)).astype(np.float32)

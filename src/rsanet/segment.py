@@ -5,12 +5,13 @@ weights of one variant's models from every split, ``export.json`` (the registrat
 inference and evaluation settings the models were trained and scored with, versions, the training
 cohort's size and sheet hash, the variant's Table 1 and Table 2 rows) and ``MODEL_CARD.md``.
 
-:func:`segment` applies it to one patient: T1 and T2 co-registered onto the FLAIR with the
-export's engine and settings, preprocessed as in training, every split model predicting with the
-study's tiling policy (optionally with mirrored copies), the lesion probabilities averaged (the
-ensemble), thresholded, lesions of at most ``min_lesion_mm3`` removed. Every output lies on the
-input FLAIR's own grid (shape, affine and voxel order of the file given). Outputs are written to a
-temporary folder next to ``out`` and renamed at the end, so a failure leaves nothing in ``out``.
+:func:`segment` applies it to one patient: its contrasts co-registered and preprocessed by the
+study's own functions with the settings the export records (:func:`prepare_patient`), every split
+model predicting with the study's tiling policy (optionally with mirrored copies), the lesion
+probabilities averaged (the ensemble), thresholded, lesions of at most ``min_lesion_mm3`` removed.
+Every output lies on the grid of the study's registration reference (the FLAIR by default): the
+shape, affine and voxel order of that file. Outputs are written to a temporary folder next to
+``out`` and renamed at the end, so a failure leaves nothing in ``out``.
 """
 
 from __future__ import annotations
@@ -25,14 +26,19 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from .volumes import InputError, load_checked, preprocess_subject
+from .volumes import InputError, preprocess_subject
+
+if TYPE_CHECKING:
+    from .inference import PredictionPolicy
+    from .registration import Coregistered
+    from .volumes import Preprocessed
 
 log = logging.getLogger(__name__)
 
@@ -105,37 +111,59 @@ def lesion_table(mask: np.ndarray, prob: np.ndarray, affine: np.ndarray, connect
     return table
 
 
-def _ensemble(models, image: np.ndarray, policy: dict, device, tta: bool) -> np.ndarray:
-    """Mean lesion probability over the models (and, with ``tta``, over flips of each axis)."""
-    from .inference import predict_volume
-
-    flips = [()] + ([(1,), (2,), (3,)] if tta else [])  # axes of (3, D, H, W)
+def _ensemble(models, image: np.ndarray, policy: "PredictionPolicy", device) -> np.ndarray:
+    """Mean lesion probability over the models, each predicting under the study's ``policy``."""
     total = np.zeros(image.shape[1:], dtype=np.float64)
     for model in models:
-        cfg_tile = policy["tile"]
-        for axes in flips:
-            x = np.flip(image, axes).copy() if axes else image
-            tile = None if cfg_tile == "whole" else (tuple(policy["crop"]) if cfg_tile is None else tuple(cfg_tile))
-            p = predict_volume(model, x, tile=tile, overlap=policy["overlap"], device=device,
-                               blending=policy["blending"], batch_size=policy["batch_size"], amp=policy["amp"])
-            total += np.flip(p, tuple(a - 1 for a in axes)) if axes else p
-    return (total / (len(models) * len(flips))).astype(np.float32)
+        total += policy.predict(model, image, device)
+    return (total / len(models)).astype(np.float32)
+
+
+def prepare_patient(meta: dict, t1: str, t2: str, flair: str, threads: int = 1, subject: str = "new patient",
+                    seconds: dict[str, float] | None = None) -> tuple["Coregistered", "Preprocessed"]:
+    """A new patient's inputs prepared exactly as the study prepared its subjects.
+
+    Co-registration by :func:`rsanet.registration.coregister_contrasts` with the registration
+    settings the export records (reference, engine, dof, search, pyramid), then
+    :func:`rsanet.volumes.preprocess_subject` with the export's preprocessing settings: the same
+    two functions the study's ``coregister`` and ``preprocess`` rules call. ``threads``: CPU
+    threads of the registration (the job's threads). ``seconds``, if given, gets the wall time of
+    ``"registration"`` and ``"preprocessing"`` (s).
+    """
+    from .registration import CoregistrationSettings, coregister_contrasts
+
+    seconds = {} if seconds is None else seconds
+    t0 = time.perf_counter()
+    settings = CoregistrationSettings.from_config(meta["registration"])
+    reg = coregister_contrasts({"T1": t1, "T2": t2, "FLAIR": flair}, settings, subject, threads=threads)
+    seconds["registration"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fixed = reg.images[reg.reference]
+    empty = nib.Nifti1Image(np.zeros(fixed.shape[:3], np.uint8), fixed.affine)
+    pre = preprocess_subject(reg.images["T1"], reg.images["T2"], reg.images["FLAIR"], empty,
+                             margin=meta["preprocess"]["margin"])
+    seconds["preprocessing"] = time.perf_counter() - t0
+    return reg, pre
 
 
 def segment(
     model_dir: str | os.PathLike, t1: str, t2: str, flair: str, out: str | os.PathLike, device: str = "auto",
-    threshold: float = 0.5, min_lesion_mm3: float = 3.0, tta: bool = False,
+    threshold: float = 0.5, min_lesion_mm3: float = 3.0, tta: bool = False, threads: int = 1,
 ) -> dict:
     """Segment one patient; returns the summary written to ``out/summary.json``.
+
+    The outputs lie on the grid of the study's registration reference (the FLAIR unless the study
+    set ``registration.reference``), in the voxel order of that file. ``threads``: CPU threads
+    for registration and prediction.
 
     Raises:
         InputError: a missing, 4D, empty or non-overlapping input (the message names the file).
         ExportError: an unusable export.
     """
+    import torch
+
+    from .inference import PredictionPolicy
     from .metrics import remove_small_components
-    from .registration import (
-        MIN_COVERAGE, RegistrationError, field_of_view_coverage, header_alignment, register, resample_to_fixed,
-    )
     from .training import resolve_device
 
     seconds: dict[str, float] = {}
@@ -143,42 +171,23 @@ def segment(
     folder = Path(model_dir)
     meta = read_export(folder)
     dev = resolve_device(device)
+    if dev.type == "cpu":
+        torch.set_num_threads(max(int(threads), 1))
     models = _load_models(folder, meta, dev)
     seconds["load_models"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    fixed = load_checked(flair, "new patient", "FLAIR")
-    images = {"FLAIR": fixed}
-    reg = meta["registration"]
-    for contrast, path in (("T1", t1), ("T2", t2)):
-        moving = load_checked(path, "new patient", contrast)
-        if reg["engine"] == "none":
-            res = header_alignment(path, flair)
-        else:
-            try:
-                res = register(path, flair, dof=reg["dof"], engine=reg["engine"], search_deg=reg["search_deg"],
-                               max_displacement_mm=reg["max_displacement_mm"], threads=max(os.cpu_count() or 1, 1))
-            except RegistrationError as err:
-                raise InputError(f"{contrast} file {path!r}: {err}") from err
-        coverage = field_of_view_coverage(moving, fixed, res.moving_to_fixed)
-        if coverage < MIN_COVERAGE:
-            raise InputError(f"{contrast} file {path!r}: its field of view covers only {100 * coverage:.0f} % of the "
-                             f"FLAIR {flair!r}; give a {contrast} scan of the same head that covers the brain")
-        images[contrast] = resample_to_fixed(moving, fixed, res.moving_to_fixed, "linear")
-    seconds["registration"] = time.perf_counter() - t0
+    reg, pre = prepare_patient(meta, t1, t2, flair, threads=threads, seconds=seconds)
+    fixed = reg.images[reg.reference]
 
     t0 = time.perf_counter()
-    empty = nib.Nifti1Image(np.zeros(fixed.shape[:3], np.uint8), fixed.affine)
-    pre = preprocess_subject(images["T1"], images["T2"], images["FLAIR"], empty, margin=meta["preprocess"]["margin"])
-    seconds["preprocessing"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    policy = {**meta["predict"], "crop": meta["train"]["crop"], "amp": meta["train"].get("amp", True)}
-    prob = _ensemble(models, pre.image, policy, dev, tta)
+    policy = PredictionPolicy.from_config(meta["predict"], meta["train"]["crop"], amp=meta["train"].get("amp", True),
+                                          mirror=tta)
+    log.info("predicting with %d models (%s)", len(models), policy.describe())
+    prob = _ensemble(models, pre.image, policy, dev)
     seconds["prediction"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    prob_img = pre.uncrop(prob)  # on the FLAIR file's own grid
+    prob_img = pre.uncrop(prob)  # on the reference file's own grid
     prob_ref = np.asarray(prob_img.dataobj, dtype=np.float32)
     voxel_mm3 = float(abs(np.linalg.det(fixed.affine[:3, :3])))
     min_voxels = int(np.floor(min_lesion_mm3 / voxel_mm3)) + 1 if min_lesion_mm3 > 0 else 0
@@ -193,7 +202,8 @@ def segment(
                   "model_card_sha256": _sha256(folder / "MODEL_CARD.md")},
         "inputs": {"t1": str(t1), "t2": str(t2), "flair": str(flair)},
         "settings": {"threshold": threshold, "min_lesion_mm3": min_lesion_mm3, "tta": tta,
-                     "connectivity": connectivity, "policy": meta["predict"]},
+                     "connectivity": connectivity, "policy": meta["predict"],
+                     "registration": meta["registration"], "reference": reg.reference},
         "versions": _versions(), "device": str(dev),
     }
     _write_outputs(Path(out), prob_img, mask_img, table, summary, seconds, pre, mask, t0)
@@ -251,12 +261,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="export folder (results/export/<variant>)")
     p.add_argument("--t1", required=True)
     p.add_argument("--t2", required=True)
-    p.add_argument("--flair", required=True, help="the reference: outputs lie on this file's grid")
+    p.add_argument("--flair", required=True, help="outputs lie on this file's grid (on the T1's or T2's if the "
+                   "study registered onto that contrast: registration.reference)")
     p.add_argument("--out", required=True, help="output folder (replaced if it exists)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--min-lesion-mm3", type=float, default=3.0)
     p.add_argument("--tta", action="store_true", help="also average mirrored copies along each axis")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for registration and prediction")
     return p
 
 
@@ -266,7 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         summary = segment(args.model, args.t1, args.t2, args.flair, args.out, device=args.device,
-                          threshold=args.threshold, min_lesion_mm3=args.min_lesion_mm3, tta=args.tta)
+                          threshold=args.threshold, min_lesion_mm3=args.min_lesion_mm3, tta=args.tta,
+                          threads=args.threads)
     except (InputError, ExportError) as err:
         print(f"rsanet-segment: error: {err}", file=sys.stderr)
         return 2

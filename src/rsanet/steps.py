@@ -10,7 +10,7 @@ import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -20,6 +20,7 @@ import pandas as pd
 # so light steps start in a fraction of a second.
 from .metrics import EvaluationSettings, evaluate_case
 from .volumes import (
+    CONTRASTS,
     InputError,
     Preprocessed,
     binarise_mask,
@@ -31,9 +32,11 @@ from .volumes import (
     save_nifti,
 )
 
+if TYPE_CHECKING:
+    from .registration import CoregistrationSettings
+
 log = logging.getLogger(__name__)
 
-CONTRASTS = ("T1", "T2", "FLAIR")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,37 +169,31 @@ def evaluation_settings(section: Mapping) -> EvaluationSettings:
 
 def _predict_all(model_path, split, splits_json, preprocessed, out_dir, tile, overlap, blending, batch_size, dev,
                  memory_limit_mb, part, seed, save_probabilities, settings) -> list[dict]:
-    from .inference import attention_map_bytes, predict_volume
-    from .training import load_model
+    from .inference import PredictionPolicy
+    from .training import load_model, precision
 
     model, cfg = load_model(model_path, dev)
-    if tile is None:
-        tile = tuple(cfg.crop)
-    elif tile == "whole":
-        tile = None
+    policy = PredictionPolicy.from_config({"tile": tile, "overlap": overlap, "blending": blending,
+                                           "batch_size": batch_size}, cfg.crop, amp=cfg.amp)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = read_split(splits_json, split)[part]
-    policy = ("whole volume, one pass" if tile is None else
-              f"tiles of {tuple(tile)} voxels, overlap {overlap}, {blending} blending, {batch_size} tiles per pass")
-    from .training import precision
-
-    log.info("%s split %d: predicting %d %s subjects (%s; %s)", cfg.variant, split, len(names), part, policy, precision(cfg.amp, dev))
+    log.info("%s split %d: predicting %d %s subjects (%s; %s)", cfg.variant, split, len(names), part,
+             policy.describe(), precision(cfg.amp, dev))
     rows = []
     for i, subject in enumerate(names, start=1):
         pre = Preprocessed.load(preprocessed[subject])
-        pass_size = pre.image.shape[1:] if tile is None else [min(t, s) for t, s in zip(tile, pre.image.shape[1:])]
-        need_mb = attention_map_bytes(cfg.variant, cfg.widths, pass_size, 1 if tile is None else batch_size) / 2**20
+        need_mb = policy.pass_bytes(cfg.variant, cfg.widths, pre.image.shape[1:]) / 2**20
         hint = ("set predict.tile to the training crop (null) or smaller tiles, or predict.batch_size lower, "
                 "or give the job more memory (resources)")
         if memory_limit_mb and need_mb > memory_limit_mb:
             raise MemoryError(
-                f"{cfg.variant} split {split}, subject {subject!r}: the non-local attention maps of one pass of "
-                f"{tuple(pass_size)} voxels need {need_mb:,.0f} MiB, more than the job's {memory_limit_mb:,.0f} MiB; {hint}"
+                f"{cfg.variant} split {split}, subject {subject!r}: the non-local attention maps of one pass over "
+                f"{tuple(pre.image.shape[1:])} voxels ({policy.describe()}) need {need_mb:,.0f} MiB, more than the "
+                f"job's {memory_limit_mb:,.0f} MiB; {hint}"
             )
         try:
-            prob = predict_volume(model, pre.image, tile=tile, overlap=overlap, device=dev, blending=blending,
-                                  batch_size=batch_size, amp=cfg.amp)
+            prob = policy.predict(model, pre.image, dev)
         except (MemoryError, RuntimeError) as err:
             if isinstance(err, MemoryError) or "out of memory" in str(err).lower():
                 log.error("%s split %d, subject %s: out of memory while predicting (attention maps ~%.0f MiB "
@@ -226,6 +223,22 @@ def read_health(health_jsons: Sequence[str]) -> pd.DataFrame:
     cols = ["variant", "split", "seed_index", "learned", "score", "floor", "source", "stopped_at"]
     df = pd.DataFrame([{c: r.get(c) for c in cols} for r in recs], columns=cols)
     return df.rename(columns={"seed_index": "seed"})
+
+
+def job_times_step(benchmarks: Mapping[str, Sequence[str]], out_csv: str, out_md: str) -> None:
+    """Snakemake benchmark files (stage -> one TSV per job) -> the time table per stage (csv, md)."""
+    from . import evaluation
+
+    table = evaluation.job_time_table({stage: [pd.read_csv(p, sep="\t") for p in paths]
+                                       for stage, paths in benchmarks.items()})
+    evaluation.write_csv(table, out_csv)
+    evaluation.write_text(
+        evaluation.to_markdown(table) + "\nSeconds of wall time per job (Snakemake `benchmark:` files, "
+        "results/benchmarks/jobs/); jobs ran in parallel, so totals exceed the study's wall time. "
+        "cpu_s: CPU seconds; max_rss_mb: the largest resident memory of one job.\n", out_md)
+    for row in table.itertuples(index=False):
+        log.info("%s: %d jobs, %.0f s in all (median %.1f s, longest %.1f s)", row.stage, row.jobs, row.total_s,
+                 row.median_s, row.max_s)
 
 
 def aggregate_step(metric_csvs: Sequence[str], health_jsons: Sequence[str], splits_json: str,
@@ -382,77 +395,39 @@ def demo_subject_step(subject: str, demo: Mapping, outputs: Mapping[str, str]) -
 
 
 def coregister_step(
-    subject: str, images: Mapping[str, str], lesions: str, outputs: Mapping[str, str], reference: str = "FLAIR",
-    engine: str = "auto", dof: int = 6, max_displacement_mm: float = 40.0, threads: int = 1,
-    search_deg: float = 30.0, allow_empty_mask: bool = False, finest_level_mm: float = 1.5,
+    subject: str, images: Mapping[str, str], lesions: str, outputs: Mapping[str, str],
+    settings: "CoregistrationSettings", threads: int = 1, allow_empty_mask: bool = False,
 ) -> None:
-    """Register every non-reference contrast onto ``reference``; resample it onto the reference grid.
+    """Register every non-reference contrast onto ``settings.reference`` and resample it onto the
+    reference grid (:func:`rsanet.registration.coregister_contrasts`, also used by ``rsanet-segment``).
 
     Writes the three contrasts and the mask on the reference grid, the transforms of each moving
     contrast (FLIRT ``.mat`` and ITK ``.txt``), ``registration.json`` (engine, costs, matrices)
     and, when ``outputs`` has ``"qc"``, the QC figure (registered edges over the reference).
-    ``engine="none"``: the contrasts are already co-registered (header alignment, resampling
-    only). A failed registration, or a contrast whose field of view misses most of the
-    reference's head, raises before anything is written for the subject. ``finest_level_mm``:
-    see :meth:`rsanet.registration.SimpleITKSettings.finest_level`.
+    A failed registration, or a contrast whose field of view misses most of the reference's
+    head, raises before anything is written for the subject.
     """
-    from .registration import (
-        MIN_COVERAGE,
-        RegistrationError,
-        SimpleITKSettings,
-        field_of_view_coverage,
-        header_alignment,
-        register,
-        resample_to_fixed,
-        write_transforms,
-    )
+    from .registration import coregister_contrasts, registration_qc_figure, write_transforms
 
-    fixed_path = images[reference]
-    fixed = load_checked(fixed_path, subject, reference)
-    results, resampled = {}, {reference: fixed}
-    for contrast in (c for c in CONTRASTS if c != reference):
-        if engine == "none":  # already co-registered: the headers' alignment, resampled only
-            log.info("%s: %s -> %s by the header alignment (registration.engine: none)", subject, contrast, reference)
-            res = header_alignment(images[contrast], fixed_path, dof)
-        else:
-            log.info("%s: registering %s -> %s", subject, contrast, reference)
-            try:
-                res = register(images[contrast], fixed_path, dof=dof, engine=engine, search_deg=search_deg,
-                               max_displacement_mm=max_displacement_mm, threads=threads,
-                               settings=SimpleITKSettings().finest_level(finest_level_mm))
-            except RegistrationError as err:
-                raise InputError(f"subject {subject!r}: {err}") from err
-        log.info("%s: %s -> %s with %s in %.1f s, cost %.4f -> %.4f", subject, contrast, reference,
-                 res.engine, res.seconds, res.cost_before, res.cost_after)
-        results[contrast] = res
-        moving = load_checked(images[contrast], subject, contrast)
-        coverage = field_of_view_coverage(moving, fixed, res.moving_to_fixed)
-        if coverage < MIN_COVERAGE:
-            raise InputError(
-                f"subject {subject!r}, {contrast} file {images[contrast]!r}: after co-registration its field of view "
-                f"covers only {100 * coverage:.0f} % of the {reference} image's head {fixed_path!r} (minimum "
-                f"{100 * MIN_COVERAGE:.0f} %). Give a {contrast} scan that covers the brain."
-            )
-        resampled[contrast] = resample_to_fixed(moving, fixed, res.moving_to_fixed, "linear")
+    reg = coregister_contrasts(images, settings, subject, threads=threads)
+    reference, fixed_path = reg.reference, images[reg.reference]
+    fixed = reg.images[reference]
     mask = load_checked(lesions, subject, "lesion mask", allow_empty=allow_empty_mask)
     require_same_grid(mask, fixed, subject, "lesion mask", lesions, fixed_path)
     mask = nib.Nifti1Image(binarise_mask(np.asarray(mask.dataobj), subject, lesions), fixed.affine)
     tdir = Path(outputs["transforms"])
     tdir.mkdir(parents=True, exist_ok=True)
-    for contrast, res in results.items():
+    for contrast, res in reg.results.items():
         write_transforms(res, images[contrast], fixed_path, tdir / f"{contrast}_to_{reference}.mat",
                          tdir / f"{contrast}_to_{reference}.itk.txt")
     for contrast in CONTRASTS:
-        out_img = resampled[contrast]
-        save_nifti(nib.Nifti1Image(np.asarray(out_img.dataobj, dtype=np.float32), fixed.affine), outputs[contrast.lower()])
+        save_nifti(reg.images[contrast], outputs[contrast.lower()])
     save_nifti(mask, outputs["lesions"])
     save_json({"subject": subject, "reference": reference,
-               "results": {c: r.to_dict() for c, r in results.items()}}, outputs["record"])
+               "results": {c: r.to_dict() for c, r in reg.results.items()}}, outputs["record"])
     if "qc" in outputs:  # edges of the registered contrasts over the reference, three slices
-        from .registration import registration_qc_figure
-
-        others = {c: resampled[c] for c in CONTRASTS if c != reference}
-        registration_qc_figure(resampled[reference], others, outputs["qc"], title=subject)
+        others = {c: reg.images[c] for c in CONTRASTS if c != reference}
+        registration_qc_figure(reg.images[reference], others, outputs["qc"], title=subject)
 
 
 def registration_accuracy_step(records: Sequence[str], truths: Sequence[str], flairs: Sequence[str], out_csv: str, out_png: str) -> None:

@@ -47,7 +47,12 @@ def config_problems(config: Mapping, schema_path: str | Path, n_subjects: int | 
             where = ".".join(str(p) for p in e.absolute_path) or "(top level)"
             problems.append(f"config {where}: {e.message}")
     splits = config.get("splits", {}) if isinstance(config.get("splits"), Mapping) else {}
-    n_train, n_test = splits.get("n_train"), splits.get("n_test")
+    n_train, n_test, n_val = splits.get("n_train"), splits.get("n_test"), splits.get("n_val")
+    if isinstance(n_train, int) and isinstance(n_val, int) and not isinstance(n_val, bool) and n_val >= n_train:
+        problems.append(
+            f"config splits: n_val={n_val} of the n_train={n_train} training subjects are held out for "
+            f"validation, which leaves none to fit on; set splits.n_val below splits.n_train"
+        )
     if n_subjects is not None and isinstance(n_train, int):
         need = n_train + (n_test if isinstance(n_test, int) else 1)
         if need > n_subjects:

@@ -20,6 +20,9 @@ from typing import Iterator
 import nibabel as nib
 import numpy as np
 
+#: The three MR contrasts of a subject, in the model's channel order.
+CONTRASTS: tuple[str, ...] = ("T1", "T2", "FLAIR")
+
 
 class InputError(ValueError):
     """A problem with a user's input file; the message names the subject and the file."""

@@ -2,6 +2,7 @@
 # constraints and every input function.
 import os
 import re
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -39,6 +40,16 @@ def _demo_sheet(cfg):
     )
 
 
+def _stop(where, problems):
+    """Every problem listed at once, then a plain exit: a user's mistake, never a traceback."""
+    print(
+        f"{len(problems)} problem(s) {where}; fix them all and rerun:\n"
+        + "\n".join(f"  - {p}" for p in problems),
+        file=sys.stderr,
+    )
+    sys.exit(1)
+
+
 # --- Validate the config (every violation listed at once; the schema's defaults applied) and
 # --- the subject sheet. Rules read the validated config only: the schema is the one home of
 # --- every default.
@@ -68,24 +79,24 @@ if not _issues:
         config, CONFIG_SCHEMA, n_subjects=len(set(GROUPS.values()) if GROUPS else SHEET)
     )
 if _issues:
-    raise ValueError(
-        f"{len(_issues)} problem(s) in the configuration or subject sheet; fix them all and rerun:\n"
-        + "\n".join(f"  - {p}" for p in _issues)
-    )
+    _stop("in the configuration or subject sheet", _issues)
 validate(SHEET, SUBJECTS_SCHEMA)
 SHEET = SHEET.set_index("subject", drop=False)
 SUBJECTS = list(SHEET.subject)
 
 VARIANT_IDS = list(config["variants"])
-SPLITS = make_splits(
-    SUBJECTS,
-    config["splits"]["n_splits"],
-    config["splits"]["n_train"],
-    config["splits"]["n_test"],
-    config["splits"]["seed"],
-    config["splits"]["n_val"],
-    groups=GROUPS,
-)
+try:
+    SPLITS = make_splits(
+        SUBJECTS,
+        config["splits"]["n_splits"],
+        config["splits"]["n_train"],
+        config["splits"]["n_test"],
+        config["splits"]["seed"],
+        config["splits"]["n_val"],
+        groups=GROUPS,
+    )
+except ValueError as err:  # splits that cannot be drawn from this cohort
+    _stop("in the splits: section", [str(err)])
 SPLIT_IDS = list(range(len(SPLITS)))
 SEED_IDS = list(range(config["train"]["seeds"]))
 REFERENCE = config["registration"]["reference"]
@@ -106,10 +117,7 @@ if config["segment_subjects"]:
         optional=("lesions",),
     )
     if _new_issues:
-        raise ValueError(
-            f"{len(_new_issues)} problem(s) in the segment_subjects sheet:\n"
-            + "\n".join(f"  - {p}" for p in _new_issues)
-        )
+        _stop("in the segment_subjects sheet", _new_issues)
 NEW_SHEET = NEW_SHEET.set_index("subject", drop=False)
 NEW_SUBJECTS = list(NEW_SHEET.subject)
 
@@ -256,6 +264,20 @@ def health_files():
     )
 
 
+def job_benchmarks(stage):
+    """The Snakemake `benchmark:` files of one heavy stage of the study (coregister, train, predict)."""
+    if stage == "coregister":
+        return expand(
+            "results/benchmarks/jobs/coregister/{subject}.tsv", subject=SUBJECTS
+        )
+    return expand(
+        f"results/benchmarks/jobs/{stage}/{{variant}}/split{{split}}/seed{{seed}}.tsv",
+        variant=VARIANT_IDS,
+        split=SPLIT_IDS,
+        seed=SEED_IDS,
+    )
+
+
 def fig5_variants():
     wanted = config["figures"]["fig5_variants"]
     return [v for v in wanted if v in VARIANT_IDS] or VARIANT_IDS[:3]
@@ -286,6 +308,7 @@ def all_outputs():
         "results/figures/training_curves.png",
         "results/figures/score_distributions.png",
         "results/provenance.json",
+        "results/tables/job_times.md",
     ] + qc_figures()
     if DEMO:
         out += [

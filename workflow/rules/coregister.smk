@@ -21,6 +21,8 @@ rule coregister:
         ),
     log:
         "logs/coregister/{subject}.log",
+    benchmark:
+        "results/benchmarks/jobs/coregister/{subject}.tsv"
     conda:
         ENV
     threads: 1
@@ -28,12 +30,7 @@ rule coregister:
         mem_mb=3000,
         runtime=20,
     params:
-        reference=REFERENCE,
-        engine=config["registration"]["engine"],
-        dof=config["registration"]["dof"],
-        max_displacement_mm=config["registration"]["max_displacement_mm"],
-        search_deg=config["registration"]["search_deg"],
-        finest_level_mm=config["registration"]["finest_level_mm"],
+        registration=section("registration"),
         allow_empty=config["preprocess"]["allow_empty_masks"],
     script:
         "../../scripts/coregister.py"

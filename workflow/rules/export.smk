@@ -38,6 +38,8 @@ rule segment_subject:
         qc="results/segment/{new_subject}/qc.png",
     log:
         "logs/segment/{new_subject}.log",
+    benchmark:
+        "results/benchmarks/jobs/segment/{new_subject}.tsv"
     conda:
         ENV
     threads: job_resources("predict")["threads"]

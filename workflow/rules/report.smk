@@ -51,6 +51,31 @@ rule aggregate:
         "../../scripts/aggregate.py"
 
 
+# Where the time went: every heavy job's Snakemake benchmark file, summed per stage.
+rule job_times:
+    input:
+        coregister=job_benchmarks("coregister"),
+        train=job_benchmarks("train"),
+        predict=job_benchmarks("predict"),
+    output:
+        csv=report(
+            "results/tables/job_times.csv",
+            caption="../report/job_times.rst",
+            category="Tables",
+        ),
+        md="results/tables/job_times.md",
+    log:
+        "logs/job_times.log",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    script:
+        "../../scripts/job_times.py"
+
+
 rule figures:
     input:
         per_subject="results/tables/per_subject_metrics.csv",

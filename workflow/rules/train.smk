@@ -16,6 +16,8 @@ rule train:
         health="results/models/{variant}/split{split}/seed{seed}/health.json",
     log:
         "logs/train/{variant}/split{split}/seed{seed}.log",
+    benchmark:
+        "results/benchmarks/jobs/train/{variant}/split{split}/seed{seed}.tsv"
     conda:
         ENV
     threads: job_resources("train")["threads"]
@@ -41,6 +43,8 @@ rule predict:
         metrics="results/metrics/{variant}/split{split}/seed{seed}.csv",
     log:
         "logs/predict/{variant}/split{split}/seed{seed}.log",
+    benchmark:
+        "results/benchmarks/jobs/predict/{variant}/split{split}/seed{seed}.tsv"
     conda:
         ENV
     threads: job_resources("predict")["threads"]
@@ -71,6 +75,8 @@ rule predict_validation:
         metrics="results/validation/metrics/{variant}/split{split}/seed{seed}.csv",
     log:
         "logs/predict_validation/{variant}/split{split}/seed{seed}.log",
+    benchmark:
+        "results/benchmarks/jobs/predict_validation/{variant}/split{split}/seed{seed}.tsv"
     conda:
         ENV
     threads: job_resources("predict")["threads"]

@@ -38,13 +38,14 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any, Mapping
 
 import nibabel as nib
 import numpy as np
 
-from ..volumes import InputError, load_checked
+from ..volumes import CONTRASTS, InputError, load_checked
 from .core import (
     FLIRT_COSTS,
     MIN_MUTUAL_INFORMATION,
@@ -90,7 +91,7 @@ from .transforms import (
 )
 
 __all__ = [
-    "FLIRT_COSTS", "MIN_COVERAGE", "MIN_MUTUAL_INFORMATION", "MIN_OVERLAP", "RAS_TO_LPS", "RegistrationError",
+    "CONTRASTS", "Coregistered", "CoregistrationSettings", "coregister_contrasts", "FLIRT_COSTS", "MIN_COVERAGE", "MIN_MUTUAL_INFORMATION", "MIN_OVERLAP", "RAS_TO_LPS", "RegistrationError",
     "RegistrationResult", "SimpleITKSettings", "apply_affine", "choose_engine", "displacement_mm",
     "downsample_grid", "field_of_view_coverage", "flirt_executable", "flirt_matrix", "foreground_mask",
     "header_alignment", "image_center_lps", "itk_to_moving_to_fixed", "itk_transform_text",
@@ -276,3 +277,93 @@ def register(
     )
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# One subject's contrasts onto the reference: the study's coregister rule and rsanet-segment
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CoregistrationSettings:
+    """The config's ``registration:`` section (its defaults: workflow/schemas/config.schema.yaml).
+
+    ``reference``: the contrast every other one is registered and resampled onto; ``engine``:
+    ``auto``, ``flirt``, ``simpleitk`` or ``none`` (already co-registered: the headers are
+    trusted, the contrasts only resampled); ``dof``, ``search_deg`` (degrees),
+    ``max_displacement_mm`` (mm): see :func:`register`; ``finest_level_mm`` (mm): see
+    :meth:`SimpleITKSettings.finest_level`.
+    """
+
+    reference: str = "FLAIR"
+    engine: str = "auto"
+    dof: int = 6
+    max_displacement_mm: float = 40.0
+    search_deg: float = 30.0
+    finest_level_mm: float = 1.5
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any]) -> "CoregistrationSettings":
+        """From a validated ``registration:`` section (or an export's record of it); other keys ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in section.items() if k in names})
+
+
+@dataclass(frozen=True, eq=False)
+class Coregistered:
+    """One subject's contrasts on the reference grid.
+
+    ``images``: contrast name -> float32 image on the reference's grid (the reference's affine);
+    ``results``: moving contrast name -> its :class:`RegistrationResult`; ``reference``: its name.
+    """
+
+    images: dict[str, nib.Nifti1Image]
+    results: dict[str, RegistrationResult]
+    reference: str
+
+
+def coregister_contrasts(
+    images: Mapping[str, PathLike], settings: CoregistrationSettings, subject: str, threads: int = 1,
+) -> Coregistered:
+    """Register every contrast of ``images`` (T1, T2, FLAIR -> file) onto ``settings.reference``
+    and resample it (linear) onto the reference's grid.
+
+    The one co-registration of the project: the study's ``coregister`` rule and ``rsanet-segment``
+    both call it, so a new patient's inputs are prepared exactly as the training subjects' were.
+    ``subject`` names the subject in messages; ``threads``: CPU threads for the SimpleITK engine
+    (the job's threads). Raises :class:`rsanet.volumes.InputError` (naming the subject, the file
+    and what to do) for a failed registration or a contrast whose field of view misses most of
+    the reference's head.
+    """
+    reference = settings.reference
+    fixed_path = images[reference]
+    fixed = load_checked(fixed_path, subject, reference)
+    results: dict[str, RegistrationResult] = {}
+    resampled = {reference: fixed}
+    sitk_settings = SimpleITKSettings().finest_level(settings.finest_level_mm)
+    for contrast in (c for c in CONTRASTS if c != reference):
+        if settings.engine == "none":  # already co-registered: the headers' alignment, resampled only
+            log.info("%s: %s -> %s by the header alignment (registration.engine: none)", subject, contrast, reference)
+            res = header_alignment(images[contrast], fixed_path, settings.dof)
+        else:
+            log.info("%s: registering %s -> %s", subject, contrast, reference)
+            try:
+                res = register(images[contrast], fixed_path, dof=settings.dof, engine=settings.engine,
+                               search_deg=settings.search_deg, max_displacement_mm=settings.max_displacement_mm,
+                               threads=threads, settings=sitk_settings)
+            except RegistrationError as err:
+                raise InputError(f"subject {subject!r}: {err}") from err
+        log.info("%s: %s -> %s with %s in %.1f s, cost %.4f -> %.4f", subject, contrast, reference,
+                 res.engine, res.seconds, res.cost_before, res.cost_after)
+        results[contrast] = res
+        moving = load_checked(images[contrast], subject, contrast)
+        coverage = field_of_view_coverage(moving, fixed, res.moving_to_fixed)
+        if coverage < MIN_COVERAGE:
+            raise InputError(
+                f"subject {subject!r}, {contrast} file {str(images[contrast])!r}: after co-registration its field of "
+                f"view covers only {100 * coverage:.0f} % of the {reference} image's head {str(fixed_path)!r} "
+                f"(minimum {100 * MIN_COVERAGE:.0f} %). Give a {contrast} scan that covers the brain."
+            )
+        resampled[contrast] = resample_to_fixed(moving, fixed, res.moving_to_fixed, "linear")
+    as_float = {c: nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), fixed.affine)
+                for c, img in resampled.items()}
+    return Coregistered(images={c: as_float[c] for c in CONTRASTS if c in as_float}, results=results,
+                        reference=reference)

@@ -1,8 +1,8 @@
 # Attention cost (RSA against non-local) and speed of every variant: not part of
-# `all`; run it on an otherwise idle machine with `snakemake benchmark` (it times things).
+# `all`; run it on an otherwise idle machine with `snakemake network_costs` (it times things).
 
 
-rule benchmark:
+rule network_costs:
     output:
         attention=report(
             "results/benchmarks/attention_cost.csv",
