@@ -1,10 +1,11 @@
 """Snakemake script: predict and score the test (or validation) volumes of one split with one trained model."""
 from pathlib import Path
 
-from rsanet.logs import logged
+from rsanet.logs import log_attempt, logged
 from rsanet.steps import predict_step
 
 with logged(snakemake.log[0]):
+    log_attempt("predict", snakemake.resources, snakemake.config["resources"])
     policy = snakemake.params.predict
     predict_step(
         model_path=snakemake.input.model,

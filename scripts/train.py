@@ -1,10 +1,11 @@
 """Snakemake script: train one variant on one split with one seed (resumes from its checkpoint)."""
 from pathlib import Path
 
-from rsanet.logs import logged
+from rsanet.logs import log_attempt, logged
 from rsanet.steps import train_step
 
 with logged(snakemake.log[0]):
+    log_attempt("train", snakemake.resources, snakemake.config["resources"])
     train_step(
         variant=snakemake.wildcards.variant,
         split=int(snakemake.wildcards.split),

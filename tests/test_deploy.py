@@ -170,3 +170,21 @@ def test_a_partial_config_from_another_folder_with_no_subject_left_to_fit_is_a_l
     assert "1 problem(s) in the configuration" in out, out[-2000:]
     assert "set splits.n_val below splits.n_train" in out
     assert "Traceback" not in out and "Error in file" not in out and 'File "' not in out, out[-2000:]
+
+
+@pytest.mark.slow
+def test_heavy_rules_are_retried_with_the_configured_sizes(tmp_path):
+    """A dry run with resources.retries 2 and job sizes of its own: the training and prediction
+    jobs get the config's mem_mb and runtime at their first attempt (attempt_scaled in
+    common.smk multiplies them by the attempt number)."""
+    cfg = small_config(resources={"train": {"mem_mb": 1234, "runtime": 7}, "predict": {"mem_mb": 999, "runtime": 5},
+                                  "retries": 2})
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(cfg))
+    run = snakemake(tmp_path / "work", "--configfile", str(tmp_path / "mine.yaml"), "-n", "--forceall")
+    assert run.returncode == 0, run.stderr[-3000:]
+    jobs = run.stdout.split("\nrule ")
+    train = [j for j in jobs if j.startswith("train:")]
+    predict = [j for j in jobs if j.startswith("predict:")]
+    assert train and predict
+    assert all("mem_mb=1234" in j and "runtime=7" in j for j in train)
+    assert all("mem_mb=999" in j and "runtime=5" in j for j in predict)

@@ -162,3 +162,29 @@ def test_job_time_table_sums_each_stage_from_snakemake_benchmark_files(tmp_path)
     assert table.loc["train", "max_s"] == 50 and table.loc["train", "cpu_s"] == 117 and table.loc["train", "max_rss_mb"] == 120
     assert table.loc["all", "jobs"] == 6 and table.loc["all", "total_s"] == 140
     assert "| train | 3 | 120 |" in (tmp_path / "t.md").read_text()
+
+
+def test_cohort_table_one_row_per_subject_volume_by_size_class_sorted_by_load():
+    summaries = {
+        "a": {"model": {"variant": "unet3d"}, "seconds": {"registration": 3.0, "prediction": 10.0}, "warnings": []},
+        "b": {"model": {"variant": "unet3d"}, "seconds": {"registration": 2.0, "prediction": 9.0},
+              "warnings": ["no lesion found"]},
+        "c": {"model": {"variant": "unet3d"}, "seconds": {"registration": 4.0, "prediction": 11.0}, "warnings": []},
+    }
+    lesions = {
+        "a": pd.DataFrame({"volume_mm3": [5.0, 50.0, 600.0], "mean_probability": [0.6, 0.7, 0.9],
+                           "agreement": [0.2, 0.6, 1.0]}),
+        "b": pd.DataFrame({"volume_mm3": [], "mean_probability": [], "agreement": []}),
+        "c": pd.DataFrame({"volume_mm3": [2000.0], "mean_probability": [0.8], "agreement": [0.8]}),
+    }
+    table = evaluation.cohort_table(summaries, lesions, size_bins_mm3=[3, 10, 100, 500])
+    assert list(table.subject) == ["c", "a", "b"]  # by total lesion volume
+    a = table.set_index("subject").loc["a"]
+    assert a.lesion_count == 3 and np.isclose(a.total_volume_ml, 0.655)
+    assert np.isclose(a["volume_ml[3-10]"], 0.005) and np.isclose(a["volume_ml[10-100]"], 0.05)
+    assert np.isclose(a["volume_ml[100-500]"], 0.0) and np.isclose(a["volume_ml[>500]"], 0.6)
+    assert np.isclose(a.mean_agreement, 0.6) and a.seconds_prediction == 10.0 and a.warnings == ""
+    b = table.set_index("subject").loc["b"]
+    assert b.lesion_count == 0 and b.total_volume_ml == 0 and np.isnan(b.mean_agreement) and b.warnings == "no lesion found"
+    bins = [c for c in table.columns if c.startswith("volume_ml[")]
+    assert np.allclose(table[bins].sum(axis=1), table.total_volume_ml)

@@ -428,3 +428,26 @@ def test_evaluate_case_both_empty():
     row = evaluate_case(z, z, ANISO)
     assert row["dice"] == 1.0 and row["iou"] == 1.0 and row["lesion_f1"] == 1.0
     assert row["abs_volume_error_ml"] == 0.0 and math.isnan(row["rel_volume_error"])
+
+
+def test_lesion_table_gives_each_lesion_its_probability_and_the_models_agreement():
+    """Per lesion: the ensemble's mean and max probability, and the fraction of models whose own
+    mask (p > threshold) touches it; by decreasing volume, centroids in world mm."""
+    from rsanet.segment import lesion_table
+
+    mask = np.zeros((10, 10, 10), bool)
+    mask[1:4, 1:4, 1:4] = True   # 27 voxels: lesion 1
+    mask[7:9, 7:9, 7] = True     # 4 voxels: lesion 2
+    models = np.zeros((4, 10, 10, 10), np.float32)
+    models[:, 1:4, 1:4, 1:4] = 0.9          # all four models see the large lesion
+    models[0, 7, 7, 7] = 0.8                # one model sees one voxel of the small one
+    models[1, 8, 8, 7] = 0.4                # below the threshold: not a detection
+    prob = models.mean(axis=0)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    table = lesion_table(mask, prob, affine, connectivity=6, model_probs=models, threshold=0.5)
+    assert list(table.lesion) == [1, 2] and np.allclose(table.volume_mm3, [27 * 8.0, 4 * 8.0])
+    assert list(table.agreement) == [1.0, 0.25]
+    assert np.isclose(table.max_probability[0], 0.9) and np.isclose(table.mean_probability[0], 0.9)
+    assert np.isclose(table.max_probability[1], 0.2) and np.isclose(table.mean_probability[1], (0.2 + 0.1) / 4)
+    assert np.allclose(table.loc[0, ["centroid_x_mm", "centroid_y_mm", "centroid_z_mm"]].astype(float), [4.0, 4.0, 4.0])
+    assert "agreement" not in lesion_table(mask, prob, affine).columns

@@ -20,7 +20,7 @@ from real_data import MNI_PATIENTS, open_ms_data
 from test_workflow import TEST_CONFIG, _oblique, _reorient, snakemake
 
 pytestmark = pytest.mark.slow
-OUTPUTS = {"lesion_prob.nii.gz", "lesions.nii.gz", "lesions.csv", "summary.json", "qc.png"}
+OUTPUTS = {"lesion_prob.nii.gz", "lesion_prob_sd.nii.gz", "lesions.nii.gz", "lesions.csv", "summary.json", "qc.png"}
 
 
 def segment_cli(model: Path, inputs: dict, out: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -77,7 +77,14 @@ def test_segment_a_real_patient_on_its_own_grid_lps_and_oblique_agree(export, tm
     assert prob.dtype == np.float32 and prob.min() >= 0 and prob.max() <= 1
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert set(summary["seconds"]) >= {"registration", "preprocessing", "prediction", "writing"}
-    assert summary["lesion_count"] == len(pd.read_csv(tmp_path / "out" / "lesions.csv"))
+    lesions = pd.read_csv(tmp_path / "out" / "lesions.csv")
+    assert summary["lesion_count"] == len(lesions)
+    # the ensemble's disagreement: per lesion (agreement of the 2 models: 0, 0.5 or 1) and per voxel
+    assert {"mean_probability", "max_probability", "agreement"} <= set(lesions.columns)
+    assert lesions.agreement.isin([0.0, 0.5, 1.0]).all()
+    assert (lesions.mean_probability <= lesions.max_probability + 1e-6).all()
+    sd = nib.load(tmp_path / "out" / "lesion_prob_sd.nii.gz")
+    assert sd.shape == flair.shape and np.asarray(sd.dataobj).min() >= 0 and np.asarray(sd.dataobj).max() <= 0.5
     # 2. the header alignment only: the input, an LPS copy and an oblique copy, voxel for voxel
     plain = _no_registration(export, tmp_path)
     results = {}
@@ -155,17 +162,32 @@ def test_corrupted_or_incompatible_exports_are_refused(export, tmp_path):
 
 
 def test_snakemake_segment_scores_the_real_patients_as_an_external_test_set(study, tmp_path):
+    """A cohort of the three real patients and one demo subject: every subject segmented, the
+    masked ones scored, and one cohort table and figure for all of them."""
     data = open_ms_data() / "patients_mni"
     rows = [{"subject": p, "t1": str(data / p / "T1.nii.gz"), "t2": str(data / p / "T2.nii.gz"),
              "flair": str(data / p / "FLAIR.nii.gz"), "lesions": str(data / p / "lesions.nii.gz")} for p in MNI_PATIENTS]
+    demo = sorted((study / "demo").iterdir())[0]  # a demo subject of the tiny study, as a new patient
+    rows.append({"subject": "demo-new", "t1": str(demo / "T1.nii.gz"), "t2": str(demo / "T2.nii.gz"),
+                 "flair": str(demo / "FLAIR.nii.gz"), "lesions": ""})
     sheet = tmp_path / "new.tsv"
     pd.DataFrame(rows).to_csv(sheet, sep="\t", index=False)
     work = study.parent
     # the target before --config (whose values would otherwise swallow it)
     run = snakemake(work, "segment", "--configfile", str(TEST_CONFIG), "--config", f"segment_subjects={sheet}")
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    for p in MNI_PATIENTS:
+    for p in [*MNI_PATIENTS, "demo-new"]:
         assert {x.name for x in (study / "segment" / p).iterdir()} == OUTPUTS
+    cohort = pd.read_csv(study / "segment" / "cohort.csv")
+    assert sorted(cohort.subject) == sorted([*MNI_PATIENTS, "demo-new"])
+    assert list(cohort.total_volume_ml) == sorted(cohort.total_volume_ml, reverse=True)
+    bins = [c for c in cohort.columns if c.startswith("volume_ml[")]
+    assert len(bins) >= 3 and np.allclose(cohort[bins].sum(axis=1), cohort.total_volume_ml)
+    assert cohort.mean_agreement.dropna().between(0, 1).all() and (cohort.seconds_prediction > 0).all()
+    for p in cohort.subject:
+        lesions = pd.read_csv(study / "segment" / p / "lesions.csv")
+        assert cohort.set_index("subject").loc[p, "lesion_count"] == len(lesions)
+    assert (study / "figures" / "cohort.png").stat().st_size > 10_000
     table = pd.read_csv(study / "tables" / "external_test.csv")
     assert sorted(table.subject) == sorted(MNI_PATIENTS) and table.dice.between(0, 1).all()
     assert "| patient07 |" in (study / "tables" / "external_test.md").read_text()

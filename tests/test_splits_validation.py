@@ -246,3 +246,14 @@ def test_config_problems_lists_a_validation_part_that_leaves_nothing_to_fit():
     assert any("n_val=4" in p and "set splits.n_val below splits.n_train" in p for p in problems)
     assert not any("n_val" in p for p in config_problems(
         {"subjects": "demo", "splits": {"n_splits": 2, "n_train": 4, "n_val": 3}}, schema))
+
+
+def test_a_retried_job_logs_its_attempt_and_on_the_last_one_what_to_set(caplog):
+    from rsanet.logs import log_attempt
+
+    sizes = {"train": {"threads": 1, "mem_mb": 3000, "runtime": 60, "gpus": 0}, "retries": 1}
+    with caplog.at_level("INFO", logger="rsanet"):
+        assert log_attempt("train", {"mem_mb": 3000, "runtime": 60}, sizes) == 1
+        assert "last attempt" not in caplog.text and "attempt 1 of at most 2" in caplog.text
+        assert log_attempt("train", {"mem_mb": 6000, "runtime": 120}, sizes) == 2
+    assert "last attempt" in caplog.text and "raise resources.train.mem_mb (now 3000 MB" in caplog.text

@@ -140,6 +140,23 @@ def test_tiles_are_spread_evenly_over_the_passes():
     assert sum(sizes) == 45 and len(sizes) == 12 and min(sizes) == 3 and max(sizes) == 4
 
 
+def test_passes_never_hold_a_single_tile_and_batching_does_not_change_the_result():
+    from rsanet.inference import pass_sizes
+
+    assert sorted(set(pass_sizes(45, 4))) == [3, 4]
+    assert sum(pass_sizes(45, 4)) == 45 and len(pass_sizes(45, 4)) == 12
+    by2 = pass_sizes(45, 2)
+    assert sum(by2) == 45 and set(by2) <= {2, 3} and len(by2) == 22
+    assert pass_sizes(5, 1) == [1] * 5 and pass_sizes(1, 4) == [1] and pass_sizes(3, 2) == [3]
+    torch.manual_seed(0)
+    from rsanet.models import build_model
+
+    model = build_model("unet3d", widths=(4, 8), dropout=0.0).eval()
+    img = np.random.default_rng(1).normal(size=(3, 13, 20, 18)).astype(np.float32)
+    probs = [predict_volume(model, img, tile=(8, 8, 8), overlap=0.25, batch_size=b, amp=False) for b in (1, 2, 4)]
+    assert np.allclose(probs[0], probs[1], atol=1e-6) and np.allclose(probs[0], probs[2], atol=1e-6)
+
+
 def test_prediction_policy_from_the_config_and_its_mirroring():
     """The one inference policy: predict.tile null = the training crop, "whole" = one pass, a list
     = that tile; mirroring averages the predictions of the flipped copies, mapped back."""

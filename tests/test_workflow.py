@@ -145,6 +145,17 @@ def test_rerun_has_nothing_to_do_and_report_builds(study):
     assert report.returncode == 0, report.stderr[-3000:]
     html = (work / "report.html").read_text(errors="replace")
     assert len(html) > 10_000 and "table1" in html and "fig5" in html
+    # the shareable form: a zip of the report and its files (the single HTML holds everything inline)
+    packed = snakemake(work, "--configfile", str(TEST_CONFIG), "--report", "report.zip", timeout=600)
+    assert packed.returncode == 0, packed.stderr[-3000:]
+    import zipfile
+
+    with zipfile.ZipFile(work / "report.zip") as z:
+        names = z.namelist()
+        assert z.testzip() is None
+    assert any(n.endswith("report.html") for n in names)
+    assert any(n.endswith("table1.csv") for n in names) and any(n.endswith("fig5.png") for n in names)
+    assert any(n.endswith("job_times.csv") for n in names)
 
 
 def test_changing_job_sizes_plans_no_job_on_a_finished_study(study, tmp_path):

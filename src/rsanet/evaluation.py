@@ -311,6 +311,42 @@ def detection_by_size_display(table: pd.DataFrame) -> pd.DataFrame:
     return shown
 
 
+def cohort_table(summaries: Mapping[str, Mapping], lesions: Mapping[str, pd.DataFrame],
+                 size_bins_mm3: Sequence[float]) -> pd.DataFrame:
+    """One row per segmented subject of a cohort (``rsanet-segment``'s ``summary.json`` and
+    ``lesions.csv`` per subject, keyed by subject id).
+
+    Columns: ``subject``, ``variant``, ``lesion_count``, ``total_volume_ml``, ``volume_ml[<bin>]``
+    for each lesion-volume bin of ``size_bins_mm3`` (mm³; lesions below the first edge under
+    ``volume_ml[<first]``), ``mean_agreement`` and ``mean_probability`` (over the subject's
+    lesions; NaN without lesions), ``seconds_<stage>`` (the stage timings, s), ``warnings``
+    (``"; "``-joined). Sorted by total volume, largest first.
+    """
+    from .metrics import size_bin_labels
+
+    edges = [float(e) for e in size_bins_mm3]
+    labels = [f"<{edges[0]:g}"] + size_bin_labels(edges)
+    bounds = [-np.inf] + edges + [np.inf]
+    rows = []
+    for subject, summary in summaries.items():
+        t = lesions[subject]
+        row = {"subject": subject, "variant": summary.get("model", {}).get("variant"),
+               "lesion_count": int(len(t)), "total_volume_ml": float(t.volume_mm3.sum()) / 1000.0}
+        for label, lo, hi in zip(labels, bounds[:-1], bounds[1:]):
+            inside = (t.volume_mm3 >= lo) & (t.volume_mm3 < hi)
+            row[f"volume_ml[{label}]"] = float(t.volume_mm3[inside].sum()) / 1000.0
+        row["mean_agreement"] = float(t.agreement.mean()) if "agreement" in t and len(t) else float("nan")
+        row["mean_probability"] = float(t.mean_probability.mean()) if "mean_probability" in t and len(t) else float("nan")
+        for stage, sec in summary.get("seconds", {}).items():
+            row[f"seconds_{stage}"] = float(sec)
+        row["warnings"] = "; ".join(summary.get("warnings", []))
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if len(table):
+        table = table.sort_values(["total_volume_ml", "subject"], ascending=[False, True], kind="stable")
+    return table.reset_index(drop=True)
+
+
 def job_time_table(benchmarks: Mapping[str, Sequence[pd.DataFrame]]) -> pd.DataFrame:
     """Wall time per stage from Snakemake ``benchmark:`` tables (one per job; columns ``s``,
     ``cpu_time`` in seconds, ``max_rss`` in MB, as Snakemake writes them).

@@ -223,6 +223,23 @@ def segmentation_qc(flair: np.ndarray, mask: np.ndarray, spacing: Sequence[float
     return save_figure(fig, stem)
 
 
+def cohort_load(table: pd.DataFrame, stem: str) -> list[Path]:
+    """Lesion load of every subject of a cohort, sorted (``evaluation.cohort_table``): one bar per
+    subject (total lesion volume, ml), coloured by the mean agreement of the models on its lesions."""
+    t = table.sort_values("total_volume_ml", kind="stable")
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.28 * len(t) + 1.2)))
+    colours = plt.cm.viridis(np.nan_to_num(t.mean_agreement.to_numpy(dtype=float), nan=0.0))
+    ax.barh(t.subject.astype(str), t.total_volume_ml, color=colours)
+    for y, (n, v) in enumerate(zip(t.lesion_count, t.total_volume_ml)):
+        ax.text(v, y, f" {n} lesions", va="center", fontsize=8)
+    ax.set_xlabel("total lesion volume (ml)")
+    ax.set_title(f"Lesion load of {len(t)} subjects (colour: mean agreement of the models, 0-1)")
+    sm = plt.cm.ScalarMappable(cmap="viridis", norm=plt.Normalize(0, 1))
+    fig.colorbar(sm, ax=ax, label="mean lesion agreement")
+    fig.tight_layout()
+    return save_figure(fig, stem)
+
+
 def registration_errors(table: pd.DataFrame, stem: str) -> list[Path]:
     """Registration error against the known truth (demo cohort): one box per contrast.
 

@@ -64,6 +64,30 @@ def tile_corners(shape: Sequence[int], tile: Sequence[int], overlap: float) -> l
     return list(itertools.product(*(tile_starts(s, t, st) for s, t, st in zip(shape, tile, steps))))
 
 
+def pass_sizes(n_tiles: int, batch_size: int) -> list[int]:
+    """How many tiles each forward pass holds: ``n_tiles`` spread evenly over the passes, never a
+    pass of one tile where ``batch_size >= 2`` (45 tiles by 4: nine passes of 4 and three of 3;
+    by 2: passes of 2 and 3, not a last pass of 1). For a batch of one, PyTorch's CPU
+    convolution takes a path ~6x slower per tile (docs/inference.md). The batching does not
+    change the result: every tile is computed alone, bit for bit the same in any batch.
+    """
+    if n_tiles <= 0:
+        return []
+    passes = math.ceil(n_tiles / max(int(batch_size), 1))
+    if batch_size >= 2 and n_tiles >= 2:
+        passes = min(passes, n_tiles // 2)
+    bounds = [round(i * n_tiles / passes) for i in range(passes + 1)]
+    return [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _passes(items: Sequence, batch_size: int) -> list[Sequence]:
+    out, start = [], 0
+    for size in pass_sizes(len(items), batch_size):
+        out.append(items[start:start + size])
+        start += size
+    return out
+
+
 def attention_map_bytes(variant: str, widths: Sequence[int], size: Sequence[int], batch: int = 1) -> int:
     """Bytes of the largest attention map (float32 logits + softmax) one pass of ``size`` needs.
 
@@ -108,8 +132,8 @@ def predict_volume(
             give the ``train.amp`` the network was trained with, so it predicts in the precision it learnt in.
         blending: ``"gaussian"`` (weights highest at each tile's centre) or ``"constant"``
             (plain averaging of overlapping tiles).
-        batch_size: at most this many tiles run together in one forward pass (same result, fewer
-            calls); the tiles are spread evenly over the passes.
+        batch_size: about this many tiles run together in one forward pass (the same result in
+            any batching); the tiles are spread evenly over the passes (:func:`pass_sizes`).
 
     Returns:
         ``(D, H, W)`` float32 softmax probability of the lesion class, in ``[0, 1]``.
@@ -137,12 +161,7 @@ def predict_volume(
     weight = torch.from_numpy(gaussian_weight(tile) if blending == "gaussian" else np.ones(tile, np.float32))
     total = torch.zeros(shape)
     norm = torch.zeros(shape)
-    # Tiles spread evenly over the passes (45 tiles by 4: nine passes of 4 and three of 3, not
-    # a last pass of 1): for a batch of one, PyTorch's CPU convolution takes a ~10x slower path.
-    passes = math.ceil(len(corners) / max(int(batch_size), 1))
-    bounds = [round(i * len(corners) / passes) for i in range(passes + 1)]
-    for first, last in zip(bounds[:-1], bounds[1:]):
-        group = corners[first:last]
+    for group in _passes(corners, batch_size):
         boxes = [tuple(slice(c, c + t) for c, t in zip(corner, tile)) for corner in group]
         probs = run(torch.stack([x_full[(slice(None),) + box] for box in boxes]))  # (n, d, h, w)
         for box, p in zip(boxes, probs):
@@ -192,7 +211,9 @@ class PredictionPolicy:
         """Bytes of the attention maps of one forward pass over a volume of ``shape`` (D, H, W)."""
         if self.tile is None:
             return attention_map_bytes(variant, widths, shape, 1)
-        return attention_map_bytes(variant, widths, [min(t, s) for t, s in zip(self.tile, shape)], self.batch_size)
+        tile = [min(t, s) for t, s in zip(self.tile, shape)]
+        largest = max(pass_sizes(len(tile_corners(shape, tile, self.overlap)), self.batch_size))
+        return attention_map_bytes(variant, widths, tile, largest)
 
     def predict(self, model: torch.nn.Module, image: np.ndarray, device: str | torch.device = "cpu") -> np.ndarray:
         """``(D, H, W)`` float32 lesion probability of ``image`` ``(3, D, H, W)`` under this policy."""

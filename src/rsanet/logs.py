@@ -6,7 +6,7 @@ import contextlib
 import logging
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 
 @contextlib.contextmanager
@@ -36,3 +36,26 @@ def logged(log_path: str | None, level: int = logging.INFO) -> Iterator[logging.
         for h in handlers:
             root.removeHandler(h)
             h.close()
+
+
+def log_attempt(stage: str, resources: object, sizes: Mapping) -> int:
+    """Log the job's size and attempt; on the last attempt, what to set if it dies again.
+
+    ``stage``: the ``resources:`` key of the rule (``train`` or ``predict``); ``resources``: the
+    job's (Snakemake's ``snakemake.resources``: ``mem_mb`` in MB, ``runtime`` in minutes, both
+    already multiplied by the attempt number); ``sizes``: the config's ``resources:`` section.
+    Returns the attempt number (1 = first).
+    """
+    log = logging.getLogger("rsanet")
+    base = sizes[stage]
+    mem_mb, runtime = (resources[k] if isinstance(resources, Mapping) else getattr(resources, k)
+                       for k in ("mem_mb", "runtime"))
+    attempt = max(1, round(float(mem_mb) / float(base["mem_mb"])))
+    last = int(sizes.get("retries", 0)) + 1
+    log.info("job size: %s MB, %s min (attempt %d of at most %d; resources.%s x the attempt)",
+             mem_mb, runtime, attempt, last, stage)
+    if attempt >= last and last > 1:
+        log.warning("last attempt: if this job is killed again for memory or time, raise resources.%s.mem_mb "
+                    "(now %s MB at the first attempt) or resources.%s.runtime (%s min), or resources.retries (%d)",
+                    stage, base["mem_mb"], stage, base["runtime"], last - 1)
+    return attempt

@@ -9,6 +9,9 @@ cohort's size and sheet hash, the variant's Table 1 and Table 2 rows) and ``MODE
 study's own functions with the settings the export records (:func:`prepare_patient`), every split
 model predicting with the study's tiling policy (optionally with mirrored copies), the lesion
 probabilities averaged (the ensemble), thresholded, lesions of at most ``min_lesion_mm3`` removed.
+The models' disagreement is kept: the voxel-wise sd of their probabilities
+(``lesion_prob_sd.nii.gz``) and, per lesion, the fraction of models that detect it on their own
+(``agreement`` in ``lesions.csv``).
 Every output lies on the grid of the study's registration reference (the FLAIR by default): the
 shape, affine and voxel order of that file. Outputs are written to a temporary folder next to
 ``out`` and renamed at the end, so a failure leaves nothing in ``out``.
@@ -44,7 +47,7 @@ log = logging.getLogger(__name__)
 
 #: Version of the export layout; an export of another version is refused with a clear message.
 EXPORT_FORMAT = 1
-OUTPUTS = ("lesion_prob.nii.gz", "lesions.nii.gz", "lesions.csv", "summary.json", "qc.png")
+OUTPUTS = ("lesion_prob.nii.gz", "lesion_prob_sd.nii.gz", "lesions.nii.gz", "lesions.csv", "summary.json", "qc.png")
 
 
 class ExportError(ValueError):
@@ -88,35 +91,51 @@ def _load_models(folder: Path, meta: dict, device):
     return models
 
 
-def lesion_table(mask: np.ndarray, prob: np.ndarray, affine: np.ndarray, connectivity: int = 6) -> pd.DataFrame:
+def lesion_table(mask: np.ndarray, prob: np.ndarray, affine: np.ndarray, connectivity: int = 6,
+                 model_probs: np.ndarray | None = None, threshold: float = 0.5) -> pd.DataFrame:
     """One row per lesion (connected component) of ``mask`` (voxel arrays of the same grid).
 
-    Columns: ``lesion`` (1..n, by decreasing volume), ``volume_mm3``, ``centroid_x_mm``,
-    ``centroid_y_mm``, ``centroid_z_mm`` (world RAS mm through ``affine``), ``max_probability``.
+    Args:
+        mask: ``(X, Y, Z)`` bool, the final lesion mask.
+        prob: ``(X, Y, Z)`` float, the ensemble's lesion probability.
+        affine: the grid's voxel -> world (RAS mm) affine.
+        connectivity: 6, 18 or 26 (what makes a lesion one component).
+        model_probs: ``(M, X, Y, Z)``, each model's own probability (optional).
+        threshold: a model detects a lesion when its own ``p > threshold`` somewhere in it.
+
+    Returns:
+        Columns ``lesion`` (1..n, by decreasing volume), ``volume_mm3``, ``centroid_x_mm``,
+        ``centroid_y_mm``, ``centroid_z_mm`` (world RAS mm), ``mean_probability`` and
+        ``max_probability`` (the ensemble's, over the lesion's voxels), and with ``model_probs``
+        ``agreement``: the fraction of the M models that detect the lesion on their own (in [0, 1]).
     """
     from .metrics import _structure
 
     labels, n = ndimage.label(mask, structure=_structure(mask.ndim, connectivity))
     voxel_mm3 = float(abs(np.linalg.det(affine[:3, :3])))
+    columns = ["volume_mm3", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm", "mean_probability",
+               "max_probability"] + (["agreement"] if model_probs is not None else [])
     rows = []
-    for k in range(1, n + 1):
-        ijk = np.argwhere(labels == k)
+    for k, box in enumerate(ndimage.find_objects(labels), start=1):
+        inside = labels[box] == k
+        ijk = np.argwhere(inside) + np.array([b.start for b in box])
         centre = affine[:3, :3] @ ijk.mean(axis=0) + affine[:3, 3]
-        rows.append({"volume_mm3": len(ijk) * voxel_mm3, "centroid_x_mm": centre[0], "centroid_y_mm": centre[1],
-                     "centroid_z_mm": centre[2], "max_probability": float(prob[labels == k].max())})
-    table = pd.DataFrame(rows, columns=["volume_mm3", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm",
-                                        "max_probability"])
+        p = prob[box][inside]
+        row = {"volume_mm3": len(ijk) * voxel_mm3, "centroid_x_mm": centre[0], "centroid_y_mm": centre[1],
+               "centroid_z_mm": centre[2], "mean_probability": float(p.mean()), "max_probability": float(p.max())}
+        if model_probs is not None:
+            detected = [(m[box][inside] > threshold).any() for m in model_probs]
+            row["agreement"] = float(np.mean(detected))
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=columns)
     table = table.sort_values("volume_mm3", ascending=False, kind="stable").reset_index(drop=True)
     table.insert(0, "lesion", np.arange(1, len(table) + 1))
     return table
 
 
 def _ensemble(models, image: np.ndarray, policy: "PredictionPolicy", device) -> np.ndarray:
-    """Mean lesion probability over the models, each predicting under the study's ``policy``."""
-    total = np.zeros(image.shape[1:], dtype=np.float64)
-    for model in models:
-        total += policy.predict(model, image, device)
-    return (total / len(models)).astype(np.float32)
+    """Each model's lesion probability under the study's ``policy``: ``(M, D, H, W)`` float32."""
+    return np.stack([policy.predict(model, image, device) for model in models])
 
 
 def prepare_patient(meta: dict, t1: str, t2: str, flair: str, threads: int = 1, subject: str = "new patient",
@@ -183,30 +202,45 @@ def segment(
     policy = PredictionPolicy.from_config(meta["predict"], meta["train"]["crop"], amp=meta["train"].get("amp", True),
                                           mirror=tta)
     log.info("predicting with %d models (%s)", len(models), policy.describe())
-    prob = _ensemble(models, pre.image, policy, dev)
+    per_model = _ensemble(models, pre.image, policy, dev)  # (M, D, H, W)
+    prob = per_model.astype(np.float64).mean(axis=0).astype(np.float32)
+    spread = per_model.std(axis=0).astype(np.float32)  # the models' disagreement, voxel-wise
     seconds["prediction"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     prob_img = pre.uncrop(prob)  # on the reference file's own grid
     prob_ref = np.asarray(prob_img.dataobj, dtype=np.float32)
+    sd_img = pre.uncrop(spread)
+    models_ref = np.stack([np.asarray(pre.uncrop(p).dataobj, dtype=np.float32) for p in per_model])
     voxel_mm3 = float(abs(np.linalg.det(fixed.affine[:3, :3])))
     min_voxels = int(np.floor(min_lesion_mm3 / voxel_mm3)) + 1 if min_lesion_mm3 > 0 else 0
     connectivity = int(meta["evaluation"]["connectivity"])
     mask = remove_small_components(prob_ref > threshold, min_voxels, connectivity)
-    table = lesion_table(mask, prob_ref, fixed.affine, connectivity)
+    table = lesion_table(mask, prob_ref, fixed.affine, connectivity, model_probs=models_ref, threshold=threshold)
     mask_img = nib.Nifti1Image(mask.astype(np.uint8), prob_img.affine, prob_img.header)
     mask_img.set_data_dtype(np.uint8)
+    warnings = []
+    if not len(table):
+        warnings.append("no lesion found")
+    elif len(models) > 1 and table.agreement.mean() < 0.5:
+        warnings.append(f"the models disagree: mean lesion agreement {table.agreement.mean():.2f} (below 0.5)")
+    for contrast, res in reg.results.items():
+        if res.engine != "none" and res.details.get("kept") == "header":
+            warnings.append(f"{contrast}: the registration kept the header alignment (check the QC image)")
+    for w in warnings:
+        log.warning("%s", w)
     summary = {
         "lesion_count": int(len(table)), "total_lesion_volume_ml": float(table.volume_mm3.sum() / 1000.0),
+        "mean_lesion_agreement": float(table.agreement.mean()) if len(table) else None,
         "model": {"variant": meta["variant"], "export": str(folder.resolve()), "n_models": len(models),
                   "model_card_sha256": _sha256(folder / "MODEL_CARD.md")},
         "inputs": {"t1": str(t1), "t2": str(t2), "flair": str(flair)},
         "settings": {"threshold": threshold, "min_lesion_mm3": min_lesion_mm3, "tta": tta,
                      "connectivity": connectivity, "policy": meta["predict"],
                      "registration": meta["registration"], "reference": reg.reference},
-        "versions": _versions(), "device": str(dev),
+        "versions": _versions(), "device": str(dev), "warnings": warnings,
     }
-    _write_outputs(Path(out), prob_img, mask_img, table, summary, seconds, pre, mask, t0)
+    _write_outputs(Path(out), prob_img, sd_img, mask_img, table, summary, seconds, pre, t0)
     return summary
 
 
@@ -228,14 +262,15 @@ def _versions() -> dict:
     return out
 
 
-def _write_outputs(out: Path, prob_img, mask_img, table, summary, seconds, pre, mask_ref, t0) -> None:
-    """Write the five outputs into a temporary folder beside ``out``, then rename it to ``out``."""
+def _write_outputs(out: Path, prob_img, sd_img, mask_img, table, summary, seconds, pre, t0) -> None:
+    """Write the outputs (:data:`OUTPUTS`) into a temporary folder beside ``out``, then rename it to ``out``."""
     from . import figures
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         nib.save(prob_img, str(tmp / "lesion_prob.nii.gz"))
+        nib.save(sd_img, str(tmp / "lesion_prob_sd.nii.gz"))
         nib.save(mask_img, str(tmp / "lesions.nii.gz"))
         table.to_csv(tmp / "lesions.csv", index=False)
         from .volumes import ras_to_model

@@ -577,6 +577,23 @@ def _model_card(meta: Mapping, dev: pd.DataFrame, evaluation) -> str:
     return "\n".join(lines)
 
 
+def cohort_step(folders: Sequence[str], size_bins_mm3: Sequence[float], out_csv: str, out_png: str) -> None:
+    """Segmented subjects (``results/segment/<subject>/``) -> one cohort table and its figure."""
+    from . import evaluation, figures
+
+    summaries = {Path(f).name: json.loads((Path(f) / "summary.json").read_text()) for f in folders}
+    lesions = {Path(f).name: pd.read_csv(Path(f) / "lesions.csv") for f in folders}
+    table = evaluation.cohort_table(summaries, lesions, size_bins_mm3)
+    evaluation.write_csv(table, out_csv)
+    figures.cohort_load(table, str(Path(out_png).with_suffix("")))
+    flagged = table[table.warnings != ""] if len(table) else table
+    log.info("cohort of %d subjects: %d lesions, %.1f ml in all; %d with warnings", len(table),
+             int(table.lesion_count.sum()) if len(table) else 0, float(table.total_volume_ml.sum()) if len(table) else 0.0,
+             len(flagged))
+    for row in flagged.itertuples(index=False):
+        log.warning("%s: %s", row.subject, row.warnings)
+
+
 def external_test_step(masks: Mapping[str, str], segmented: Sequence[str], evaluation: Mapping, out_csv: str,
                        out_md: str) -> None:
     """Score new subjects' ``lesions.nii.gz`` (results/segment/<subject>/) against their masks."""

@@ -156,6 +156,8 @@ def new_subject_masks():
 
 def segment_outputs():
     out = expand("results/segment/{new_subject}/summary.json", new_subject=NEW_SUBJECTS)
+    if NEW_SUBJECTS:
+        out += ["results/segment/cohort.csv", "results/figures/cohort.png"]
     if new_subject_masks():
         out += ["results/tables/external_test.md"]
     return out
@@ -226,6 +228,14 @@ def study_config():
 def job_resources(rule_name):
     """Threads, memory (MB), runtime (min) and GPUs of one rule's jobs, from `resources:`."""
     return config["resources"][rule_name]
+
+
+def attempt_scaled(rule_name, key):
+    """`resources.<rule_name>.<key>` (mem_mb or runtime) times the attempt number: a job killed
+    for memory or time is resubmitted (`resources.retries` times) with twice, three times... as much.
+    """
+    base = job_resources(rule_name)[key]
+    return lambda wildcards, attempt: base * attempt
 
 
 def metric_csvs():

@@ -32,6 +32,7 @@ rule segment_subject:
         export="results/export",
     output:
         prob="results/segment/{new_subject}/lesion_prob.nii.gz",
+        prob_sd="results/segment/{new_subject}/lesion_prob_sd.nii.gz",
         lesions="results/segment/{new_subject}/lesions.nii.gz",
         table="results/segment/{new_subject}/lesions.csv",
         summary="results/segment/{new_subject}/summary.json",
@@ -40,12 +41,13 @@ rule segment_subject:
         "logs/segment/{new_subject}.log",
     benchmark:
         "results/benchmarks/jobs/segment/{new_subject}.tsv"
+    retries: config["resources"]["retries"]
     conda:
         ENV
     threads: job_resources("predict")["threads"]
     resources:
-        mem_mb=job_resources("predict")["mem_mb"],
-        runtime=job_resources("predict")["runtime"],
+        mem_mb=attempt_scaled("predict", "mem_mb"),
+        runtime=attempt_scaled("predict", "runtime"),
         gpu=job_resources("predict")["gpus"],
     params:
         options=section("segment"),
@@ -78,6 +80,40 @@ rule external_test:
         evaluation=section("evaluation"),
     script:
         "../../scripts/external_test.py"
+
+
+# One table and one figure for the whole cohort of new subjects.
+rule cohort:
+    input:
+        summaries=expand(
+            "results/segment/{new_subject}/summary.json", new_subject=NEW_SUBJECTS
+        ),
+        tables=expand(
+            "results/segment/{new_subject}/lesions.csv", new_subject=NEW_SUBJECTS
+        ),
+    output:
+        csv=report(
+            "results/segment/cohort.csv",
+            caption="../report/cohort.rst",
+            category="New patients",
+        ),
+        figure=report(
+            "results/figures/cohort.png",
+            caption="../report/cohort.rst",
+            category="New patients",
+        ),
+    log:
+        "logs/cohort.log",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    params:
+        size_bins_mm3=config["evaluation"]["size_bins_mm3"],
+    script:
+        "../../scripts/cohort.py"
 
 
 rule segment:

@@ -18,12 +18,13 @@ rule train:
         "logs/train/{variant}/split{split}/seed{seed}.log",
     benchmark:
         "results/benchmarks/jobs/train/{variant}/split{split}/seed{seed}.tsv"
+    retries: config["resources"]["retries"]
     conda:
         ENV
     threads: job_resources("train")["threads"]
     resources:
-        mem_mb=job_resources("train")["mem_mb"],
-        runtime=job_resources("train")["runtime"],
+        mem_mb=attempt_scaled("train", "mem_mb"),
+        runtime=attempt_scaled("train", "runtime"),
         gpu=job_resources("train")["gpus"],
     params:
         train=train_params(),
@@ -45,12 +46,13 @@ rule predict:
         "logs/predict/{variant}/split{split}/seed{seed}.log",
     benchmark:
         "results/benchmarks/jobs/predict/{variant}/split{split}/seed{seed}.tsv"
+    retries: config["resources"]["retries"]
     conda:
         ENV
     threads: job_resources("predict")["threads"]
     resources:
-        mem_mb=job_resources("predict")["mem_mb"],
-        runtime=job_resources("predict")["runtime"],
+        mem_mb=attempt_scaled("predict", "mem_mb"),
+        runtime=attempt_scaled("predict", "runtime"),
         gpu=job_resources("predict")["gpus"],
     params:
         predict=section("predict"),
@@ -77,12 +79,13 @@ rule predict_validation:
         "logs/predict_validation/{variant}/split{split}/seed{seed}.log",
     benchmark:
         "results/benchmarks/jobs/predict_validation/{variant}/split{split}/seed{seed}.tsv"
+    retries: config["resources"]["retries"]
     conda:
         ENV
     threads: job_resources("predict")["threads"]
     resources:
-        mem_mb=job_resources("predict")["mem_mb"],
-        runtime=job_resources("predict")["runtime"],
+        mem_mb=attempt_scaled("predict", "mem_mb"),
+        runtime=attempt_scaled("predict", "runtime"),
         gpu=job_resources("predict")["gpus"],
     params:
         predict=section("predict"),
