@@ -512,3 +512,42 @@ def test_segment_prepares_on_the_study_reference_grid(tmp_path):
         assert img.shape == nib.load(str(coarse)).shape and np.allclose(img.affine, nib.load(str(coarse)).affine), contrast
         assert img.get_data_dtype() == np.float32
     assert pre.image.shape[0] == 3
+
+
+@pytest.mark.slow
+def test_the_same_scan_stored_in_any_voxel_order_is_coregistered_and_preprocessed_identically(tmp_path):
+    """A real patient stored RAS, LPS, LAS and with its first two axes swapped (T1 moved in its
+    header, so the registration has work to do): the co-registration runs on the closest-canonical
+    copies, so every storage order gives the same transforms and a bit-identical preprocessed
+    array; the outputs lie on each reference file's own grid."""
+    from real_data import open_ms_data
+    from rsanet.volumes import preprocess_subject
+    from test_workflow import _reorient
+
+    folder = open_ms_data() / "patients_mni" / "patient19"
+    flair = nib.load(str(folder / "FLAIR.nii.gz"))
+    brain = reg.voxel_points_mm(reg.foreground_mask(np.asarray(flair.dataobj)), flair.affine, step=3)
+    moved = tmp_path / "T1_moved.nii.gz"
+    _moved_header(folder / "T1.nii.gz", moved, rigid_matrix((5.0, 0.0, 4.0), (4.0, -3.0, 0.0), brain.mean(axis=0)))
+    sources = {"T1": moved, "T2": folder / "T2.nii.gz", "FLAIR": folder / "FLAIR.nii.gz"}
+    settings = reg.CoregistrationSettings(engine="simpleitk", search_deg=0, finest_level_mm=3.0)
+    arrays, transforms = {}, {}
+    for name, codes in {"RAS": ("R", "A", "S"), "LPS": ("L", "P", "S"), "LAS": ("L", "A", "S"),
+                        "axes swapped": ("A", "R", "S")}.items():
+        d = tmp_path / name.replace(" ", "_")
+        d.mkdir()
+        copies = {}
+        for c, src in sources.items():
+            copies[c] = d / f"{c}.nii.gz"
+            nib.save(_reorient(nib.load(str(src)), codes), copies[c])
+        out = reg.coregister_contrasts(copies, settings, f"patient19 {name}", threads=1)
+        ref = nib.load(str(copies["FLAIR"]))
+        for c, img in out.images.items():
+            assert img.shape == ref.shape and np.allclose(img.affine, ref.affine), (name, c)
+        empty = nib.Nifti1Image(np.zeros(ref.shape, np.uint8), ref.affine)
+        arrays[name] = preprocess_subject(out.images["T1"], out.images["T2"], out.images["FLAIR"], empty).image
+        transforms[name] = {c: r.moving_to_fixed for c, r in out.results.items()}
+    for name in arrays:
+        assert np.array_equal(arrays[name], arrays["RAS"]), name
+        for c in ("T1", "T2"):
+            assert np.allclose(transforms[name][c], transforms["RAS"][c], atol=1e-6), (name, c)

@@ -106,6 +106,21 @@ def test_segment_a_real_patient_on_its_own_grid_lps_and_oblique_agree(export, tm
     for name, (mask, prob) in results.items():
         assert np.array_equal(np.asarray(_reorient(mask, ("R", "A", "S")).dataobj), base_mask), name
         assert np.array_equal(np.asarray(_reorient(prob, ("R", "A", "S")).dataobj), base_prob), name
+    # 3. with the export's registration: an LPS copy and one with the first two axes swapped give
+    #    the shipped patient's masks and lesion table exactly (the work runs in canonical order)
+    shipped = np.asarray(_reorient(nib.load(tmp_path / "out" / "lesions.nii.gz"), ("R", "A", "S")).dataobj)
+    for name, codes in {"LPS-registered": ("L", "P", "S"), "swapped-registered": ("A", "R", "S")}.items():
+        d = tmp_path / name
+        d.mkdir()
+        copies = {c: d / f"{c}.nii.gz" for c in inputs}
+        for c, p in inputs.items():
+            nib.save(_reorient(nib.load(p), codes), copies[c])
+        run = segment_cli(export, copies, d / "out", cwd=d)
+        assert run.returncode == 0, name + run.stderr[-3000:]
+        mask = np.asarray(_reorient(nib.load(d / "out" / "lesions.nii.gz"), ("R", "A", "S")).dataobj)
+        assert np.array_equal(mask, shipped), f"{name}: {int((mask != shipped).sum())} voxels differ"
+        other = pd.read_csv(d / "out" / "lesions.csv")
+        assert len(other) == len(lesions) and np.allclose(other.volume_mm3, lesions.volume_mm3), name
 
 
 def _tiny_inputs(tmp_path: Path) -> dict:

@@ -328,42 +328,60 @@ def coregister_contrasts(
 
     The one co-registration of the project: the study's ``coregister`` rule and ``rsanet-segment``
     both call it, so a new patient's inputs are prepared exactly as the training subjects' were.
-    ``subject`` names the subject in messages; ``threads``: CPU threads for the SimpleITK engine
-    (the job's threads). Raises :class:`rsanet.volumes.InputError` (naming the subject, the file
-    and what to do) for a failed registration or a contrast whose field of view misses most of
-    the reference's head.
+    Whatever voxel order the files are stored in (RAS, LPS, LAS, axes permuted), the work is done
+    on their closest-canonical (RAS+) copies, an exact permutation and flip of the voxels, and the
+    results are put back, exactly, on the reference file's own grid: the same scan stored in
+    another order gives the same result. ``subject`` names the subject in messages; ``threads``:
+    CPU threads for the SimpleITK engine (the job's threads). Raises
+    :class:`rsanet.volumes.InputError` (naming the subject, the file and what to do) for a failed
+    registration or a contrast whose field of view misses most of the reference's head.
     """
+    from ..volumes import model_to_reference
+
     reference = settings.reference
     fixed_path = images[reference]
-    fixed = load_checked(fixed_path, subject, reference)
+    originals = {c: load_checked(images[c], subject, c) for c in CONTRASTS if c in images}
+    fixed = originals[reference]
+    canonical = {c: nib.as_closest_canonical(img) for c, img in originals.items()}
     results: dict[str, RegistrationResult] = {}
-    resampled = {reference: fixed}
+    resampled = {reference: canonical[reference]}
     sitk_settings = SimpleITKSettings().finest_level(settings.finest_level_mm)
-    for contrast in (c for c in CONTRASTS if c != reference):
-        if settings.engine == "none":  # already co-registered: the headers' alignment, resampled only
-            log.info("%s: %s -> %s by the header alignment (registration.engine: none)", subject, contrast, reference)
-            res = header_alignment(images[contrast], fixed_path, settings.dof)
-        else:
-            log.info("%s: registering %s -> %s", subject, contrast, reference)
-            try:
-                res = register(images[contrast], fixed_path, dof=settings.dof, engine=settings.engine,
-                               search_deg=settings.search_deg, max_displacement_mm=settings.max_displacement_mm,
-                               threads=threads, settings=sitk_settings)
-            except RegistrationError as err:
-                raise InputError(f"subject {subject!r}: {err}") from err
-        log.info("%s: %s -> %s with %s in %.1f s, cost %.4f -> %.4f", subject, contrast, reference,
-                 res.engine, res.seconds, res.cost_before, res.cost_after)
-        results[contrast] = res
-        moving = load_checked(images[contrast], subject, contrast)
-        coverage = field_of_view_coverage(moving, fixed, res.moving_to_fixed)
-        if coverage < MIN_COVERAGE:
-            raise InputError(
-                f"subject {subject!r}, {contrast} file {str(images[contrast])!r}: after co-registration its field of "
-                f"view covers only {100 * coverage:.0f} % of the {reference} image's head {str(fixed_path)!r} "
-                f"(minimum {100 * MIN_COVERAGE:.0f} %). Give a {contrast} scan that covers the brain."
-            )
-        resampled[contrast] = resample_to_fixed(moving, fixed, res.moving_to_fixed, "linear")
-    as_float = {c: nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), fixed.affine)
-                for c, img in resampled.items()}
-    return Coregistered(images={c: as_float[c] for c in CONTRASTS if c in as_float}, results=results,
-                        reference=reference)
+    with tempfile.TemporaryDirectory(prefix="rsanet-canonical-") as tmp:
+        paths = {c: Path(tmp) / f"{c}.nii" for c in canonical}  # the engines read files (FLIRT)
+        for c, img in canonical.items():
+            nib.save(img, str(paths[c]))
+        for contrast in (c for c in CONTRASTS if c != reference):
+            if settings.engine == "none":  # already co-registered: the headers' alignment, resampled only
+                log.info("%s: %s -> %s by the header alignment (registration.engine: none)", subject, contrast,
+                         reference)
+                res = header_alignment(images[contrast], fixed_path, settings.dof)
+            else:
+                log.info("%s: registering %s -> %s", subject, contrast, reference)
+                try:
+                    res = register(paths[contrast], paths[reference], dof=settings.dof, engine=settings.engine,
+                                   search_deg=settings.search_deg, max_displacement_mm=settings.max_displacement_mm,
+                                   threads=threads, settings=sitk_settings)
+                except RegistrationError as err:
+                    message = str(err).replace(str(paths[contrast]), str(images[contrast]))
+                    raise InputError(f"subject {subject!r}: {message.replace(str(paths[reference]), str(fixed_path))}") from err
+                # world mm to world mm: the same transform for the files as stored
+                res = replace(res, moving=str(images[contrast]), fixed=str(fixed_path))
+            log.info("%s: %s -> %s with %s in %.1f s, cost %.4f -> %.4f", subject, contrast, reference,
+                     res.engine, res.seconds, res.cost_before, res.cost_after)
+            results[contrast] = res
+            coverage = field_of_view_coverage(canonical[contrast], canonical[reference], res.moving_to_fixed)
+            if coverage < MIN_COVERAGE:
+                raise InputError(
+                    f"subject {subject!r}, {contrast} file {str(images[contrast])!r}: after co-registration its field "
+                    f"of view covers only {100 * coverage:.0f} % of the {reference} image's head {str(fixed_path)!r} "
+                    f"(minimum {100 * MIN_COVERAGE:.0f} %). Give a {contrast} scan that covers the brain."
+                )
+            resampled[contrast] = resample_to_fixed(canonical[contrast], canonical[reference], res.moving_to_fixed,
+                                                    "linear")
+    on_reference = {}
+    for c in CONTRASTS:
+        if c in resampled:
+            xyz = np.asarray(resampled[c].dataobj, dtype=np.float32)  # canonical (x, y, z)
+            back = model_to_reference(xyz.transpose(2, 1, 0), fixed.affine)  # exactly the reference file's grid
+            on_reference[c] = nib.Nifti1Image(np.asarray(back.dataobj, dtype=np.float32), fixed.affine)
+    return Coregistered(images=on_reference, results=results, reference=reference)
