@@ -65,3 +65,13 @@ def test_registration_is_a_subpackage_with_register_where_it_was():
     assert (PACKAGE / "registration" / "__init__.py").is_file()
     assert {p.stem for p in (PACKAGE / "registration").glob("*.py")} >= {"flirt", "simpleitk", "transforms", "qc", "cli"}
     assert register.__module__ == "rsanet.registration" and main.__module__ == "rsanet.registration.cli"
+
+
+def test_ruff_finds_nothing_in_the_package_the_tools_and_the_tests():
+    """The linter (its rules in pyproject.toml: pyflakes and pycodestyle errors) is clean."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "src", "tools", "tests"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from rsanet.metrics import (
-    LesionDetection,
     confusion,
     detection_by_size,
     dice,

@@ -103,7 +103,6 @@ def test_rsa_projections_are_shared_1x1x1_convs_without_reduction():
 
 def _slow_rsa(block: RSABlock, m: torch.Tensor) -> torch.Tensor:
     """Eq. 1-2 written out element by element in float64, for one sample at a time."""
-    out = []
     with torch.no_grad():
         return _slow_rsa_no_grad(block, m)
 
@@ -174,8 +173,6 @@ def test_attention_logits_are_float32_under_bf16_autocast():
         block.alpha.fill_(1.0)
         block.query.weight.mul_(4.0)  # large logits: the regime where bf16 rounding matters
     m = torch.randn(1, 16, 6, 8, 8)
-    seen = []
-    hook = lambda mod, args, out: seen.append(out.dtype)
     with torch.no_grad():
         ref = block(m)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -231,7 +228,9 @@ def test_non_local_block_matches_dense_formula():
     x = torch.randn(1, 4, 2, 3, 2, dtype=torch.float64)
     with torch.no_grad():
         got = block(x)
-        flat = lambda conv: conv(x).flatten(2)[0]  # (C/2, P)
+        def flat(conv):
+            return conv(x).flatten(2)[0]  # (C/2, P)
+
         f = torch.softmax(flat(block.theta).T @ flat(block.phi), dim=-1)  # (P, P)
         y = (f @ flat(block.g).T).T.reshape(1, 2, 2, 3, 2)
         want = block.norm(block.out(y)) + x

@@ -121,6 +121,7 @@ def main(argv=None) -> int:
     print(f"GPU {gpu}, torch {torch.__version__}, config {args.config}", flush=True)
     torch.backends.cudnn.benchmark = True
 
+    policy = PredictionPolicy.from_config(cfg["predict"], tcfg["crop"], amp=bool(tcfg.get("amp", True)))  # as the workflow
     volume = tuple(args.volume)
     subjects = [synthetic_subject(volume, seed) for seed in range(4)]
     rows = []
@@ -147,7 +148,6 @@ def main(argv=None) -> int:
         model = build_model(variant, widths=config.widths, dropout=config.dropout, rsa_order=config.rsa_order)
         model = model.to(device, memory_format=memory_layout(device)).eval()
         model.load_state_dict(full.state_dict)
-        policy = PredictionPolicy.from_config(cfg["predict"], tcfg["crop"], amp=config.amp)  # as the workflow
         times = []
         _reset_peak(cpu)
         with torch.inference_mode():
@@ -170,11 +170,11 @@ def main(argv=None) -> int:
     train_h = scale * sum(r["s_per_iteration"] for r in rows) * iters * n_splits / 3600
     predict_h = scale * sum(r["predict_s"] for r in rows) * n_splits * n_test / 3600
     summary = {"gpu": gpu, "torch": torch.__version__, "config": args.config, "volume": volume,
-               "timed_iterations": args.iterations, "tile": tile, "rows": rows,
+               "timed_iterations": args.iterations, "policy": policy.describe(), "rows": rows,
                "study_train_hours": train_h, "study_predict_hours": predict_h}
     (out / "gpu_check.json").write_text(json.dumps(summary, indent=1))
     lines = [f"# GPU check: {gpu}, torch {torch.__version__}", "",
-             f"Config `{args.config}`; synthetic subjects of {volume} voxels; tile {tile}.", "",
+             f"Config `{args.config}`; synthetic subjects of {volume} voxels; prediction: {policy.describe()}.", "",
              "| variant | CPU vs CUDA fp32 | vs bf16 | s/iteration | train peak GiB | predict s/volume "
              "| predict peak GiB | resume (rel. loss difference) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:

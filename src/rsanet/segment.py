@@ -249,17 +249,10 @@ def _sha256(path: Path) -> str | None:
 
 
 def _versions() -> dict:
-    from importlib import metadata
-
     from . import __version__
+    from .volumes import library_versions
 
-    out = {"rsanet": __version__}
-    for pkg in ("torch", "numpy", "nibabel", "SimpleITK"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    return {"rsanet": __version__, **library_versions(("torch", "numpy", "nibabel", "SimpleITK"))}
 
 
 def _write_outputs(out: Path, prob_img, sd_img, mask_img, table, summary, seconds, pre, t0) -> None:

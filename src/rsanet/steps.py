@@ -21,7 +21,6 @@ import pandas as pd
 from .metrics import EvaluationSettings, evaluate_case
 from .volumes import (
     CONTRASTS,
-    InputError,
     Preprocessed,
     binarise_mask,
     load_checked,
@@ -460,12 +459,12 @@ def provenance_step(config: Mapping, records: Sequence[str], out_json: str) -> N
     """What produced the results: versions, git commit, resolved config, device, engines."""
     import platform
     import subprocess
-    from importlib import metadata
 
     import torch
 
     from . import __version__
     from .training import precision, resolve_device
+    from .volumes import library_versions
 
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -473,12 +472,7 @@ def provenance_step(config: Mapping, records: Sequence[str], out_json: str) -> N
     except (OSError, subprocess.CalledProcessError):
         commit = None
     engines = sorted({r["engine"] for p in records for r in json.loads(Path(p).read_text())["results"].values()})
-    versions = {}
-    for pkg in ("torch", "numpy", "scipy", "nibabel", "SimpleITK", "fslpy", "nilearn", "pandas", "matplotlib", "snakemake"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
+    versions = library_versions()
     save_json({
         "rsanet_version": __version__, "git_commit": commit, "python": platform.python_version(),
         "platform": platform.platform(), "libraries": versions,
@@ -544,7 +538,9 @@ def export_step(
 
 def _model_card(meta: Mapping, dev: pd.DataFrame, evaluation) -> str:
     t1, t2, tr = meta["table1"], meta["table2"], meta["training_data"]
-    fmt = lambda m, scale=1: f"{t1[m + '_mean']:.2f} ± {t1[m + '_sd']:.2f}" if m + "_mean" in t1 else "n/a"
+    def fmt(m: str) -> str:
+        return f"{t1[m + '_mean']:.2f} ± {t1[m + '_sd']:.2f}" if m + "_mean" in t1 else "n/a"
+
     lines = [
         f"# Model card: RSANet study, {meta['variant']}", "",
         "## Intended use",

@@ -24,6 +24,24 @@ import numpy as np
 CONTRASTS: tuple[str, ...] = ("T1", "T2", "FLAIR")
 
 
+#: The libraries whose versions are recorded with results (provenance.json, summary.json).
+LIBRARIES: tuple[str, ...] = ("torch", "numpy", "scipy", "nibabel", "SimpleITK", "fslpy", "nilearn", "pandas",
+                              "matplotlib", "snakemake")
+
+
+def library_versions(packages: tuple[str, ...] = LIBRARIES) -> dict[str, str | None]:
+    """Installed version of each package (``None`` where it is not installed)."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for pkg in packages:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
 class InputError(ValueError):
     """A problem with a user's input file; the message names the subject and the file."""
 

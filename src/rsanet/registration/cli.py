@@ -12,7 +12,6 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 
-log = logging.getLogger("rsanet.registration")
 from . import register
 from .core import (
     FLIRT_COSTS,
@@ -25,6 +24,8 @@ from .transforms import (
     _transform_files,
     staged_outputs,
 )
+
+log = logging.getLogger("rsanet.registration")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-log = logging.getLogger("rsanet.registration")
 from .core import (
     RegistrationError,
 )
+
+log = logging.getLogger("rsanet.registration")
 
 
 # ---------------------------------------------------------------------------------------------

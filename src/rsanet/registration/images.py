@@ -9,13 +9,14 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-log = logging.getLogger("rsanet.registration")
 from .core import (
     Interpolation,
 )
 from .transforms import (
     apply_affine,
 )
+
+log = logging.getLogger("rsanet.registration")
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:

@@ -10,7 +10,6 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-log = logging.getLogger("rsanet.registration")
 from .core import (
     PathLike,
 )
@@ -20,6 +19,8 @@ from .images import (
 from .transforms import (
     staged_outputs,
 )
+
+log = logging.getLogger("rsanet.registration")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-log = logging.getLogger("rsanet.registration")
 from .core import (
     RAS_TO_LPS,
     SimpleITKSettings,
@@ -29,6 +28,8 @@ from .transforms import (
     itk_to_moving_to_fixed,
     moving_to_fixed_to_itk,
 )
+
+log = logging.getLogger("rsanet.registration")
 
 
 # ---------------------------------------------------------------------------------------------

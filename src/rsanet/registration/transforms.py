@@ -16,13 +16,14 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-log = logging.getLogger("rsanet.registration")
 from .core import (
     RAS_TO_LPS,
     PathLike,
     RegistrationError,
     RegistrationResult,
 )
+
+log = logging.getLogger("rsanet.registration")
 
 
 # ---------------------------------------------------------------------------------------------
