@@ -17,7 +17,7 @@ from rsanet import demo
 from rsanet.demo import CONTRASTS, DemoConfig, make_cohort, make_subject
 
 # 2.1 x 2.1 x 3 mm (FLAIR): same code paths as the paper-like grid, ~10x fewer voxels
-COARSE = DemoConfig(n_subjects=2, inplane_scale=3.0)
+COARSE = DemoConfig(n_subjects=2, grid_scale=3.0)
 # Same subjects without head motion and with every contrast on the FLAIR grid: the "truth"
 STILL = dataclasses.replace(COARSE, max_rotation_deg=0.0, max_translation_mm=0.0,
                             t1_spacing_mm=COARSE.flair_spacing_mm,
@@ -48,11 +48,11 @@ def _load(folder: Path, sid: str) -> dict:
 def test_config_grids() -> None:
     cfg = DemoConfig()
     assert cfg.spacing("FLAIR") == pytest.approx((0.7, 0.7, 3.0))
-    assert DemoConfig(inplane_scale=2.0).spacing("FLAIR") == pytest.approx((1.4, 1.4, 3.0))
+    assert DemoConfig(grid_scale=2.0).spacing("FLAIR") == pytest.approx((1.4, 1.4, 3.0))
     assert len({cfg.spacing(c) for c in CONTRASTS}) == 3  # each contrast on its own grid
     assert cfg.shape("FLAIR") == (257, 320, 54)  # paper: 230-260 x 320 x 44-60
     with pytest.raises(ValueError):
-        DemoConfig(inplane_scale=0)
+        DemoConfig(grid_scale=0)
     with pytest.raises(ValueError):
         cfg.spacing("PD")
 

@@ -169,10 +169,15 @@ def test_dataclass_defaults_equal_the_schemas():
         assert (list(default) if isinstance(default, tuple) else default) == value, name
     assert set(cfg["train"]) - set(fields) == {"seeds"}  # seeds: how many trainings, not one run's setting
     demo = DemoConfig()
-    names = {"n_subjects": "n_subjects", "seed": "seed", "grid_scale": "inplane_scale",
+    names = {"n_subjects": "n_subjects", "seed": "seed", "grid_scale": "grid_scale",
              "max_rotation_deg": "max_rotation_deg", "max_translation_mm": "max_translation_mm"}
     for key, attr in names.items():
         assert cfg["demo"][key] == getattr(demo, attr), key
+    from rsanet.registration import CoregistrationSettings
+
+    registration = dataclasses.asdict(CoregistrationSettings())
+    assert registration == {k: cfg["registration"][k] for k in registration}
+    assert CoregistrationSettings.from_config(cfg["registration"]) == CoregistrationSettings()
 
 
 def test_every_schema_key_has_a_description_and_a_default():

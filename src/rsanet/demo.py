@@ -114,9 +114,9 @@ class DemoConfig:
         n_subjects: number of subjects (the paper had 43).
         seed: master seed; subject ``i`` depends on ``(seed, i)`` only.
         flair_spacing_mm, t1_spacing_mm, t2_spacing_mm: voxel size ``(x, y, z)`` of each
-            contrast's acquisition grid before ``inplane_scale``; ``z`` is the slice thickness
+            contrast's acquisition grid before ``grid_scale``; ``z`` is the slice thickness
             (slices are contiguous, thickness = spacing).
-        inplane_scale: multiplies the in-plane ``(x, y)`` spacings of all contrasts (slice
+        grid_scale: multiplies the in-plane ``(x, y)`` spacings of all contrasts (slice
             thickness unchanged): 1.0 gives the paper-like 0.7×0.7×3.0 mm grid, 2.0 the CPU demo's
             1.4×1.4×3.0 mm.
         fov_mm: field of view ``(x, y, z)`` of every acquisition, centred on the brain.
@@ -143,7 +143,7 @@ class DemoConfig:
     flair_spacing_mm: tuple[float, float, float] = (0.7, 0.7, 3.0)
     t1_spacing_mm: tuple[float, float, float] = (0.75, 0.75, 3.0)
     t2_spacing_mm: tuple[float, float, float] = (0.65, 0.65, 3.3)
-    inplane_scale: float = 1.0
+    grid_scale: float = 1.0
     fov_mm: tuple[float, float, float] = (180.0, 224.0, 162.0)
     max_rotation_deg: float = 8.0
     max_translation_mm: float = 8.0
@@ -165,8 +165,8 @@ class DemoConfig:
             if len(value) != 3 or min(value) <= 0:
                 raise ValueError(f"{name} must be three positive numbers, got {value}")
             object.__setattr__(self, name, value)
-        if self.inplane_scale <= 0:
-            raise ValueError(f"inplane_scale must be positive, got {self.inplane_scale}")
+        if self.grid_scale <= 0:
+            raise ValueError(f"grid_scale must be positive, got {self.grid_scale}")
         for name in (
             "max_rotation_deg", "max_translation_mm", "head_pose_deg", "head_pose_mm",
             "deformation_mm", "intensity_jitter", "bias_strength", "noise_level",
@@ -182,10 +182,10 @@ class DemoConfig:
             raise ValueError("deformation_spacing_mm must be positive")
 
     def spacing(self, contrast: str) -> tuple[float, float, float]:
-        """Voxel size ``(x, y, z)`` in mm of ``contrast``'s grid, ``inplane_scale`` applied."""
+        """Voxel size ``(x, y, z)`` in mm of ``contrast``'s grid, ``grid_scale`` applied."""
         base = {"FLAIR": self.flair_spacing_mm, "T1": self.t1_spacing_mm,
                 "T2": self.t2_spacing_mm}[_check_contrast(contrast)]
-        return (base[0] * self.inplane_scale, base[1] * self.inplane_scale, base[2])
+        return (base[0] * self.grid_scale, base[1] * self.grid_scale, base[2])
 
     def shape(self, contrast: str) -> tuple[int, int, int]:
         """Voxel array shape ``(nx, ny, nz)`` of ``contrast``'s grid: FOV / spacing, rounded."""
@@ -850,16 +850,16 @@ def write_attribution(out_dir: str | os.PathLike) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m rsanet.demo OUT_DIR [--n-subjects N] [--seed S] [--inplane-scale F]``."""
+    """``python -m rsanet.demo OUT_DIR [--n-subjects N] [--seed S] [--grid-scale F]``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--n-subjects", type=int, default=DemoConfig.n_subjects)
     parser.add_argument("--seed", type=int, default=DemoConfig.seed)
-    parser.add_argument("--inplane-scale", type=float, default=DemoConfig.inplane_scale)
+    parser.add_argument("--grid-scale", type=float, default=DemoConfig.grid_scale)
     parser.add_argument("--absolute-paths", action="store_true")
     args = parser.parse_args(argv)
     config = DemoConfig(n_subjects=args.n_subjects, seed=args.seed,
-                        inplane_scale=args.inplane_scale)
+                        grid_scale=args.grid_scale)
     make_cohort(args.out_dir, config, absolute_paths=args.absolute_paths, verbose=True)
     return 0
 

@@ -376,7 +376,7 @@ def demo_config(demo: Mapping) -> "object":
     return DemoConfig(
         n_subjects=int(demo["n_subjects"]),
         seed=int(demo["seed"]),
-        inplane_scale=float(demo["grid_scale"]),
+        grid_scale=float(demo["grid_scale"]),
         max_rotation_deg=float(demo["max_rotation_deg"]),
         max_translation_mm=float(demo["max_translation_mm"]),
     )
