@@ -11,6 +11,7 @@ tests/slurm_cluster.py), so ``--gpus=1`` is scheduled, counted and reflected in
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -351,3 +352,24 @@ def test_tiny_study_runs_through_slurm(slurm_cluster: SlurmCluster, tmp_path):
     print(f"{len(submitted)} SLURM jobs, " + ", ".join(
         f"{rule} {len(by_rule[rule])} ({busy[rule]:.0f} s)" for rule in sorted(by_rule))
         + f"; job run time in total {sum(busy.values()):.0f} s, wall {elapsed:.0f} s")
+
+
+def test_the_cluster_fixture_changes_the_system_only_on_ci_or_when_asked(monkeypatch):
+    """Outside CI, without RSANET_TEST_SLURM=1, the fixture skips before installing packages or
+    writing /etc/slurm: `./run.sh test` on a workstation changes nothing outside the checkout."""
+    import slurm_cluster as sc
+
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv(sc.ALLOW_ENV, raising=False)
+    assert not sc.system_changes_allowed()
+    monkeypatch.setenv(sc.ALLOW_ENV, "1")
+    assert sc.system_changes_allowed()
+    monkeypatch.delenv(sc.ALLOW_ENV)
+    monkeypatch.setenv("CI", "true")
+    assert sc.system_changes_allowed()
+    # and a test that needs the cluster, run as on a workstation, is skipped with that reason
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", sc.ALLOW_ENV)}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                          f"{__file__}::test_sbatch_wrap_runs_a_job"], env=env, capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).parent)
+    assert "1 skipped" in run.stdout and "RSANET_TEST_SLURM=1" in run.stdout, run.stdout[-2000:]
