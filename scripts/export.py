@@ -3,7 +3,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from rsanet.logs import logged
-from rsanet.steps import export_step
+from rsanet.export import export_step
 
 with logged(snakemake.log[0]):
     models = defaultdict(list)

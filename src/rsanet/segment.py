@@ -1,9 +1,7 @@
 """Segment new patients with a study's exported models: ``rsanet-segment``.
 
-An *export* (``results/export/<variant>/``, written by the workflow's ``export`` rule) holds the
-weights of one variant's models from every split, ``export.json`` (the registration, preprocessing,
-inference and evaluation settings the models were trained and scored with, versions, the training
-cohort's size and sheet hash, the variant's Table 1 and Table 2 rows) and ``MODEL_CARD.md``.
+An *export* (``results/export/<variant>/``, :mod:`rsanet.export`) holds one variant's models of
+every split and the settings the study trained and scored them with.
 
 :func:`segment` applies it to one patient: its contrasts co-registered and preprocessed by the
 study's own functions with the settings the export records (:func:`prepare_patient`), every split
@@ -36,6 +34,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from .export import ExportError, load_models, read_export
 from .volumes import InputError, preprocess_subject
 
 if TYPE_CHECKING:
@@ -45,50 +44,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Version of the export layout; an export of another version is refused with a clear message.
-EXPORT_FORMAT = 1
 OUTPUTS = ("lesion_prob.nii.gz", "lesion_prob_sd.nii.gz", "lesions.nii.gz", "lesions.csv", "summary.json", "qc.png")
-
-
-class ExportError(ValueError):
-    """An export folder that cannot be used (missing, corrupted, or from an incompatible version)."""
-
-
-def read_export(model_dir: str | os.PathLike) -> dict:
-    """``export.json`` of an export folder, checked: format version, and every model file present."""
-    folder = Path(model_dir)
-    meta_path = folder / "export.json"
-    if not meta_path.is_file():
-        raise ExportError(f"{folder}: no export.json: not a model exported by `snakemake export`")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ExportError(f"{meta_path}: unreadable ({err}); re-export the model") from err
-    if meta.get("format") != EXPORT_FORMAT:
-        raise ExportError(f"{meta_path}: export format {meta.get('format')!r}, this rsanet reads format "
-                          f"{EXPORT_FORMAT}; export the model again with this version, or install the rsanet "
-                          f"version it was made with ({meta.get('rsanet_version')})")
-    for name in meta.get("models", []):
-        if not (folder / name).is_file():
-            raise ExportError(f"{folder / name}: listed in export.json but missing; copy the whole export folder")
-    if not meta.get("models"):
-        raise ExportError(f"{meta_path}: lists no model")
-    return meta
-
-
-def _load_models(folder: Path, meta: dict, device):
-    import torch
-
-    from .training import load_model
-
-    models = []
-    for name in meta["models"]:
-        try:
-            models.append(load_model(folder / name, device)[0])
-        except (RuntimeError, KeyError, ValueError, OSError, EOFError, torch.serialization.pickle.UnpicklingError) as err:
-            raise ExportError(f"{folder / name}: cannot be loaded ({type(err).__name__}: {err}); the file is "
-                              "corrupted or from an incompatible version: export the model again") from err
-    return models
 
 
 def lesion_table(mask: np.ndarray, prob: np.ndarray, affine: np.ndarray, connectivity: int = 6,
@@ -192,7 +148,7 @@ def segment(
     dev = resolve_device(device)
     if dev.type == "cpu":
         torch.set_num_threads(max(int(threads), 1))
-    models = _load_models(folder, meta, dev)
+    models = load_models(folder, meta, dev)
     seconds["load_models"] = time.perf_counter() - t0
 
     reg, pre = prepare_patient(meta, t1, t2, flair, threads=threads, seconds=seconds)

@@ -1,0 +1,157 @@
+"""The export of a study's models for new patients: written by the workflow's ``export`` rule,
+read by ``rsanet-segment``.
+
+An export (``results/export/<variant>/``) holds the weights of one variant's models from every
+split, ``export.json`` (the registration, preprocessing, inference and evaluation settings the
+models were trained and scored with, versions, the training cohort's size and sheet hash, the
+variant's Table 1 and Table 2 rows) and ``MODEL_CARD.md``. This module is the one place that
+knows the layout: :func:`export_step` writes it, :func:`read_export` and :func:`load_models` read it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import pandas as pd
+
+from .volumes import save_json
+
+log = logging.getLogger(__name__)
+
+#: Version of the export layout; an export of another version is refused with a clear message.
+EXPORT_FORMAT = 1
+
+
+class ExportError(ValueError):
+    """An export folder that cannot be used (missing, corrupted, or from an incompatible version)."""
+
+
+def read_export(model_dir: str | os.PathLike) -> dict:
+    """``export.json`` of an export folder, checked: format version, and every model file present."""
+    folder = Path(model_dir)
+    meta_path = folder / "export.json"
+    if not meta_path.is_file():
+        raise ExportError(f"{folder}: no export.json: not a model exported by `snakemake export`")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ExportError(f"{meta_path}: unreadable ({err}); re-export the model") from err
+    if meta.get("format") != EXPORT_FORMAT:
+        raise ExportError(f"{meta_path}: export format {meta.get('format')!r}, this rsanet reads format "
+                          f"{EXPORT_FORMAT}; export the model again with this version, or install the rsanet "
+                          f"version it was made with ({meta.get('rsanet_version')})")
+    for name in meta.get("models", []):
+        if not (folder / name).is_file():
+            raise ExportError(f"{folder / name}: listed in export.json but missing; copy the whole export folder")
+    if not meta.get("models"):
+        raise ExportError(f"{meta_path}: lists no model")
+    return meta
+
+
+def load_models(folder: Path, meta: dict, device) -> list:
+    """The export's networks (in eval mode, on ``device``), in the order ``export.json`` lists them."""
+    import torch
+
+    from .training import load_model
+
+    models = []
+    for name in meta["models"]:
+        try:
+            models.append(load_model(folder / name, device)[0])
+        except (RuntimeError, KeyError, ValueError, OSError, EOFError, torch.serialization.pickle.UnpicklingError) as err:
+            raise ExportError(f"{folder / name}: cannot be loaded ({type(err).__name__}: {err}); the file is "
+                              "corrupted or from an incompatible version: export the model again") from err
+    return models
+
+
+def export_step(
+    choice: str, table1_csv: str, table2_csv: str, models: Mapping[str, Sequence[str]], config: Mapping,
+    subjects: Sequence[str], out_dir: str,
+) -> str:
+    """Write ``out_dir/<variant>/``: that variant's models of every split, ``export.json`` and
+    ``MODEL_CARD.md``. ``choice``: a variant id or ``"best"``
+    (highest mean voxel Dice in Table 1). Returns the variant exported."""
+    import hashlib
+    import shutil
+
+    from . import __version__, evaluation
+    from .paper import deviations
+
+    t1 = pd.read_csv(table1_csv).set_index("variant")
+    t2 = pd.read_csv(table2_csv).set_index("variant")
+    variant = str(t1.voxel_dice_mean.idxmax()) if choice == "best" else choice
+    if variant not in models:
+        raise ValueError(f"export.variant {choice!r}: no trained models of {variant!r} (variants: {', '.join(models)})")
+    out = Path(out_dir) / variant
+    out.mkdir(parents=True, exist_ok=True)
+    names = []
+    for path in models[variant]:
+        p = Path(path)  # results/models/<variant>/split<k>/seed<s>/model.pt
+        name = f"model_{p.parent.parent.name}_{p.parent.name}.pt"
+        shutil.copyfile(p, out / name)
+        names.append(name)
+    sheet = config["subjects"]
+    if not isinstance(sheet, str) or sheet == "demo":  # the demo cohort or a BIDS dataset
+        sheet_hash = hashlib.sha256("\n".join(sorted(subjects)).encode()).hexdigest()
+    else:
+        sheet_hash = hashlib.sha256(Path(sheet).read_bytes()).hexdigest()
+    row1 = {k: float(v) for k, v in t1.loc[variant].items() if k.endswith(("_mean", "_sd"))}
+    row2 = {k: float(v) for k, v in t2.loc[variant].items() if k.endswith(("_mean", "_sd"))}
+    meta = {
+        "format": EXPORT_FORMAT, "rsanet_version": __version__, "variant": variant,
+        "chosen_by": "highest mean voxel Dice in Table 1" if choice == "best" else "export.variant",
+        "models": names, "registration": dict(config["registration"]), "preprocess": dict(config["preprocess"]),
+        "predict": dict(config["predict"]), "train": dict(config["train"]), "evaluation": dict(config["evaluation"]),
+        "training_data": {"subjects": sheet, "n_subjects": len(subjects), "subject_ids_or_sheet_sha256": sheet_hash,
+                          "splits": dict(config["splits"])},
+        "table1": row1, "table2": row2,
+    }
+    save_json(meta, out / "export.json")
+    dev = deviations(config)
+    card = _model_card(meta, dev[dev.status != "as in the paper"], evaluation)
+    evaluation.write_text(card, out / "MODEL_CARD.md")
+    log.info("exported %s (%d models) to %s", variant, len(names), out)
+    return variant
+
+
+def _model_card(meta: Mapping, dev: pd.DataFrame, evaluation) -> str:
+    t1, t2, tr = meta["table1"], meta["table2"], meta["training_data"]
+    def fmt(m: str) -> str:
+        return f"{t1[m + '_mean']:.2f} ± {t1[m + '_sd']:.2f}" if m + "_mean" in t1 else "n/a"
+
+    lines = [
+        f"# Model card: RSANet study, {meta['variant']}", "",
+        "## Intended use",
+        "Research on multiple sclerosis lesion segmentation from co-registered T1, T2 and FLAIR MRI. **Not a medical "
+        "device**: not for diagnosis or treatment decisions. Apply with `rsanet-segment --model <this folder> ...`.", "",
+        "## Model",
+        f"{meta['variant']} of the paper's Table 1 (Zhang et al., MICCAI 2019), an ensemble of {len(meta['models'])} "
+        f"networks (one per random split and seed), widths {meta['train']['widths']}, trained on {meta['train']['crop']} "
+        f"crops for {meta['train']['iterations']} iterations; chosen by: {meta['chosen_by']}. Inference: "
+        f"{meta['predict']}; the lesion probabilities of the networks are averaged.", "",
+        "## Training data",
+        f"Cohort: `{tr['subjects']}` ({tr['n_subjects']} subjects; {'the synthetic demo cohort built from 30 real lesion masks, CC-BY' if tr['subjects'] == 'demo' else 'the user sheet'}); "
+        f"sha256 of the subject ids / sheet: `{tr['subject_ids_or_sheet_sha256']}`; splits {tr['splits']}.", "",
+        "## Evaluation (the study's own test splits)",
+        f"Table 1 (percent, mean ± sd over splits): sample Dice {fmt('sample_dice')}, voxel Dice {fmt('voxel_dice')}, "
+        f"sample IoU {fmt('sample_iou')}, voxel IoU {fmt('voxel_iou')}.",
+        "Lesion-wise (" + f"{meta['evaluation']['detection_rule']} rules, {meta['evaluation']['connectivity']}-connectivity, "
+        f"> {meta['evaluation']['min_lesion_mm3']} mm³): " + ", ".join(
+            f"{m} {t2[m + '_mean']:.2f} ± {t2[m + '_sd']:.2f}" for m in ("ltpr", "lfpr", "lesion_f1", "hd95_mm")
+            if m + "_mean" in t2) + " (percent; HD95 in mm).", "",
+        "## Deviations from the paper",
+        evaluation.to_markdown(dev[["setting", "paper", "this_run", "status"]]) if len(dev) else "none", "",
+        "## Limitations",
+        "- Trained on the cohort above only; scanners, resolutions and populations unlike it (and the synthetic demo "
+        "cohort above all) can give much worse results: check the QC figure of every patient.",
+        "- Inputs must be skull-stripped like the training data; the other contrasts are registered (linearly) onto "
+        f"the {meta['registration'].get('reference', 'FLAIR')}, as in the study.",
+        "- Every training's health verdict is in the study's results/tables/training_health.md; a Table 1 with "
+        "failed trainings measures those failures, not the variants.",
+        f"- Exported by rsanet {meta['rsanet_version']}; the export format is {meta['format']}.", "",
+    ]
+    return "\n".join(lines)
