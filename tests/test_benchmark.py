@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from rsanet.benchmarks import speed as B
-from rsanet.models import PAPER_WIDTHS, PointwiseConv3d, RSABlock, slice_attention
+from rsanet.kernels import PointwiseConv3d
+from rsanet.models import PAPER_WIDTHS, RSABlock, slice_attention
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 4), (1, 4, 4), (3, 5, 2)])

@@ -184,19 +184,19 @@ def test_prediction_policy_from_the_config_and_its_mirroring():
 
 
 def test_bf16_only_where_the_device_computes_it(monkeypatch):
-    from rsanet import training
+    from rsanet import devices
 
-    monkeypatch.setattr(training, "_cpu_flags", lambda: frozenset({"avx2", "fma"}))
-    assert not training.bf16_native(torch.device("cpu"))
-    assert training.precision(True, torch.device("cpu")) == "float32"
-    # AVX512-BF16 without AMX: float32 (bf16 trainings diverged on such a CPU; training.bf16_native)
-    monkeypatch.setattr(training, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
-    assert not training.bf16_native(torch.device("cpu"))
-    monkeypatch.setattr(training, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16", "amx_bf16"}))
-    assert training.bf16_native(torch.device("cpu"))
-    assert training.precision(True, torch.device("cpu")) == "bf16 autocast"
-    assert training.precision(False, torch.device("cpu")) == "float32"
-    assert training.bf16_native(torch.device("cuda")) and not training.bf16_native(torch.device("meta"))
+    monkeypatch.setattr(devices, "_cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert not devices.bf16_native(torch.device("cpu"))
+    assert devices.precision(True, torch.device("cpu")) == "float32"
+    # AVX512-BF16 without AMX: float32 (bf16 trainings diverged on such a CPU; devices.bf16_native)
+    monkeypatch.setattr(devices, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert not devices.bf16_native(torch.device("cpu"))
+    monkeypatch.setattr(devices, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16", "amx_bf16"}))
+    assert devices.bf16_native(torch.device("cpu"))
+    assert devices.precision(True, torch.device("cpu")) == "bf16 autocast"
+    assert devices.precision(False, torch.device("cpu")) == "float32"
+    assert devices.bf16_native(torch.device("cuda")) and not devices.bf16_native(torch.device("meta"))
 
 
 _RUNNER = textwrap.dedent(

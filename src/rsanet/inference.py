@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .models import VARIANTS
-from .training import bf16_native, memory_layout
+from .devices import bf16_native, memory_layout
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def predict_volume(
             whole volume in one pass (the network pads sizes to a multiple of its stride).
         overlap: fraction of a tile shared with its neighbour (0 <= overlap < 1).
         device: where to run.
-        amp: bfloat16 autocast where the device computes it natively (:func:`rsanet.training.bf16_native`);
+        amp: bfloat16 autocast where the device computes it natively (:func:`rsanet.devices.bf16_native`);
             give the ``train.amp`` the network was trained with, so it predicts in the precision it learnt in.
         blending: ``"gaussian"`` (weights highest at each tile's centre) or ``"constant"``
             (plain averaging of overlapping tiles).

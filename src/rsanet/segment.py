@@ -139,7 +139,7 @@ def segment(
 
     from .inference import PredictionPolicy
     from .metrics import remove_small_components
-    from .training import resolve_device
+    from .devices import resolve_device
 
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()

@@ -148,7 +148,7 @@ def predict_step(
     import torch
 
     from .gpus import claim_gpu
-    from .training import resolve_device
+    from .devices import resolve_device
 
     torch.set_num_threads(threads)
     with claim_gpu() if device != "cpu" else contextlib.nullcontext():
@@ -169,7 +169,8 @@ def evaluation_settings(section: Mapping) -> EvaluationSettings:
 def _predict_all(model_path, split, splits_json, preprocessed, out_dir, tile, overlap, blending, batch_size, dev,
                  memory_limit_mb, part, seed, save_probabilities, settings) -> list[dict]:
     from .inference import PredictionPolicy
-    from .training import load_model, precision
+    from .devices import precision
+    from .training import load_model
 
     model, cfg = load_model(model_path, dev)
     policy = PredictionPolicy.from_config({"tile": tile, "overlap": overlap, "blending": blending,
@@ -463,7 +464,7 @@ def provenance_step(config: Mapping, records: Sequence[str], out_json: str) -> N
     import torch
 
     from . import __version__
-    from .training import precision, resolve_device
+    from .devices import precision, resolve_device
     from .volumes import library_versions
 
     try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import functools
 import logging
 import math
 import os
@@ -24,6 +23,7 @@ import torch
 from .losses import ExpWeightedCrossEntropy, lesion_fraction, soft_dice_loss
 from .metrics import dice_from_counts
 from .models import PAPER_ORDER, PAPER_WIDTHS, build_model, count_parameters
+from .devices import bf16_native, memory_layout, precision, resolve_device
 from .volumes import Preprocessed, atomic_path
 
 log = logging.getLogger(__name__)
@@ -141,56 +141,6 @@ def learning_rate(config: TrainConfig, iteration: int) -> float:
         return config.lr
     f = config.lr_floor
     return config.lr * (f + (1.0 - f) * 0.5 * (1.0 + math.cos(math.pi * (iteration - 1) / config.iterations)))
-
-
-def memory_layout(device: torch.device) -> torch.memory_format:
-    """The faster layout for 3D convolutions: channels-last on CPU, NCDHW on CUDA (measured)."""
-    return torch.channels_last_3d if device.type == "cpu" else torch.contiguous_format
-
-
-def bf16_native(device: torch.device) -> bool:
-    """Whether bfloat16 autocast is used on ``device``: always on CUDA; on a CPU only when it has
-    AMX-BF16 instructions (Linux's ``/proc/cpuinfo`` flag ``amx_bf16``). Elsewhere (macOS,
-    Windows, CPUs without AMX): False, float32.
-
-    With AMX a demo training step runs ~1.5x faster and a forward pass ~1.3x (tiles of 16x64x64,
-    one thread; docs/performance.md). AVX512-BF16 alone is not enough: on an AMD EPYC with
-    ``avx512_bf16`` and no AMX, bf16 trainings of the demo diverged to NaN (the U-Net at
-    iteration 67, RSA-101 at iterations 8-30, runs of one seed differing), its backward pass was
-    not reproducible from run to run, and it was no faster than float32 (docs/performance.md).
-    """
-    if device.type == "cuda":
-        return True
-    if device.type != "cpu":
-        return False
-    return "amx_bf16" in _cpu_flags()
-
-
-def precision(amp: bool, device: torch.device) -> str:
-    """The arithmetic a network trains and predicts in on ``device`` with ``train.amp`` = ``amp``:
-    ``"bf16 autocast"`` or ``"float32"`` (for logs and provenance)."""
-    return "bf16 autocast" if amp and bf16_native(device) else "float32"
-
-
-@functools.cache
-def _cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA if available else CPU; otherwise the named device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("config asks for device 'cuda' but PyTorch sees no CUDA GPU")
-    return torch.device(name)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,10 +44,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..losses import ExpWeightedCrossEntropy
-from ..models import (
-    PAPER_WIDTHS, VARIANTS, NonLocalBlock, RSABlock, build_model, count_parameters,
-    pointwise_as_convolution,
-)
+from ..kernels import pointwise_as_convolution
+from ..models import PAPER_WIDTHS, VARIANTS, NonLocalBlock, RSABlock, build_model, count_parameters
 
 MIB = 2**20
 DEMO_WIDTHS: tuple[int, ...] = (8, 16, 32, 64)
