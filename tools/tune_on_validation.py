@@ -48,17 +48,23 @@ def _train_one(job: dict) -> dict:
     """Train one network (one process, one thread) and return where its weights are."""
     import torch
 
-    from rsanet.training import TrainConfig, save_model, train
+    from rsanet.training import TrainConfig, TrainingFailed, save_model, train
     from rsanet.volumes import Preprocessed
 
     torch.set_num_threads(1)
     out = Path(job["out"])
-    if not out.exists():
+    stopped = Path(str(out) + ".stopped.txt")  # a training its health check stopped (on_failure: fail)
+    if not out.exists() and not stopped.exists():
         subjects = [Preprocessed.load(p) for p in job["train_files"]]
         validation = [Preprocessed.load(p) for p in job["val_files"]]  # the health check's patches
         cfg = TrainConfig.from_dict({**job["train_cfg"], "variant": job["variant"], "seed": job["seed"]})
         t0 = time.perf_counter()
-        result = train(cfg, subjects, threads=1, validation=validation)
+        try:
+            result = train(cfg, subjects, threads=1, validation=validation)
+        except TrainingFailed as err:
+            stopped.write_text(str(err))
+            print(f"  stopped {out.name} after {time.perf_counter() - t0:.0f} s: {err}", flush=True)
+            return job
         save_model(result, cfg, out)
         print(f"  trained {out.parent.name}/{out.name} in {time.perf_counter() - t0:.0f} s", flush=True)
     return job
@@ -265,25 +271,34 @@ def main(argv=None) -> int:
             for s in args.seeds:
                 jobs += _jobs_for(cfg, splits, args.splits, "unet3d", setting, f"paper-{form}", results, scratch, seed_index=s)
             pool.map(_train_one, jobs)
+            done = [j for j in jobs if Path(j["out"]).exists()]  # the others were stopped by on_failure: fail
             scored = pool.map(_score_job, [(j, _files(results, splits[j["split"]]["val"]), cfg["predict"],
-                                            {"class weights": form, "split": j["split"], "seed": j["seed"]}) for j in jobs])
-            for j, sc in zip(jobs, scored):
+                                            {"class weights": form, "split": j["split"], "seed": j["seed"]}) for j in done])
+            for j, sc in zip(done, scored):
                 v = _health(j["out"])
-                rows.append({**sc, "health_score": round(v["score"], 3), "learned": v["learned"]})
+                rows.append({**sc, "health_score": round(v["score"], 3), "learned": v["learned"], "stopped": ""})
+            for j in (j for j in jobs if not Path(j["out"]).exists()):
+                message = Path(j["out"] + ".stopped.txt").read_text()
+                rows.append({"class weights": form, "split": j["split"], "seed": j["seed"], "sample_dice": float("nan"),
+                             "voxel_dice": float("nan"), "health_score": float("nan"), "learned": False,
+                             "stopped": message.split(" has not learned: ")[-1].split(";")[0]})
         df = pd.DataFrame(rows)
         df[["sample_dice", "voxel_dice"]] = df[["sample_dice", "voxel_dice"]].mul(100).round(1)
-        table = df[["class weights", "split", "seed", "sample_dice", "voxel_dice", "health_score", "learned"]].rename(
+        table = df[["class weights", "split", "seed", "sample_dice", "voxel_dice", "health_score", "learned", "stopped"]].rename(
             columns={"sample_dice": "val sample Dice", "voxel_dice": "val voxel Dice"})
         summary = table.groupby("class weights")["val sample Dice"].agg(["mean", "min", "max"]).round(1)
         header = (
             f"The paper's training settings (config/paper.yaml: {paper['train']['iterations']} iterations, batch "
             f"{paper['train']['batch_size']}, lr {paper['train']['lr']} {paper['train']['lr_schedule']}, Dice term "
-            f"{paper['train']['dice_weight']}, dropout {paper['train']['dropout']}, random crops) at the demo's widths "
+            f"{paper['train']['dice_weight']}, dropout {paper['train']['dropout']}, random crops, train.on_failure "
+            f"{changed.get('on_failure', paper['train']['on_failure'])}: a training its health check says has not learned "
+            f"stops at half-way) at the demo's widths "
             f"{base['widths']} and crop {base['crop']}, 3D U-Net, with the paper's class weights as printed (lesion ~0.27) "
             f"and swapped (lesion ~0.73); validation subjects of splits {args.splits}, seeds {args.seeds}; commit {commit}; "
             f"`python tools/tune_on_validation.py paper-loss --splits {' '.join(map(str, args.splits))} "
             f"--seeds {' '.join(map(str, args.seeds))}{set_note}`\n\n"
-            + "\n".join(f"- {form}: validation sample Dice mean {r['mean']}, min {r['min']}, max {r['max']}; "
+            + "\n".join(f"- {form}: validation sample Dice of the trainings that ran to the end: mean {r['mean']}, "
+                         f"min {r['min']}, max {r['max']}; "
                          f"{int((~table[table['class weights'] == form].learned).sum())} of "
                          f"{int((table['class weights'] == form).sum())} failed the health check"
                          for form, r in summary.iterrows()) + "\n")
