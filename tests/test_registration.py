@@ -519,8 +519,8 @@ def test_segment_prepares_on_the_study_reference_grid(tmp_path):
 def test_the_same_scan_stored_in_any_voxel_order_is_coregistered_and_preprocessed_identically(tmp_path):
     """A real patient stored RAS, LPS, LAS and with its first two axes swapped (T1 moved in its
     header, so the registration has work to do): the co-registration runs on the closest-canonical
-    copies, so every storage order gives the same transforms and a bit-identical preprocessed
-    array; the outputs lie on each reference file's own grid."""
+    copies, so every storage order gives nearly the same transforms and preprocessed array (not
+    bit for bit: see below); the outputs lie on each reference file's own grid."""
     from real_data import open_ms_data
     from rsanet.volumes import preprocess_subject
     from test_workflow import _reorient
@@ -549,6 +549,14 @@ def test_the_same_scan_stored_in_any_voxel_order_is_coregistered_and_preprocesse
         arrays[name] = preprocess_subject(out.images["T1"], out.images["T2"], out.images["FLAIR"], empty).image
         transforms[name] = {c: r.moving_to_fixed for c, r in out.results.items()}
     for name in arrays:
-        assert np.array_equal(arrays[name], arrays["RAS"]), name
+        # Not bit for bit: the files of a copy store its affine in float32, so its canonical
+        # geometry differs from the original's in the last bits, and the optimiser's path with it.
+        # Measured here: the transforms agree to a few hundredths of a millimetre over the brain,
+        # and under 1 % of the preprocessed values differ by more than 1e-4.
+        assert arrays[name].shape == arrays["RAS"].shape, name
+        differ = float((np.abs(arrays[name] - arrays["RAS"]) > 1e-4).mean())
         for c in ("T1", "T2"):
-            assert np.allclose(transforms[name][c], transforms["RAS"][c], atol=1e-6), (name, c)
+            moved = float(reg.displacement_mm(transforms[name][c], transforms["RAS"][c], brain).max())
+            print(f"{name} {c}: transforms differ by up to {moved:.4f} mm; {100 * differ:.2f} % of values differ")
+            assert moved <= 0.1, (name, c, moved)
+        assert differ <= 0.02, (name, differ)
