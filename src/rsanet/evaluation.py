@@ -368,8 +368,10 @@ def job_time_table(benchmarks: Mapping[str, Sequence[pd.DataFrame]]) -> pd.DataF
 
 
 def _time_row(stage: str, jobs: pd.DataFrame) -> dict:
-    rss = pd.to_numeric(jobs.get("max_rss"), errors="coerce") if "max_rss" in jobs else pd.Series(dtype=float)
-    cpu = pd.to_numeric(jobs.get("cpu_time"), errors="coerce") if "cpu_time" in jobs else pd.Series(dtype=float)
+    def column(name: str) -> pd.Series:  # Snakemake writes "NA" where it could not measure
+        return pd.to_numeric(jobs[name], errors="coerce") if name in jobs else pd.Series(dtype=float)
+
+    rss, cpu = column("max_rss"), column("cpu_time")
     return {"stage": stage, "jobs": len(jobs), "total_s": round(float(jobs.s.sum()), 1),
             "median_s": round(float(jobs.s.median()), 1), "max_s": round(float(jobs.s.max()), 1),
             "cpu_s": round(float(cpu.sum()), 1) if cpu.notna().any() else float("nan"),

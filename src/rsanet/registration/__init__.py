@@ -348,8 +348,9 @@ def coregister_contrasts(
     sitk_settings = SimpleITKSettings().finest_level(settings.finest_level_mm)
     with tempfile.TemporaryDirectory(prefix="rsanet-canonical-") as tmp:
         paths = {c: Path(tmp) / f"{c}.nii" for c in canonical}  # the engines read files (FLIRT)
-        for c, img in canonical.items():
-            nib.save(img, str(paths[c]))
+        if settings.engine != "none":  # only a registration reads them
+            for c, img in canonical.items():
+                nib.save(img, str(paths[c]))
         for contrast in (c for c in CONTRASTS if c != reference):
             if settings.engine == "none":  # already co-registered: the headers' alignment, resampled only
                 log.info("%s: %s -> %s by the header alignment (registration.engine: none)", subject, contrast,
