@@ -17,4 +17,5 @@ with logged(snakemake.log[0]):
         config=snakemake.params.config,
         subjects=snakemake.params.subjects,
         out_dir=snakemake.output[0],
+        confidence={Path(p).stem: p for p in snakemake.input.confidence},
     )

@@ -188,3 +188,40 @@ def test_cohort_table_one_row_per_subject_volume_by_size_class_sorted_by_load():
     assert b.lesion_count == 0 and b.total_volume_ml == 0 and np.isnan(b.mean_agreement) and b.warnings == "no lesion found"
     bins = [c for c in table.columns if c.startswith("volume_ml[")]
     assert np.allclose(table[bins].sum(axis=1), table.total_volume_ml)
+
+
+def test_lesion_confidence_ensembles_each_subject_over_the_splits_that_test_it(tmp_path):
+    """The study's precision-by-agreement step on files: a subject tested in two splits is segmented
+    by those two models' stored probabilities; a subject tested once is left out."""
+    import json
+
+    from rsanet.steps import lesion_confidence_step
+    from rsanet.volumes import Preprocessed, save_probability_u8
+
+    shape = (6, 8, 8)
+    lesions = np.zeros(shape, np.uint8)
+    lesions[1:3, 1:3, 1:3] = 1
+    pre = {}
+    for s in ("a", "b"):
+        pre[s] = str(tmp_path / f"{s}.npz")
+        Preprocessed(np.zeros((3, *shape), np.float32), lesions, np.ones(shape, np.uint8), (1.0, 1.0, 1.0),
+                     np.array([[0, 6], [0, 8], [0, 8]]), shape, np.eye(4)).save(pre[s])
+    (tmp_path / "splits.json").write_text(json.dumps({"splits": [{"train": [], "test": ["a", "b"]},
+                                                                 {"train": [], "test": ["a"]}]}))
+    predictions = {}
+    for split in (0, 1):
+        d = tmp_path / f"split{split}"
+        prob = np.zeros(shape, np.float32)
+        prob[1:3, 1:3, 1:3] = 0.9                 # the true lesion: both models
+        prob[4:6, 5:7, 5:7] = 0.9 if split == 0 else 0.3  # a false one: model 0 only (mean 0.6)
+        save_probability_u8(prob, d / "a_prob_u8.npz")
+        save_probability_u8(prob, d / "b_prob_u8.npz")
+        predictions[(split, 0)] = str(d)
+    table = lesion_confidence_step("unet3d", str(tmp_path / "splits.json"), predictions, pre,
+                                   {"threshold": 0.5, "min_lesion_mm3": 3.0}, 6, str(tmp_path / "lesions.csv"),
+                                   str(tmp_path / "table.csv")).set_index("agreement")
+    found = pd.read_csv(tmp_path / "lesions.csv")
+    assert list(found.subject) == ["a", "a"] and set(found.n_models) == {2}
+    assert table.loc[">= 0.8", "lesions"] == 1 and table.loc[">= 0.8", "precision_pct"] == 100.0
+    assert table.loc["0.4 to < 0.8", "lesions"] == 1 and table.loc["0.4 to < 0.8", "precision_pct"] == 0.0
+    assert (table.subjects == 1).all() and (table.models_per_subject == "2-2").all()

@@ -450,3 +450,41 @@ def test_lesion_table_gives_each_lesion_its_probability_and_the_models_agreement
     assert np.isclose(table.max_probability[1], 0.2) and np.isclose(table.mean_probability[1], (0.2 + 0.1) / 4)
     assert np.allclose(table.loc[0, ["centroid_x_mm", "centroid_y_mm", "centroid_z_mm"]].astype(float), [4.0, 4.0, 4.0])
     assert "agreement" not in lesion_table(mask, prob, affine).columns
+    truth = np.zeros_like(mask)
+    truth[2, 2, 2] = True  # inside lesion 1 only
+    assert list(lesion_table(mask, prob, affine, truth=truth).true_positive) == [True, False]
+
+
+def test_ensemble_lesions_and_precision_by_agreement():
+    """The ensemble (mean probability > threshold, small lesions removed) and its lesions' agreement
+    and truth, then precision per agreement bin: counted by hand."""
+    from rsanet.segment import ensemble_lesions, precision_by_agreement
+
+    models = np.zeros((5, 12, 12, 12), np.float32)
+    models[:, 1:4, 1:4, 1:4] = 0.9        # lesion A: all 5 models, true
+    models[:3, 7:10, 1:4, 1:4] = 0.95     # lesion B: 3 of 5 (mean 0.57), false
+    models[:, 7:10, 7:10, 7:10] = 0.6     # lesion C: all 5, false
+    models[:, 1, 10, 10] = 0.99           # one voxel (1 mm^3): removed as smaller than 3 mm^3
+    truth = np.zeros((12, 12, 12), bool)
+    truth[2, 2, 2] = True
+    truth[1, 10, 10] = True
+    mask, prob, table = ensemble_lesions(models, np.eye(4), connectivity=6, threshold=0.5, min_lesion_mm3=3.0,
+                                         truth=truth)
+    assert not mask[1, 10, 10] and mask.sum() == 3 * 27 and prob.dtype == np.float32
+    assert sorted(zip(table.agreement, table.true_positive)) == [(0.6, False), (1.0, False), (1.0, True)]
+    bins = precision_by_agreement(table).set_index("agreement")
+    assert bins.loc["< 0.4", "lesions"] == 0 and np.isnan(bins.loc["< 0.4", "precision_pct"])
+    assert bins.loc["0.4 to < 0.8", "lesions"] == 1 and bins.loc["0.4 to < 0.8", "true_positives"] == 0
+    assert bins.loc[">= 0.8", "lesions"] == 2 and bins.loc[">= 0.8", "precision_pct"] == 50.0
+
+
+def test_probability_maps_stored_as_uint8_come_back_within_half_a_step(tmp_path):
+    from rsanet.volumes import load_probability_u8, save_probability_u8
+
+    prob = np.random.default_rng(0).random((7, 9, 11)).astype(np.float32)
+    prob[0, 0, :3] = (0.0, 1.0, 0.5)
+    save_probability_u8(prob, tmp_path / "p.npz")
+    back = load_probability_u8(tmp_path / "p.npz")
+    assert back.shape == prob.shape and back.dtype == np.float32
+    assert np.abs(back - prob).max() <= 1 / 510 + 1e-7
+    assert back[0, 0, 0] == 0.0 and back[0, 0, 1] == 1.0

@@ -57,8 +57,18 @@ def test_export_holds_the_best_variant_its_models_and_a_model_card(study, export
     assert meta["variant"] == export.name and len(meta["models"]) == 2  # one per split
     assert meta["training_data"]["n_subjects"] == 6 and len(meta["training_data"]["subject_ids_or_sheet_sha256"]) == 64
     card = (export / "MODEL_CARD.md").read_text()
-    for heading in ("## Intended use", "## Training data", "## Evaluation", "## Deviations from the paper", "## Limitations"):
+    for heading in ("## Intended use", "## Training data", "## Evaluation", "## Per-lesion confidence",
+                    "## Deviations from the paper", "## Limitations"):
         assert heading in card
+    # precision by agreement, measured in the study on subjects tested in both splits (or said to be unmeasured)
+    conf = pd.read_csv(study / "tables" / "lesion_confidence" / f"{export.name}.csv")
+    assert list(conf.agreement) == ["< 0.4", "0.4 to < 0.8", ">= 0.8"]
+    lesions = pd.read_csv(study / "tables" / "lesion_confidence" / f"{export.name}_lesions.csv")
+    assert conf.lesions.sum() == len(lesions) and conf.true_positives.sum() == lesions.true_positive.sum()
+    if conf.subjects[0]:
+        assert set(lesions.n_models) == {2} and "Lesion-wise precision by agreement" in card
+    else:
+        assert "Not measured for this export" in card
     assert "Not a medical device" in card.replace("**", "")
 
 

@@ -70,11 +70,13 @@ def load_models(folder: Path, meta: dict, device) -> list:
 
 def export_step(
     choice: str, table1_csv: str, table2_csv: str, models: Mapping[str, Sequence[str]], config: Mapping,
-    subjects: Sequence[str], out_dir: str,
+    subjects: Sequence[str], out_dir: str, confidence: Mapping[str, str] | None = None,
 ) -> str:
     """Write ``out_dir/<variant>/``: that variant's models of every split, ``export.json`` and
     ``MODEL_CARD.md``. ``choice``: a variant id or ``"best"``
-    (highest mean voxel Dice in Table 1). Returns the variant exported."""
+    (highest mean voxel Dice in Table 1). ``confidence``: variant -> its precision-by-agreement
+    CSV (:func:`rsanet.steps.lesion_confidence_step`), shown in the card. Returns the variant
+    exported."""
     import hashlib
     import shutil
 
@@ -110,6 +112,8 @@ def export_step(
                           "splits": dict(config["splits"])},
         "table1": row1, "table2": row2,
     }
+    if confidence and variant in confidence:
+        meta["lesion_confidence"] = pd.read_csv(confidence[variant]).to_dict(orient="records")
     save_json(meta, out / "export.json")
     dev = deviations(config)
     card = _model_card(meta, dev[dev.status != "as in the paper"], evaluation)
@@ -143,6 +147,8 @@ def _model_card(meta: Mapping, dev: pd.DataFrame, evaluation) -> str:
         f"> {meta['evaluation']['min_lesion_mm3']} mm³): " + ", ".join(
             f"{m} {t2[m + '_mean']:.2f} ± {t2[m + '_sd']:.2f}" for m in ("ltpr", "lfpr", "lesion_f1", "hd95_mm")
             if m + "_mean" in t2) + " (percent; HD95 in mm).", "",
+        "## Per-lesion confidence",
+        *_confidence_section(meta, evaluation), "",
         "## Deviations from the paper",
         evaluation.to_markdown(dev[["setting", "paper", "this_run", "status"]]) if len(dev) else "none", "",
         "## Limitations",
@@ -155,3 +161,22 @@ def _model_card(meta: Mapping, dev: pd.DataFrame, evaluation) -> str:
         f"- Exported by rsanet {meta['rsanet_version']}; the export format is {meta['format']}.", "",
     ]
     return "\n".join(lines)
+
+
+def _confidence_section(meta: Mapping, evaluation) -> list[str]:
+    """The model card's lines on what ``agreement`` in rsanet-segment's ``lesions.csv`` is worth."""
+    head = ("`rsanet-segment` gives every lesion its `agreement`: the fraction of these models that detect it "
+            "on their own. ")
+    rows = meta.get("lesion_confidence")
+    if not rows or rows[0].get("subjects", 0) == 0:
+        return [head + "Not measured for this export: no subject of the study lay in the test part of two or more "
+                "splits."]
+    table = pd.DataFrame(rows)
+    r = rows[0]
+    return [
+        head + f"Measured in the study, on subjects the models never trained on: each of {r['subjects']} subjects "
+        f"segmented by the ensemble of the models ({r['models_per_subject']}) of the splits in whose test part it "
+        "lies, as rsanet-segment does (no test-time mirroring); a lesion is a true positive when it overlaps a true "
+        "lesion (results/tables/lesion_confidence/). Lesion-wise precision by agreement:", "",
+        evaluation.to_markdown(table[["agreement", "lesions", "true_positives", "precision_pct"]].round(1)),
+    ]

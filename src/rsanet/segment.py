@@ -48,7 +48,8 @@ OUTPUTS = ("lesion_prob.nii.gz", "lesion_prob_sd.nii.gz", "lesions.nii.gz", "les
 
 
 def lesion_table(mask: np.ndarray, prob: np.ndarray, affine: np.ndarray, connectivity: int = 6,
-                 model_probs: np.ndarray | None = None, threshold: float = 0.5) -> pd.DataFrame:
+                 model_probs: np.ndarray | None = None, threshold: float = 0.5,
+                 truth: np.ndarray | None = None) -> pd.DataFrame:
     """One row per lesion (connected component) of ``mask`` (voxel arrays of the same grid).
 
     Args:
@@ -58,19 +59,22 @@ def lesion_table(mask: np.ndarray, prob: np.ndarray, affine: np.ndarray, connect
         connectivity: 6, 18 or 26 (what makes a lesion one component).
         model_probs: ``(M, X, Y, Z)``, each model's own probability (optional).
         threshold: a model detects a lesion when its own ``p > threshold`` somewhere in it.
+        truth: ``(X, Y, Z)`` bool, a reference lesion mask (optional).
 
     Returns:
         Columns ``lesion`` (1..n, by decreasing volume), ``volume_mm3``, ``centroid_x_mm``,
         ``centroid_y_mm``, ``centroid_z_mm`` (world RAS mm), ``mean_probability`` and
         ``max_probability`` (the ensemble's, over the lesion's voxels), and with ``model_probs``
-        ``agreement``: the fraction of the M models that detect the lesion on their own (in [0, 1]).
+        ``agreement``: the fraction of the M models that detect the lesion on their own (in [0, 1]),
+        and with ``truth`` ``true_positive``: whether the lesion overlaps a reference lesion.
     """
     from .metrics import _structure
 
     labels, n = ndimage.label(mask, structure=_structure(mask.ndim, connectivity))
     voxel_mm3 = float(abs(np.linalg.det(affine[:3, :3])))
     columns = ["volume_mm3", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm", "mean_probability",
-               "max_probability"] + (["agreement"] if model_probs is not None else [])
+               "max_probability"] + (["agreement"] if model_probs is not None else []) \
+        + (["true_positive"] if truth is not None else [])
     rows = []
     for k, box in enumerate(ndimage.find_objects(labels), start=1):
         inside = labels[box] == k
@@ -82,11 +86,61 @@ def lesion_table(mask: np.ndarray, prob: np.ndarray, affine: np.ndarray, connect
         if model_probs is not None:
             detected = [(m[box][inside] > threshold).any() for m in model_probs]
             row["agreement"] = float(np.mean(detected))
+        if truth is not None:
+            row["true_positive"] = bool(truth[box][inside].any())
         rows.append(row)
     table = pd.DataFrame(rows, columns=columns)
     table = table.sort_values("volume_mm3", ascending=False, kind="stable").reset_index(drop=True)
     table.insert(0, "lesion", np.arange(1, len(table) + 1))
     return table
+
+
+def ensemble_lesions(
+    model_probs: np.ndarray, affine: np.ndarray, connectivity: int = 6, threshold: float = 0.5,
+    min_lesion_mm3: float = 3.0, truth: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """The ensemble's lesions, as ``rsanet-segment`` finds them.
+
+    Args:
+        model_probs: ``(M, X, Y, Z)`` float, each model's lesion probability on one grid.
+        affine: that grid's voxel -> world (mm) affine.
+        connectivity: 6, 18 or 26.
+        threshold: lesion where the models' mean probability exceeds it.
+        min_lesion_mm3: lesions of at most this volume (mm³) are removed.
+        truth: ``(X, Y, Z)`` bool reference mask (optional; adds ``true_positive``).
+
+    Returns:
+        ``mask (X, Y, Z)`` bool, ``prob (X, Y, Z)`` float32 (the mean, accumulated in float64) and
+        the :func:`lesion_table` with ``agreement``.
+    """
+    from .metrics import remove_small_components
+
+    prob = model_probs.astype(np.float64).mean(axis=0).astype(np.float32)
+    voxel_mm3 = float(abs(np.linalg.det(affine[:3, :3])))
+    min_voxels = int(np.floor(min_lesion_mm3 / voxel_mm3)) + 1 if min_lesion_mm3 > 0 else 0
+    mask = remove_small_components(prob > threshold, min_voxels, connectivity)
+    table = lesion_table(mask, prob, affine, connectivity, model_probs=model_probs, threshold=threshold, truth=truth)
+    return mask, prob, table
+
+
+#: Agreement bins of :func:`precision_by_agreement`: ``(low, high, label)``, low <= a < high.
+AGREEMENT_BINS = ((0.0, 0.4, "< 0.4"), (0.4, 0.8, "0.4 to < 0.8"), (0.8, 1.01, ">= 0.8"))
+
+
+def precision_by_agreement(lesions: pd.DataFrame) -> pd.DataFrame:
+    """Lesion-wise precision per agreement bin (:data:`AGREEMENT_BINS`) of a table with
+    ``agreement`` and ``true_positive`` columns (one row per predicted lesion).
+
+    Returns columns ``agreement`` (the bin), ``lesions``, ``true_positives``, ``precision_pct``
+    (NaN for an empty bin).
+    """
+    rows = []
+    for lo, hi, label in AGREEMENT_BINS:
+        sel = lesions[(lesions.agreement >= lo) & (lesions.agreement < hi)]
+        tp = int(sel.true_positive.sum())
+        rows.append({"agreement": label, "lesions": len(sel), "true_positives": tp,
+                     "precision_pct": 100.0 * tp / len(sel) if len(sel) else float("nan")})
+    return pd.DataFrame(rows)
 
 
 def _ensemble(models, image: np.ndarray, policy: "PredictionPolicy", device) -> np.ndarray:
@@ -138,7 +192,6 @@ def segment(
     import torch
 
     from .inference import PredictionPolicy
-    from .metrics import remove_small_components
     from .devices import resolve_device
 
     seconds: dict[str, float] = {}
@@ -159,20 +212,15 @@ def segment(
                                           mirror=tta)
     log.info("predicting with %d models (%s)", len(models), policy.describe())
     per_model = _ensemble(models, pre.image, policy, dev)  # (M, D, H, W)
-    prob = per_model.astype(np.float64).mean(axis=0).astype(np.float32)
     spread = per_model.std(axis=0).astype(np.float32)  # the models' disagreement, voxel-wise
     seconds["prediction"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    prob_img = pre.uncrop(prob)  # on the reference file's own grid
-    prob_ref = np.asarray(prob_img.dataobj, dtype=np.float32)
-    sd_img = pre.uncrop(spread)
+    sd_img = pre.uncrop(spread)  # on the reference file's own grid
     models_ref = np.stack([np.asarray(pre.uncrop(p).dataobj, dtype=np.float32) for p in per_model])
-    voxel_mm3 = float(abs(np.linalg.det(fixed.affine[:3, :3])))
-    min_voxels = int(np.floor(min_lesion_mm3 / voxel_mm3)) + 1 if min_lesion_mm3 > 0 else 0
     connectivity = int(meta["evaluation"]["connectivity"])
-    mask = remove_small_components(prob_ref > threshold, min_voxels, connectivity)
-    table = lesion_table(mask, prob_ref, fixed.affine, connectivity, model_probs=models_ref, threshold=threshold)
+    mask, prob_ref, table = ensemble_lesions(models_ref, fixed.affine, connectivity, threshold, min_lesion_mm3)
+    prob_img = nib.Nifti1Image(prob_ref, sd_img.affine, sd_img.header)
     mask_img = nib.Nifti1Image(mask.astype(np.uint8), prob_img.affine, prob_img.header)
     mask_img.set_data_dtype(np.uint8)
     warnings = []

@@ -24,11 +24,13 @@ from .volumes import (
     Preprocessed,
     binarise_mask,
     load_checked,
+    load_probability_u8,
     preprocess_subject,
     ras_to_model,
     require_same_grid,
     save_json,
     save_nifti,
+    save_probability_u8,
 )
 
 if TYPE_CHECKING:
@@ -133,8 +135,10 @@ def predict_step(
     """Predict every subject of one part (``"test"``; ``"val"`` for choosing settings) of a split
     and score it.
 
-    Writes ``out_dir/<subject>.nii.gz`` (0/1 on the subject's reference grid) and the
-    per-subject metrics, one row per subject, to ``out_csv`` (see :func:`evaluate_case`).
+    Writes ``out_dir/<subject>.nii.gz`` (0/1 on the subject's reference grid),
+    ``out_dir/<subject>_prob_u8.npz`` (the lesion probability on the preprocessed crop, see
+    :func:`rsanet.volumes.save_probability_u8`) and the per-subject metrics, one row per subject,
+    to ``out_csv`` (see :func:`evaluate_case`).
     Scoring happens here, on the mask just written, so the volumes are loaded once.
 
     ``tile``: ``None`` tiles the volume with the training crop (the networks then see inputs of
@@ -201,6 +205,8 @@ def _predict_all(model_path, split, splits_json, preprocessed, out_dir, tile, ov
             raise
         mask = (prob > 0.5).astype(np.uint8)
         save_nifti(pre.uncrop(mask), out / f"{subject}.nii.gz")
+        # for the ensemble's per-lesion confidence (lesion_confidence_step): on the cropped grid, 1/255 steps
+        save_probability_u8(prob, out / f"{subject}_prob_u8.npz")
         if save_probabilities:
             save_nifti(pre.uncrop(prob.astype(np.float32)), out / f"{subject}_prob.nii.gz")
         scores = evaluate_case(mask > 0, pre.lesions > 0, pre.spacing, settings)
@@ -211,6 +217,55 @@ def _predict_all(model_path, split, splits_json, preprocessed, out_dir, tile, ov
         log.info("%s split %d: %d/%d %s, %d lesion voxels predicted, Dice %.3f", cfg.variant, split, i,
                  len(names), subject, int(mask.sum()), scores["dice"])
     return rows
+
+
+def lesion_confidence_step(
+    variant: str, splits_json: str, predictions: Mapping[tuple[int, int], str], preprocessed: Mapping[str, str],
+    segment_options: Mapping, connectivity: int, out_lesions: str, out_table: str,
+) -> pd.DataFrame:
+    """Is the ensemble's per-lesion agreement informative? Lesion-wise precision by agreement,
+    measured on subjects the models never trained on.
+
+    Each subject is segmented as ``rsanet-segment`` would (:func:`rsanet.segment.ensemble_lesions`,
+    ``segment_options``' threshold and ``min_lesion_mm3``, no test-time mirroring) by the ensemble
+    of the models (``predictions``: ``(split, seed)`` -> prediction folder of ``variant``) of the
+    splits in whose *test* part it lies; subjects with fewer than two such models are left out. A
+    predicted lesion is a true positive when it overlaps a true lesion. Writes every lesion to
+    ``out_lesions`` (CSV) and :func:`rsanet.segment.precision_by_agreement` to ``out_table`` (CSV,
+    with the variant and the counts of subjects and models); returns the latter.
+    """
+    from . import evaluation
+    from .segment import ensemble_lesions, precision_by_agreement
+
+    splits = {int(k): part["test"] for k, part in enumerate(json.loads(Path(splits_json).read_text())["splits"])}
+    tables = []
+    for subject in sorted({s for names in splits.values() for s in names}):
+        folders = [d for (split, _), d in sorted(predictions.items()) if subject in splits[split]]
+        if len(folders) < 2:
+            continue
+        pre = Preprocessed.load(preprocessed[subject])
+        probs = np.stack([load_probability_u8(Path(d) / f"{subject}_prob_u8.npz") for d in folders])
+        _, _, table = ensemble_lesions(probs, np.diag([*pre.spacing, 1.0]), connectivity,
+                                       float(segment_options["threshold"]), float(segment_options["min_lesion_mm3"]),
+                                       truth=pre.lesions > 0)
+        table.insert(0, "subject", subject)
+        table.insert(1, "n_models", len(folders))
+        tables.append(table)
+        log.info("%s: %s, %d models, %d lesions, %d true", variant, subject, len(folders), len(table),
+                 int(table.true_positive.sum()))
+    columns = ["subject", "n_models", "lesion", "volume_mm3", "agreement", "true_positive"]
+    lesions = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=columns)
+    summary = precision_by_agreement(lesions)
+    summary.insert(0, "variant", variant)
+    summary["subjects"] = len(tables)
+    summary["models_per_subject"] = (f"{lesions.groupby('subject').n_models.first().min()}-"
+                                     f"{lesions.groupby('subject').n_models.first().max()}") if tables else "none"
+    evaluation.write_csv(lesions, out_lesions)
+    evaluation.write_csv(summary, out_table)
+    if not tables:
+        log.warning("%s: no subject lies in the test part of two or more splits; precision by agreement not measured",
+                    variant)
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------

@@ -76,6 +76,26 @@ def save_nifti(img: nib.Nifti1Image, path: str | os.PathLike) -> None:
         nib.save(img, tmp)
 
 
+def save_probability_u8(prob: np.ndarray, path: str | os.PathLike) -> None:
+    """Write a probability map (float in [0, 1], any shape) compactly and atomically: rounded to
+    steps of 1/255 as uint8 and deflated (zlib level 1) into an ``.npz`` holding ``prob``.
+    About 50 kB and 0.05 s for a demo volume, against ~1.4 MB and 1.4 s for float16 at numpy's
+    default level. Read back with :func:`load_probability_u8` (error <= 1/510)."""
+    import zipfile
+
+    q = np.rint(np.clip(prob, 0.0, 1.0) * 255.0).astype(np.uint8)
+    with atomic_path(path) as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+            with zf.open("prob.npy", "w") as fh:
+                np.lib.format.write_array(fh, q, allow_pickle=False)
+
+
+def load_probability_u8(path: str | os.PathLike) -> np.ndarray:
+    """A map written by :func:`save_probability_u8`, as float32 in [0, 1]."""
+    with np.load(path) as data:
+        return data["prob"].astype(np.float32) / np.float32(255.0)
+
+
 def save_json(obj: object, path: str | os.PathLike) -> None:
     """Write JSON atomically (indented, keys in insertion order)."""
     with atomic_path(path) as tmp:

@@ -265,6 +265,26 @@ def train_logs():
     )
 
 
+def variant_predictions(wildcards):
+    """Input function: every prediction folder of one variant (all splits and seeds)."""
+    return expand(
+        "results/predictions/{variant}/split{split}/seed{seed}",
+        variant=wildcards.variant,
+        split=SPLIT_IDS,
+        seed=SEED_IDS,
+    )
+
+
+def all_test_preprocessed():
+    """The preprocessed files of every subject in some split's test part."""
+    names = sorted({s for part in SPLITS for s in part["test"]})
+    return [f"results/preprocessed/{s}.npz" for s in names]
+
+
+def lesion_confidence_tables():
+    return expand("results/tables/lesion_confidence/{variant}.csv", variant=VARIANT_IDS)
+
+
 def health_files():
     return expand(
         "results/models/{variant}/split{split}/seed{seed}/health.json",

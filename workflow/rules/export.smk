@@ -3,11 +3,37 @@
 # steps); subjects of that sheet with a lesion mask form an external test set.
 
 
+# Is each lesion's agreement informative? Precision by agreement on subjects the models never
+# trained on (each split's test predictions, ensembled per subject); shown in the model card.
+rule lesion_confidence:
+    input:
+        predictions=variant_predictions,
+        splits="results/splits.json",
+        preprocessed=all_test_preprocessed(),
+    output:
+        lesions="results/tables/lesion_confidence/{variant}_lesions.csv",
+        table="results/tables/lesion_confidence/{variant}.csv",
+    log:
+        "logs/lesion_confidence/{variant}.log",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        segment=section("segment"),
+        connectivity=config["evaluation"]["connectivity"],
+    script:
+        "../../scripts/lesion_confidence.py"
+
+
 rule export:
     input:
         table1="results/tables/table1.csv",
         table2="results/tables/table2.csv",
         models=all_models(),
+        confidence=lesion_confidence_tables(),
     output:
         directory("results/export"),
     log:
