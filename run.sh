@@ -32,7 +32,9 @@ case "$cmd" in
     echo "[run.sh] done: results/tables/table1.md, results/figures/, results/report.html"
     ;;
   test)
-    exec python -m pytest "$@"
+    # pytest-xdist: one worker per core (TEST_WORKERS to change it); tests that share an expensive
+    # fixture (the tiny study, the SLURM test cluster) are kept in one worker (xdist_group marks)
+    exec python -m pytest -n "${TEST_WORKERS:-auto}" --dist loadgroup "$@"
     ;;
   *)
     echo "usage: ./run.sh study [snakemake args...] | ./run.sh test [pytest args...]" >&2

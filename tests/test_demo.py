@@ -28,6 +28,9 @@ def _array(img: nib.Nifti1Image) -> np.ndarray:
     return np.asarray(img.dataobj)
 
 
+pytestmark = pytest.mark.xdist_group("demo")  # the module's fixtures are built once, in one worker
+
+
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFrame]:
     out = tmp_path_factory.mktemp("demo")

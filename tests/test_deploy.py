@@ -93,6 +93,7 @@ def write_bids(root: Path, cases: dict[tuple[str, str | None], Path]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("tiny_study")
 def test_bids_dataset_with_two_sessions_runs_the_tiny_study_sessions_kept_together(study, tmp_path):
     demo = study / "demo"
     # five participants; sub-01 was scanned twice (two demo subjects stand in for its sessions)

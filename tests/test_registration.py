@@ -91,6 +91,9 @@ def sample_phantom(shape, affine, contrast, moving_to_fixed=np.eye(4)) -> nib.Ni
     return nib.Nifti1Image(data, affine)
 
 
+pytestmark = pytest.mark.xdist_group("registration")  # the module's fixtures are built once, in one worker
+
+
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> tuple[Path, Path, np.ndarray]:
     """A T1-like fixed image and a T2-like moving image moved by TRUE_MOTION, on different grids."""

@@ -19,7 +19,7 @@ import pytest
 from real_data import MNI_PATIENTS, open_ms_data
 from test_workflow import TEST_CONFIG, _oblique, _reorient, snakemake
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tiny_study")]
 OUTPUTS = {"lesion_prob.nii.gz", "lesion_prob_sd.nii.gz", "lesions.nii.gz", "lesions.csv", "summary.json", "qc.png"}
 
 

@@ -26,6 +26,8 @@ import yaml
 from slurm_cluster import MIN_JOB_AGE_S, PLUGIN_INIT_WAIT_S, SlurmCluster, slurm_cluster, tool
 
 __all__ = ["slurm_cluster"]  # the fixture, re-exported so pytest finds it in this module
+# one pytest-xdist worker starts the test cluster and runs every test that talks to it
+pytestmark = pytest.mark.xdist_group("slurm")
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = ROOT / "workflow" / "profiles"

@@ -21,7 +21,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_CONFIG = ROOT / "config" / "test.yaml"
-pytestmark = pytest.mark.slow
+# one worker builds the tiny study (conftest.study) for every test that uses it
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tiny_study")]
 
 
 def snakemake(workdir: Path, *args: str, timeout: int = 1200) -> subprocess.CompletedProcess:

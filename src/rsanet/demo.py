@@ -245,7 +245,7 @@ def lesion_sources(index: int, seed: int) -> list[dict[str, Any]]:
         flip = bool(rng.random() < 0.5)
         labels, n = _lesion_components(patient, flip)
         taken = rng.random(n) < _COLLAGE_TAKE / N_LESION_MASKS
-        sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+        sizes = _component_sizes(patient, flip)
         # a lesion holding much of its patient's load would carry that patient's layout along
         chosen = np.flatnonzero(taken & (sizes <= _MAX_COLLAGE_SHARE * sizes.sum())) + 1
         if len(chosen):
@@ -491,10 +491,20 @@ def _nearest_resample(src: np.ndarray, out_to_src: np.ndarray,
     if not (np.allclose(lin, np.diag(signs)) and np.allclose(np.abs(signs), 1)
             and np.allclose(off, np.rint(off))):
         return ndi.affine_transform(src, lin, offset=off, output_shape=shape, order=0, cval=0.0)
-    index = [np.rint(sg * np.arange(n) + o).astype(int) for sg, n, o in zip(signs, shape, off)]
-    valid = [(i >= 0) & (i < n) for i, n in zip(index, src.shape)]
+    # output index i reads source index sign * i + offset: per axis a contiguous run of valid
+    # indices, copied as one (possibly reversed) slice
+    out_box, src_box = [], []
+    for sg, n, o, n_src in zip(signs, shape, off, src.shape):
+        index = np.rint(sg * np.arange(n) + o).astype(int)
+        valid = np.flatnonzero((index >= 0) & (index < n_src))
+        if not len(valid):
+            return np.zeros(shape, dtype=src.dtype)
+        first, last = index[valid[0]], index[valid[-1]]
+        step = 1 if sg > 0 else -1
+        out_box.append(slice(valid[0], valid[-1] + 1))
+        src_box.append(slice(first, last + step if last + step >= 0 else None, step))
     out = np.zeros(shape, dtype=src.dtype)
-    out[np.ix_(*valid)] = src[np.ix_(*[i[v] for i, v in zip(index, valid)])]
+    out[tuple(out_box)] = src[tuple(src_box)]
     return out
 
 
@@ -504,6 +514,13 @@ def _lesion_components(patient: int, flip_lr: bool) -> tuple[np.ndarray, int]:
     labels, n = ndi.label(_lesion_on_template(patient, flip_lr) > 0, structure=np.ones((3, 3, 3)))
     labels.setflags(write=False)
     return labels, int(n)
+
+
+@functools.lru_cache(maxsize=2 * N_LESION_MASKS)
+def _component_sizes(patient: int, flip_lr: bool) -> np.ndarray:
+    """Voxel counts of the lesions of :func:`_lesion_components` (index k-1: lesion k)."""
+    labels, n = _lesion_components(patient, flip_lr)
+    return np.bincount(labels.ravel(), minlength=n + 1)[1:]
 
 
 @functools.lru_cache(maxsize=4)
