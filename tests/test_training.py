@@ -165,6 +165,8 @@ def test_prediction_policy_from_the_config_and_its_mirroring():
     assert PredictionPolicy.from_config(section, [16, 64, 64]).tile == (16, 64, 64)
     assert PredictionPolicy.from_config({**section, "tile": "whole"}, [16, 64, 64]).tile is None
     assert PredictionPolicy.from_config({**section, "tile": [8, 32, 32]}, [16, 64, 64]).tile == (8, 32, 32)
+    with pytest.raises(KeyError, match="batch_size"):  # no second copy of the schema's defaults
+        PredictionPolicy.from_config({"tile": None, "overlap": 0.25, "blending": "gaussian"}, [16, 64, 64])
     # the attention maps of one pass: none for the U-Net; NCL's grow with the tile, not the volume
     tiled = PredictionPolicy.from_config(section, [16, 64, 64])
     assert tiled.pass_bytes("unet3d", [8, 16, 32, 64], (40, 120, 100)) == 0

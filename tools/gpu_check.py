@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,6 +39,7 @@ from rsanet.inference import PredictionPolicy  # noqa: E402
 from rsanet.models import build_model  # noqa: E402
 from rsanet.devices import memory_layout  # noqa: E402
 from rsanet.training import TrainConfig, train  # noqa: E402
+from rsanet.validation import load_config  # noqa: E402
 from rsanet.volumes import Preprocessed  # noqa: E402
 
 # A brain cropped from the paper's 0.7 x 0.7 x 3 mm grid: about 48 axial slices of 240 x 200.
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     if not cpu and not torch.cuda.is_available():
         print("no CUDA GPU visible to PyTorch: nothing to check", file=sys.stderr)
         return 1
-    cfg = yaml.safe_load(Path(args.config).read_text())
+    cfg = load_config(args.config, REPO / "workflow" / "schemas" / "config.schema.yaml")  # schema defaults filled in
     tcfg = dict(cfg["train"])
     variants = args.variants or cfg["variants"]
     n_test = int(cfg["splits"]["n_test"])

@@ -222,7 +222,8 @@ def main(argv=None) -> int:
             "2x crop tiles, overlap 0.25, gaussian": {"tile": double, "overlap": 0.25, "blending": "gaussian"},
             "2x crop tiles, overlap 0.5, gaussian": {"tile": double, "overlap": 0.5, "blending": "gaussian"},
         }
-        tasks = [(j, _files(results, splits[j["split"]]["val"]), pol, {"policy": name, "variant": j["variant"], "split": j["split"]})
+        # each candidate is the config's predict: section with these keys changed (complete, as the workflow's)
+        tasks = [(j, _files(results, splits[j["split"]]["val"]), {**cfg["predict"], **pol}, {"policy": name, "variant": j["variant"], "split": j["split"]})
                  for name, pol in policies.items() for j in jobs]
         df = pd.DataFrame(pool.map(_score_job, tasks))
         wide = df.pivot_table(index="policy", columns="variant", values="sample_dice", aggfunc="mean", sort=False).mul(100).round(1)

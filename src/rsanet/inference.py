@@ -190,15 +190,20 @@ class PredictionPolicy:
 
     @classmethod
     def from_config(cls, section: Mapping, crop: Sequence[int], amp: bool = True, mirror: bool = False) -> "PredictionPolicy":
-        """From the config's ``predict:`` section and the training ``crop`` (D, H, W voxels).
+        """From a validated ``predict:`` section (the schema's defaults filled in: every key present,
+        as in a loaded config or an export's record) and the training ``crop`` (D, H, W voxels).
 
         ``predict.tile``: ``null`` = tiles of the training crop, ``"whole"`` = one pass, or a
         ``[d, h, w]`` list.
         """
-        tile = section.get("tile")
+        missing = [k for k in ("tile", "overlap", "blending", "batch_size") if k not in section]
+        if missing:
+            raise KeyError(f"predict section without {', '.join(missing)}: pass the validated section "
+                           "(rsanet.validation.load_config fills in the schema's defaults)")
+        tile = section["tile"]
         tile = tuple(int(c) for c in crop) if tile is None else (None if tile == "whole" else tuple(int(t) for t in tile))
-        return cls(tile=tile, overlap=float(section.get("overlap", 0.25)), blending=section.get("blending", "gaussian"),
-                   batch_size=int(section.get("batch_size", 4)), mirror=mirror, amp=amp)
+        return cls(tile=tile, overlap=float(section["overlap"]), blending=str(section["blending"]),
+                   batch_size=int(section["batch_size"]), mirror=mirror, amp=amp)
 
     def describe(self) -> str:
         """One line for the logs, e.g. ``tiles of (16, 64, 64) voxels, overlap 0.25, ...``."""

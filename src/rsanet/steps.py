@@ -127,10 +127,9 @@ def train_step(
 
 def predict_step(
     model_path: str, split: int, splits_json: str, preprocessed: Mapping[str, str], out_dir: str,
-    out_csv: str, tile: Sequence[int] | str | None, overlap: float, blending: str = "gaussian",
-    batch_size: int = 4, threads: int = 1, device: str = "auto", memory_limit_mb: float | None = None,
-    part: str = "test", seed: int | None = None, save_probabilities: bool = False,
-    evaluation: Mapping | None = None,
+    out_csv: str, predict: Mapping, evaluation: Mapping, threads: int = 1, device: str = "auto",
+    memory_limit_mb: float | None = None, part: str = "test", seed: int | None = None,
+    save_probabilities: bool = False,
 ) -> None:
     """Predict every subject of one part (``"test"``; ``"val"`` for choosing settings) of a split
     and score it.
@@ -141,13 +140,12 @@ def predict_step(
     to ``out_csv`` (see :func:`evaluate_case`).
     Scoring happens here, on the mask just written, so the volumes are loaded once.
 
-    ``tile``: ``None`` tiles the volume with the training crop (the networks then see inputs of
-    the extent they were trained on, and memory is bounded by the tile), ``"whole"`` runs the
-    whole volume in one pass, or an explicit ``(d, h, w)``; see :func:`rsanet.inference.predict_volume`
-    for ``overlap``, ``blending`` and ``batch_size``. ``memory_limit_mb``: the job's memory; a
+    ``predict``: the validated ``predict:`` section, the inference policy
+    (:meth:`rsanet.inference.PredictionPolicy.from_config`: tile, overlap, blending, batch size).
+    ``evaluation``: the validated ``evaluation:`` section, the lesion-wise conventions
+    (:class:`rsanet.metrics.EvaluationSettings` fields). ``memory_limit_mb``: the job's memory; a
     pass whose attention maps alone would exceed it is refused with a message naming what to set.
     ``save_probabilities``: also write ``out_dir/<subject>_prob.nii.gz`` (float32 in [0, 1]).
-    ``evaluation``: the lesion-wise conventions (:class:`rsanet.metrics.EvaluationSettings` fields).
     """
     import torch
 
@@ -156,9 +154,8 @@ def predict_step(
 
     torch.set_num_threads(threads)
     with claim_gpu() if device != "cpu" else contextlib.nullcontext():
-        rows = _predict_all(model_path, split, splits_json, preprocessed, out_dir, tile, overlap, blending,
-                            batch_size, resolve_device(device), memory_limit_mb, part, seed, save_probabilities,
-                            evaluation_settings(evaluation or {}))
+        rows = _predict_all(model_path, split, splits_json, preprocessed, out_dir, predict, resolve_device(device),
+                            memory_limit_mb, part, seed, save_probabilities, evaluation_settings(evaluation))
     from . import evaluation
 
     evaluation.write_csv(pd.DataFrame(rows), out_csv)
@@ -170,15 +167,14 @@ def evaluation_settings(section: Mapping) -> EvaluationSettings:
     return EvaluationSettings(**kw)
 
 
-def _predict_all(model_path, split, splits_json, preprocessed, out_dir, tile, overlap, blending, batch_size, dev,
-                 memory_limit_mb, part, seed, save_probabilities, settings) -> list[dict]:
+def _predict_all(model_path, split, splits_json, preprocessed, out_dir, predict, dev, memory_limit_mb, part, seed,
+                 save_probabilities, settings) -> list[dict]:
     from .inference import PredictionPolicy
     from .devices import precision
     from .training import load_model
 
     model, cfg = load_model(model_path, dev)
-    policy = PredictionPolicy.from_config({"tile": tile, "overlap": overlap, "blending": blending,
-                                           "batch_size": batch_size}, cfg.crop, amp=cfg.amp)
+    policy = PredictionPolicy.from_config(predict, cfg.crop, amp=cfg.amp)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = read_split(splits_json, split)[part]
