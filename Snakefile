@@ -18,7 +18,7 @@ report: "workflow/report/workflow.rst"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
-include: "workflow/rules/validate.smk"
+include: "workflow/rules/checks.smk"
 include: "workflow/rules/coregister.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/splits.smk"

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from rsanet.bids import bids_sheet
-from rsanet.validation import ValidationError, load_config
+from rsanet.checks import InputCheckError, load_config
 from test_workflow import ROOT, TEST_CONFIG, snakemake
 
 #: The tiny study cut to two variants, for the deployment tests (each a full run).
@@ -73,7 +73,7 @@ rule all:
     assert "rule rsanet_train:" in run.stdout + run.stderr
     table = pd.read_csv(tmp_path / "results" / "tables" / "table1.csv")
     assert table.method.tolist() == ["3D U-Net", "RSA-111"]
-    assert (tmp_path / "logs" / "validate_inputs.log").is_file()
+    assert (tmp_path / "logs" / "check_inputs.log").is_file()
 
 
 def write_bids(root: Path, cases: dict[tuple[str, str | None], Path]) -> None:
@@ -135,14 +135,14 @@ def test_bids_cases_missing_a_contrast_or_mask_are_listed_in_one_error(tmp_path)
     (root / "sub-01" / "anat" / "sub-01_FLAIR.nii.gz").unlink()
     (root / "derivatives/lesions/sub-02/ses-b/anat/sub-02_ses-b_label-lesion_mask.nii.gz").unlink()
     shutil.copyfile(img / "T1.nii.gz", root / "sub-03" / "anat" / "sub-03_run-2_T1w.nii.gz")
-    with pytest.raises(ValidationError) as err:
+    with pytest.raises(InputCheckError) as err:
         bids_sheet(root, "derivatives/lesions")
     message = str(err.value)
     assert "3 problem(s)" in message
     assert "sub-01: no _FLAIR image" in message
     assert "sub-02_ses-b: no _label-lesion_mask image in the derivatives" in message
     assert "sub-03: 2 _T1w images" in message
-    with pytest.raises(ValidationError, match="dataset_description.json"):
+    with pytest.raises(InputCheckError, match="dataset_description.json"):
         bids_sheet(root, "derivatives/missing")
 
 

@@ -135,7 +135,7 @@ def test_random_masks_against_set_formula(seed):
     assert dice(pred.astype(np.float32), truth.astype(np.int64)) == pytest.approx(d)
 
 
-def test_input_validation():
+def test_input_checks():
     with pytest.raises(ValueError, match="shape"):
         dice(np.zeros((2, 2)), np.zeros((2, 3)))
     with pytest.raises(ValueError, match="0 or 1"):

@@ -238,10 +238,10 @@ def test_4d_image_stops_the_run_naming_subject_and_file(tmp_path):
     nib.save(nib.Nifti1Image(np.ones((16, 16, 8, 3), np.float32), np.eye(4)), bad)
     run = snakemake(tmp_path / "work", *_bad_config(tmp_path, sheet), "--retries", "0")
     assert run.returncode != 0
-    log = (tmp_path / "work" / "logs" / "validate_inputs.log").read_text()
+    log = (tmp_path / "work" / "logs" / "check_inputs.log").read_text()
     assert "'p02'" in log and str(bad) in log and "expected a 3D image" in log
     results = tmp_path / "work" / "results"
-    assert not (results / "registered").exists() and not (results / "qc" / "input_validation.tsv").exists()
+    assert not (results / "registered").exists() and not (results / "qc" / "input_checks.tsv").exists()
 
 
 def test_missing_file_and_bad_config_are_reported_before_anything_runs(tmp_path):
@@ -346,7 +346,7 @@ def test_allow_empty_masks_runs_a_subject_without_lesions_to_the_report(study, t
     work = tmp_path / "work"
     run = snakemake(work, "--configfile", str(tmp_path / "config.yaml"))
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    assert "the mask is empty" in (work / "logs" / "validate_inputs.log").read_text()
+    assert "the mask is empty" in (work / "logs" / "check_inputs.log").read_text()
     per_subject = pd.read_csv(work / "results" / "tables" / "per_subject_metrics.csv")
     assert json.loads((work / "results" / "splits.json").read_text())["splits"] == planned
     scored = per_subject[per_subject.subject == planned[0]["test"][0]]

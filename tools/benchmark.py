@@ -46,7 +46,7 @@ def main(argv=None) -> int:
         os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy
 
     from rsanet.benchmarks.speed import Outputs, run_benchmark
-    from rsanet.validation import load_config
+    from rsanet.checks import load_config
 
     cfg = load_config(args.config, REPO / "workflow" / "schemas" / "config.schema.yaml")
     train = cfg["train"]

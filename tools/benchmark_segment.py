@@ -26,7 +26,7 @@ def paper_width_export(folder: Path, n_models: int = 5) -> Path:
 
     from rsanet.models import build_model
     from rsanet.training import TrainConfig, TrainResult, save_model
-    from rsanet.validation import load_config
+    from rsanet.checks import load_config
 
     cfg = load_config(REPO / "config" / "paper.yaml", REPO / "workflow" / "schemas" / "config.schema.yaml")
     out = folder / "unet3d"

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import yaml
 
-from rsanet.validation import config_reference
+from rsanet.checks import config_reference
 
 REPO = Path(__file__).resolve().parents[1]
 

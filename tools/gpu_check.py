@@ -39,7 +39,7 @@ from rsanet.inference import PredictionPolicy  # noqa: E402
 from rsanet.models import build_model  # noqa: E402
 from rsanet.devices import memory_layout  # noqa: E402
 from rsanet.training import TrainConfig, train  # noqa: E402
-from rsanet.validation import load_config  # noqa: E402
+from rsanet.checks import load_config  # noqa: E402
 from rsanet.volumes import Preprocessed  # noqa: E402
 
 # A brain cropped from the paper's 0.7 x 0.7 x 3 mm grid: about 48 axial slices of 240 x 200.

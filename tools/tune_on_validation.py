@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     p.add_argument("--scratch", default=str(REPO / "results" / "tuning"))
     args = p.parse_args(argv)
 
-    from rsanet.validation import load_config
+    from rsanet.checks import load_config
 
     cfg = load_config(args.config, REPO / "workflow" / "schemas" / "config.schema.yaml")
     results, scratch, out = Path(args.results), Path(args.scratch), Path(args.out)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .validation import ValidationError
+from .checks import InputCheckError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def bids_sheet(bids: str | os.PathLike, lesions: str, label: str = "lesion") -> 
     Paths are absolute.
 
     Raises:
-        ValidationError: the dataset cannot be read, or some cases lack a contrast or a mask, or
+        InputCheckError: the dataset cannot be read, or some cases lack a contrast or a mask, or
             have more than one candidate file; every such case is listed in one message.
     """
     from bids import BIDSLayout
@@ -50,14 +50,14 @@ def bids_sheet(bids: str | os.PathLike, lesions: str, label: str = "lesion") -> 
     derivatives = derivatives.resolve() if derivatives.is_absolute() else (root / derivatives).resolve()
     for folder, what in ((root, "BIDS dataset"), (derivatives, "lesion derivatives folder")):
         if not (folder / "dataset_description.json").is_file():
-            raise ValidationError(
+            raise InputCheckError(
                 f"subjects.bids: the {what} {str(folder)!r} has no dataset_description.json; "
                 "point subjects.bids / subjects.lesions at a BIDS dataset and its derivatives"
             )
     try:
         layout = BIDSLayout(str(root), derivatives=[str(derivatives)], validate=True)
     except Exception as err:  # pybids raises several kinds for unreadable datasets
-        raise ValidationError(f"subjects.bids: pybids cannot read the dataset {str(root)!r} or its lesion "
+        raise InputCheckError(f"subjects.bids: pybids cannot read the dataset {str(root)!r} or its lesion "
                               f"derivatives {str(derivatives)!r}: {err}") from err
 
     rows, problems = [], []
@@ -85,9 +85,9 @@ def bids_sheet(bids: str | os.PathLike, lesions: str, label: str = "lesion") -> 
                     row[key] = str(files[0])
             rows.append(row)
     if not rows:
-        raise ValidationError(f"subjects.bids: no subjects found in {str(root)!r}")
+        raise InputCheckError(f"subjects.bids: no subjects found in {str(root)!r}")
     if problems:
-        raise ValidationError(
+        raise InputCheckError(
             f"{len(problems)} problem(s) in the BIDS dataset {str(root)!r} (masks from {str(derivatives)!r}):\n"
             + "\n".join(f"  - {p}" for p in problems)
         )

@@ -199,7 +199,7 @@ class PredictionPolicy:
         missing = [k for k in ("tile", "overlap", "blending", "batch_size") if k not in section]
         if missing:
             raise KeyError(f"predict section without {', '.join(missing)}: pass the validated section "
-                           "(rsanet.validation.load_config fills in the schema's defaults)")
+                           "(rsanet.checks.load_config fills in the schema's defaults)")
         tile = section["tile"]
         tile = tuple(int(c) for c in crop) if tile is None else (None if tile == "whole" else tuple(int(t) for t in tile))
         return cls(tile=tile, overlap=float(section["overlap"]), blending=str(section["blending"]),

@@ -17,7 +17,7 @@ if (_CHECKOUT / "pyproject.toml").is_file():
     os.environ.setdefault("RSANET_WORKFLOW_DIR", str(_CHECKOUT))
 from rsanet.bids import bids_sheet
 from rsanet.splits import make_splits
-from rsanet.validation import config_problems, read_sheet, sheet_problems
+from rsanet.checks import config_problems, read_sheet, sheet_problems
 
 # Found relative to this file, also where the workflow is used as a module.
 CONFIG_SCHEMA = workflow.source_path("../schemas/config.schema.yaml")

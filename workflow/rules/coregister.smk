@@ -5,7 +5,7 @@
 rule coregister:
     input:
         unpack(raw_images),
-        validated="results/qc/input_validation.tsv",
+        validated="results/qc/input_checks.tsv",
     output:
         t1="results/registered/{subject}/T1.nii.gz",
         t2="results/registered/{subject}/T2.nii.gz",

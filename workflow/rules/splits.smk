@@ -4,7 +4,7 @@
 
 rule splits:
     input:
-        "results/qc/input_validation.tsv",
+        "results/qc/input_checks.tsv",
     output:
         "results/splits.json",
     log:

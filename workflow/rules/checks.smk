@@ -1,13 +1,13 @@
 # Every subject's files opened and checked before any work starts; one report lists every problem.
 
 
-rule validate_inputs:
+rule check_inputs:
     input:
         all_raw_files(),
     output:
-        report="results/qc/input_validation.tsv",
+        report="results/qc/input_checks.tsv",
     log:
-        "logs/validate_inputs.log",
+        "logs/check_inputs.log",
     conda:
         ENV
     threads: 1
@@ -22,4 +22,4 @@ rule validate_inputs:
         reference=REFERENCE,
         allow_empty=config["preprocess"]["allow_empty_masks"],
     script:
-        "../../scripts/validate_inputs.py"
+        "../../scripts/check_inputs.py"

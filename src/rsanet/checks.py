@@ -5,7 +5,7 @@ Three levels:
   plus checks a schema cannot express (split sizes against the cohort size).
 * :func:`sheet_problems` - the subject sheet: columns, duplicate or unsafe ids, missing files.
 * :func:`subject_problems` - each subject's images opened and checked (3D, finite, non-empty,
-  binary mask on its reference grid); :func:`validate_cohort` runs it for all subjects and
+  binary mask on its reference grid); :func:`check_cohort` runs it for all subjects and
   writes a TSV report of every problem found.
 """
 
@@ -33,7 +33,7 @@ SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 ROLE_COLUMNS = {"T1": "t1", "T2": "t2", "FLAIR": "flair", "lesion mask": "lesions"}
 
 
-class ValidationError(ValueError):
+class InputCheckError(ValueError):
     """Raised with every problem found, one per line."""
 
 
@@ -161,7 +161,7 @@ def load_config(path: str | Path, schema_path: str | Path) -> dict:
     config = with_defaults(yaml.safe_load(Path(path).read_text()) or {}, schema)
     problems = config_problems(config, schema_path)
     if problems:
-        raise ValidationError(f"{path}:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise InputCheckError(f"{path}:\n" + "\n".join(f"  - {p}" for p in problems))
     return config
 
 
@@ -172,7 +172,7 @@ def read_sheet(path: str | Path, optional: Sequence[str] = ()) -> pd.DataFrame:
     """
     path = Path(path)
     if not path.is_file():
-        raise ValidationError(f"subject sheet {str(path)!r} not found; set `subjects:` in the config")
+        raise InputCheckError(f"subject sheet {str(path)!r} not found; set `subjects:` in the config")
     raw = path.read_bytes()
     notes = []
     if raw.startswith(b"\xef\xbb\xbf"):
@@ -250,7 +250,7 @@ def subject_problems(
     return errors, warnings
 
 
-def validate_cohort(
+def check_cohort(
     subjects: Mapping[str, Mapping[str, str]], report: str | Path, reference: str = "FLAIR",
     allow_empty_masks: bool = False,
 ) -> None:
@@ -272,10 +272,10 @@ def validate_cohort(
         failed = Path(report).with_suffix(".failed.tsv")
         with atomic_path(failed) as tmp:
             table.to_csv(tmp, sep="\t", index=False)
-        raise ValidationError(
+        raise InputCheckError(
             f"{n_err} problem(s) in the input data (all listed in {failed}):\n"
             + "\n".join(f"  - {m}" for m in table[table.level == "error"].message)
         )
     with atomic_path(report) as tmp:
         table.to_csv(tmp, sep="\t", index=False)
-    log.info("all %d subjects passed validation (%d warnings)", len(subjects), len(table))
+    log.info("all %d subjects passed the input checks (%d warnings)", len(subjects), len(table))

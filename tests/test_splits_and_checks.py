@@ -11,12 +11,12 @@ import pytest
 import yaml
 
 from rsanet.splits import make_splits
-from rsanet.validation import (
-    ValidationError,
+from rsanet.checks import (
+    InputCheckError,
     config_problems,
     sheet_problems,
     subject_problems,
-    validate_cohort,
+    check_cohort,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,18 +128,18 @@ def test_subject_problems_good_and_bad(tmp_path):
     assert errs == [] and "empty" in warns[0]
 
 
-def test_validate_cohort_reports_all_subjects_at_once(tmp_path):
+def test_check_cohort_reports_all_subjects_at_once(tmp_path):
     good = _subject(tmp_path, "good")
     bad1 = _subject(tmp_path, "bad1", mask=np.full((4, 4, 4), 3, np.uint8))
     bad2 = dict(_subject(tmp_path, "bad2"), T1=str(tmp_path / "missing.nii.gz"))
     report = tmp_path / "qc" / "validation.tsv"
-    with pytest.raises(ValidationError) as err:
-        validate_cohort({"good": good, "bad1": bad1, "bad2": bad2}, report)
+    with pytest.raises(InputCheckError) as err:
+        check_cohort({"good": good, "bad1": bad1, "bad2": bad2}, report)
     assert "2 problem(s)" in str(err.value) and "bad1" in str(err.value) and "missing.nii.gz" in str(err.value)
     assert not report.exists()  # no output that a later step would trust
     failed = pd.read_csv(report.with_suffix(".failed.tsv"), sep="\t")
     assert sorted(failed.subject) == ["bad1", "bad2"]
-    validate_cohort({"good": good}, report)
+    check_cohort({"good": good}, report)
     assert report.exists()
 
 
@@ -159,7 +159,7 @@ def test_dataclass_defaults_equal_the_schemas():
 
     from rsanet.demo import DemoConfig
     from rsanet.training import TrainConfig
-    from rsanet.validation import with_defaults
+    from rsanet.checks import with_defaults
 
     schema = yaml.safe_load(SCHEMA.read_text())
     cfg = with_defaults({"subjects": "demo"}, schema)
@@ -198,7 +198,7 @@ def test_every_schema_key_has_a_description_and_a_default():
 
 
 def test_a_config_with_only_subjects_is_complete_after_defaults():
-    from rsanet.validation import config_problems, with_defaults
+    from rsanet.checks import config_problems, with_defaults
 
     schema = yaml.safe_load(SCHEMA.read_text())
     cfg = with_defaults({"subjects": "demo", "splits": {"n_splits": 2}}, schema)
@@ -208,12 +208,12 @@ def test_a_config_with_only_subjects_is_complete_after_defaults():
 
 
 def test_subject_sheet_with_bom_and_crlf_is_read_and_logged(tmp_path, caplog):
-    from rsanet.validation import read_sheet
+    from rsanet.checks import read_sheet
 
     text = "subject\tt1\tt2\tflair\tlesions\r\np01\ta/T1.nii.gz\ta/T2.nii.gz\ta/FLAIR.nii.gz\ta/m.nii.gz\r\n"
     sheet = tmp_path / "subjects.tsv"
     sheet.write_bytes(b"\xef\xbb\xbf" + text.encode())
-    with caplog.at_level("INFO", logger="rsanet.validation"):
+    with caplog.at_level("INFO", logger="rsanet.checks"):
         df = read_sheet(sheet)
     assert list(df.columns) == ["subject", "t1", "t2", "flair", "lesions"]
     assert df.subject.tolist() == ["p01"] and df.lesions[0] == str(tmp_path / "a" / "m.nii.gz")
@@ -235,7 +235,7 @@ def test_paper_config_sets_every_key_the_default_config_sets():
 
 
 def test_config_readme_is_generated_from_the_schema_and_current():
-    from rsanet.validation import config_reference
+    from rsanet.checks import config_reference
 
     want = config_reference(yaml.safe_load(SCHEMA.read_text()))
     assert (ROOT / "config" / "README.md").read_text() == want, (
@@ -244,7 +244,7 @@ def test_config_readme_is_generated_from_the_schema_and_current():
 
 
 def test_config_problems_lists_a_validation_part_that_leaves_nothing_to_fit():
-    from rsanet.validation import config_problems
+    from rsanet.checks import config_problems
 
     schema = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
     problems = config_problems({"subjects": "demo", "splits": {"n_splits": 2, "n_train": 4, "n_val": 4}}, schema)

@@ -1,9 +1,9 @@
 """Snakemake script: check every subject's files and write one report of all problems."""
 from rsanet.logs import logged
-from rsanet.validation import validate_cohort
+from rsanet.checks import check_cohort
 
 with logged(snakemake.log[0]):
-    validate_cohort(
+    check_cohort(
         snakemake.params.subjects,
         snakemake.output.report,
         reference=snakemake.params.reference,
