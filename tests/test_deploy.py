@@ -177,9 +177,11 @@ def test_a_partial_config_from_another_folder_with_no_subject_left_to_fit_is_a_l
 def test_heavy_rules_are_retried_with_the_configured_sizes(tmp_path):
     """A dry run with resources.retries 2 and job sizes of its own: the training and prediction
     jobs get the config's mem_mb and runtime at their first attempt (attempt_scaled in
-    common.smk multiplies them by the attempt number)."""
-    cfg = small_config(resources={"train": {"mem_mb": 1234, "runtime": 7}, "predict": {"mem_mb": 999, "runtime": 5},
-                                  "retries": 2})
+    common.smk multiplies them by the attempt number), its threads (SLURM's --cpus-per-task; at most --cores, 2 here)
+    and its gpus as the `gpu` resource (what the workstation profile limits and the SLURM
+    profile turns into --gpus)."""
+    cfg = small_config(resources={"train": {"mem_mb": 1234, "runtime": 7, "threads": 2, "gpus": 1},
+                                  "predict": {"mem_mb": 999, "runtime": 5, "threads": 2, "gpus": 1}, "retries": 2})
     (tmp_path / "mine.yaml").write_text(yaml.safe_dump(cfg))
     run = snakemake(tmp_path / "work", "--configfile", str(tmp_path / "mine.yaml"), "-n", "--forceall")
     assert run.returncode == 0, run.stderr[-3000:]
@@ -187,5 +189,5 @@ def test_heavy_rules_are_retried_with_the_configured_sizes(tmp_path):
     train = [j for j in jobs if j.startswith("train:")]
     predict = [j for j in jobs if j.startswith("predict:")]
     assert train and predict
-    assert all("mem_mb=1234" in j and "runtime=7" in j for j in train)
-    assert all("mem_mb=999" in j and "runtime=5" in j for j in predict)
+    assert all("mem_mb=1234" in j and "runtime=7" in j and "gpu=1" in j and "threads: 2" in j for j in train)
+    assert all("mem_mb=999" in j and "runtime=5" in j and "gpu=1" in j and "threads: 2" in j for j in predict)
