@@ -22,11 +22,8 @@ def bf16_native(device: torch.device) -> bool:
     AMX-BF16 instructions (Linux's ``/proc/cpuinfo`` flag ``amx_bf16``). Elsewhere (macOS,
     Windows, CPUs without AMX): False, float32.
 
-    With AMX a demo training step runs ~1.5x faster and a forward pass ~1.3x (tiles of 16x64x64,
-    one thread; docs/performance.md). AVX512-BF16 alone is not enough: on an AMD EPYC with
-    ``avx512_bf16`` and no AMX, bf16 trainings of the demo diverged to NaN (the U-Net at
-    iteration 67, RSA-101 at iterations 8-30, runs of one seed differing), its backward pass was
-    not reproducible from run to run, and it was no faster than float32 (docs/performance.md).
+    Why AMX and not AVX512-BF16 alone: without AMX, bf16 demo trainings diverged to NaN, were not
+    reproducible and were no faster (docs/performance.md, "bf16 autocast").
     """
     if device.type == "cuda":
         return True

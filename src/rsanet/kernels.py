@@ -73,10 +73,7 @@ class GroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` (same parameters and state-dict keys) with a faster backward on CPU.
 
     PyTorch's CPU GroupNorm is slow to differentiate for channels-last tensors, and slower
-    still in bfloat16: forward + backward of one norm of a ``(2, 8, 16, 64, 64)`` map take
-    ~22 ms channels-last against ~5 ms in NCDHW (float32, one thread), and under bf16 autocast
-    the norms' backward took 56 % of a training step (``tools/benchmark.py``). So, when
-    gradients are recorded on a CPU, the norm is computed in float32 (float64 stays float64) on
+    still in bfloat16 (measured in docs/performance.md). So, when gradients are recorded on a CPU, the norm is computed in float32 (float64 stays float64) on
     an NCDHW copy and handed back in the input's dtype and memory layout. Without gradients
     (inference) PyTorch's own kernel runs on the input as it is: its forward is fast in either
     layout. Both compute the statistics in float32 or wider; the result is the same norm.
