@@ -11,7 +11,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import logging  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from rsanet.benchmarks.speed import Outputs, run_benchmark  # noqa: E402
+from rsanet.benchmarks.run import Outputs, run_benchmark  # noqa: E402
 from rsanet.logs import logged  # noqa: E402
 
 train = dict(snakemake.params.train)

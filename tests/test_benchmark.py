@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rsanet.benchmarks import speed as B
+from rsanet.benchmarks import counting, report, timing
 from rsanet.kernels import PointwiseConv3d
 from rsanet.models import PAPER_WIDTHS, RSABlock, slice_attention
 
@@ -16,44 +16,44 @@ from rsanet.models import PAPER_WIDTHS, RSABlock, slice_attention
 @pytest.mark.parametrize("shape", [(2, 3, 4), (1, 4, 4), (3, 5, 2)])
 def test_map_entries_are_the_analytic_counts(shape):
     d, h, w = shape
-    assert B.map_entries("ncl", shape) == (d * h * w) ** 2
-    assert B.map_entries("rsa", shape) == d * d + h * h + w * w
+    assert counting.map_entries("ncl", shape) == (d * h * w) ** 2
+    assert counting.map_entries("rsa", shape) == d * d + h * h + w * w
     with pytest.raises(ValueError):
-        B.map_entries("other", shape)
+        counting.map_entries("other", shape)
 
 
 @pytest.mark.parametrize("kind", ["ncl", "rsa"])
 @pytest.mark.parametrize("channels, shape", [(4, (2, 3, 4)), (6, (3, 2, 5)), (8, (1, 4, 4))])
 def test_flop_counter_gives_the_formulas(kind, channels, shape):
     """torch.utils.flop_counter on the real blocks == 4(C/2)P² / 4CP(D+H+W), projections too."""
-    counted = B.block_flops(kind, channels, shape)
-    assert counted["maps"] == B.map_flops(kind, channels, shape)
-    assert counted["projections"] == B.projection_flops(kind, channels, shape)
+    counted = counting.block_flops(kind, channels, shape)
+    assert counted["maps"] == counting.map_flops(kind, channels, shape)
+    assert counted["projections"] == counting.projection_flops(kind, channels, shape)
     assert counted["total"] == counted["maps"] + counted["projections"]
 
 
 def test_hand_counted_example():
     # NCL, C=4 (inner 2), P=2*3*4=24: theta^T phi and f g are 24x24x2 each -> 2 * 2*24*24*2
-    assert B.map_flops("ncl", 4, (2, 3, 4)) == 2 * (2 * 24 * 24 * 2)
+    assert counting.map_flops("ncl", 4, (2, 3, 4)) == 2 * (2 * 24 * 24 * 2)
     # RSA, C=4, P=24: per direction S: QK^T is S x S x (4*24/S) -> 2*S*4*24, twice (apply)
-    assert B.map_flops("rsa", 4, (2, 3, 4)) == sum(2 * (2 * s * 4 * 24) for s in (2, 3, 4))
+    assert counting.map_flops("rsa", 4, (2, 3, 4)) == sum(2 * (2 * s * 4 * 24) for s in (2, 3, 4))
 
 
 def test_paper_example_is_counted_without_allocating():
     """The paper's 512x512x256 map (67,108,864 squared entries) is counted on fake tensors."""
-    c, shape = B.feature_shape((256, 512, 512), PAPER_WIDTHS, "input resolution")
+    c, shape = counting.feature_shape((256, 512, 512), PAPER_WIDTHS, "input resolution")
     assert (c, shape) == (32, (256, 512, 512))
-    assert B.map_entries("ncl", shape) == 67_108_864**2
-    counted = B.block_flops("ncl", c, shape)
+    assert counting.map_entries("ncl", shape) == 67_108_864**2
+    counted = counting.block_flops("ncl", c, shape)
     assert counted["maps"] == 4 * 16 * 67_108_864**2
 
 
 def test_feature_shapes_follow_the_unet_padding():
-    assert B.feature_shape((54, 130, 110), B.DEMO_WIDTHS, "second-bottom") == (32, (14, 34, 28))
-    assert B.feature_shape((54, 130, 110), B.DEMO_WIDTHS, "bottom") == (64, (7, 17, 14))
-    assert B.feature_shape((48, 320, 256), PAPER_WIDTHS, "bottom") == (512, (3, 20, 16))
-    assert B.feature_shape((48, 320, 256), PAPER_WIDTHS, "second-bottom") == (256, (6, 40, 32))
-    assert B.feature_shape((16, 64, 64), B.DEMO_WIDTHS, "input resolution") == (8, (16, 64, 64))
+    assert counting.feature_shape((54, 130, 110), counting.DEMO_WIDTHS, "second-bottom") == (32, (14, 34, 28))
+    assert counting.feature_shape((54, 130, 110), counting.DEMO_WIDTHS, "bottom") == (64, (7, 17, 14))
+    assert counting.feature_shape((48, 320, 256), PAPER_WIDTHS, "bottom") == (512, (3, 20, 16))
+    assert counting.feature_shape((48, 320, 256), PAPER_WIDTHS, "second-bottom") == (256, (6, 40, 32))
+    assert counting.feature_shape((16, 64, 64), counting.DEMO_WIDTHS, "input resolution") == (8, (16, 64, 64))
 
 
 def test_cpu_peak_counts_live_bytes():
@@ -64,44 +64,44 @@ def test_cpu_peak_counts_live_bytes():
         c = torch.empty(125_000)  # 0.5 MB after a is freed
         del b, c
 
-    assert B.cpu_peak_bytes(fn) == 3_000_000
+    assert timing.cpu_peak_bytes(fn) == 3_000_000
 
 
 def test_non_local_map_dominates_its_measured_peak():
-    peak_mib, _, source = B.measure_block("ncl", 4, (4, 8, 8), rounds=0)
-    map_mib = 4 * B.map_entries("ncl", (4, 8, 8)) / B.MIB
+    peak_mib, _, source = timing.measure_block("ncl", 4, (4, 8, 8), rounds=0)
+    map_mib = 4 * counting.map_entries("ncl", (4, 8, 8)) / counting.MIB
     assert source == "cpu profiler allocations"
     assert map_mib <= peak_mib < 6 * map_mib
 
 
 def test_rsa_network_materialises_only_slice_maps():
     widths, crop = (2, 4, 8), (4, 8, 12)
-    shapes = B.rsa_softmax_shapes("rsa-111", widths, crop, 1)
+    shapes = timing.rsa_softmax_shapes("rsa-111", widths, crop, 1)
     assert len(shapes) == 9  # three blocks, three directions each
     sizes = set()
     for place in ("bottom", "second-bottom"):
-        sizes |= set(B.feature_shape(crop, widths, place)[1])
+        sizes |= set(counting.feature_shape(crop, widths, place)[1])
     assert all(s[-1] == s[-2] and s[-1] in sizes for s in shapes)
 
 
 def test_network_flops_forward_and_training():
-    fwd = B.network_flops("unet3d", (2, 4), (4, 8, 8), 1, train=False)
-    train = B.network_flops("unet3d", (2, 4), (4, 8, 8), 1, train=True)
+    fwd = counting.network_flops("unet3d", (2, 4), (4, 8, 8), 1, train=False)
+    train = counting.network_flops("unet3d", (2, 4), (4, 8, 8), 1, train=True)
     assert fwd > 0 and 2 * fwd < train <= 3 * fwd
 
 
 def test_paired_ratio_and_interleaving():
     calls = []
-    times = B.interleaved_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3, warmup=1)
+    times = timing.interleaved_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3, warmup=1)
     assert calls == ["a", "b"] * 4 and all(len(v) == 3 for v in times.values())
-    assert B.paired_ratio({"x": [2.0, 4.0, 9.0], "u": [1.0, 2.0, 3.0]}, "x", "u") == 2.0
+    assert timing.paired_ratio({"x": [2.0, 4.0, 9.0], "u": [1.0, 2.0, 3.0]}, "x", "u") == 2.0
 
 
 def test_ncl_prediction_memory_need():
     # demo network, paper-sized volume: NCL-101's second-bottom map has (12*80*64)^2 entries
-    need = B.ncl_prediction_bytes("ncl-101", B.DEMO_WIDTHS, (48, 320, 256))
+    need = timing.ncl_prediction_bytes("ncl-101", counting.DEMO_WIDTHS, (48, 320, 256))
     assert need == 2 * 4 * (12 * 80 * 64) ** 2
-    assert B.ncl_prediction_bytes("rsa-111", B.DEMO_WIDTHS, (48, 320, 256)) == 0
+    assert timing.ncl_prediction_bytes("rsa-111", counting.DEMO_WIDTHS, (48, 320, 256)) == 0
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
@@ -136,20 +136,20 @@ def test_rsa_fast_path_equals_slice_attention_in_both_layouts():
 def test_writers(tmp_path):
     rows = []
     for placement in ("bottom", "second-bottom"):
-        c, shape = B.feature_shape((8, 16, 16), (2, 4, 8), placement)
-        fl = {k: B.block_flops(k, c, shape) for k in ("ncl", "rsa")}
-        rows.append(B.AttentionRow(
+        c, shape = counting.feature_shape((8, 16, 16), (2, 4, 8), placement)
+        fl = {k: counting.block_flops(k, c, shape) for k in ("ncl", "rsa")}
+        rows.append(timing.AttentionRow(
             network="tiny", input="8x16x16", placement=placement, channels=c, feature="x".join(map(str, shape)),
-            positions=math.prod(shape), ncl_entries=B.map_entries("ncl", shape), rsa_entries=B.map_entries("rsa", shape),
+            positions=math.prod(shape), ncl_entries=counting.map_entries("ncl", shape), rsa_entries=counting.map_entries("rsa", shape),
             ncl_map_mib=1.0, rsa_map_mib=0.1, ncl_map_gflop=fl["ncl"]["maps"] / 1e9, rsa_map_gflop=fl["rsa"]["maps"] / 1e9,
             ncl_block_gflop=fl["ncl"]["total"] / 1e9, rsa_block_gflop=fl["rsa"]["total"] / 1e9, formula_matches=True,
             ncl_peak_mib=2.0 if placement == "bottom" else None, rsa_peak_mib=1.0 if placement == "bottom" else None,
         ))
-    lines = B.verdict(rows)
+    lines = report.verdict(rows)
     assert len(lines) == 2 and "28x" in lines[0] and "100x" in lines[0]
-    table = B.markdown_table([r.as_dict() for r in rows], B.ATTENTION_COLUMNS)
+    table = report.markdown_table([r.as_dict() for r in rows], report.ATTENTION_COLUMNS)
     assert table.count("\n") == 3 and "| tiny |" in table
-    B.write_csv([r.as_dict() for r in rows], tmp_path / "a.csv")
+    report.write_csv([r.as_dict() for r in rows], tmp_path / "a.csv")
     assert (tmp_path / "a.csv").read_text().startswith("network,input,placement")
-    B.write_figure(rows, tmp_path / "fig.png")
+    report.write_figure(rows, tmp_path / "fig.png")
     assert (tmp_path / "fig.png").stat().st_size > 10_000 and (tmp_path / "fig.pdf").exists()

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     elif args.omp_wait_policy:
         os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy
 
-    from rsanet.benchmarks.speed import Outputs, run_benchmark
+    from rsanet.benchmarks.run import Outputs, run_benchmark
     from rsanet.checks import load_config
 
     cfg = load_config(args.config, REPO / "workflow" / "schemas" / "config.schema.yaml")

@@ -1,185 +1,47 @@
-"""What the attention blocks and the networks cost, measured (the paper's cost claims and the CPU speed targets).
-
-Read top-down:
-
-1. **Sizes** - the feature map an attention block sees at each placement (:func:`feature_shape`).
-2. **Counting** - attention-map entries and map FLOPs by formula (:func:`map_entries`,
-   :func:`map_flops`) and by ``torch.utils.flop_counter`` on fake tensors, so sizes far beyond
-   this machine (the paper's 512x512x256 example) are counted without allocating anything
-   (:func:`counted_flops`).
-3. **Measuring** - medians of interleaved repeats after warm-up (:func:`interleaved_times`),
-   peak memory from the PyTorch profiler's allocation events on CPU or
-   ``torch.cuda.max_memory_allocated`` on CUDA (:func:`peak_bytes`), and the machine's own
-   ceiling: a large matrix product and a large 3D convolution (:func:`machine_ceiling`).
-4. **The benchmark** - :func:`attention_cost` (NCL against RSA at every placement and size),
-   :func:`network_cost` (every variant: parameters, training step, peak memory, GFLOP/s,
-   whole-volume prediction), :func:`check_targets` and the writers (CSV, Markdown, figure).
-
-Conventions: one FLOP is one multiply or one add (a multiply-add is 2 FLOPs), as in
-``torch.utils.flop_counter``; "map FLOPs" are those of computing the attention maps
-(``Q K^T``) and applying them (``A V``), i.e. the ``bmm`` calls of the blocks; the
-projections (1x1x1 convolutions) are counted separately. Memory is MiB (2**20 bytes).
-Attention rows are for one volume (batch 1) in float32.
+"""Timing and memory of the attention blocks and the networks: medians of interleaved repeats
+after warm-up, peak memory (the PyTorch profiler's allocation events on CPU,
+``torch.cuda.max_memory_allocated`` on CUDA), the machine's own ceiling, and the CPU speed
+targets checked. Attention rows are for one volume (batch 1) in float32.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from ..losses import ExpWeightedCrossEntropy
 from ..kernels import pointwise_as_convolution
-from ..models import PAPER_WIDTHS, VARIANTS, NonLocalBlock, RSABlock, build_model, count_parameters
+from ..models import PAPER_WIDTHS, VARIANTS, build_model, count_parameters
 
-MIB = 2**20
-DEMO_WIDTHS: tuple[int, ...] = (8, 16, 32, 64)
+from .counting import (
+    DEMO_VOLUME, DEMO_WIDTHS, INPUT_SIZES, MIB, PAPER_VOLUME, PLACEMENTS, block_flops, feature_shape, make_block,
+    map_entries, map_flops, network_flops, projection_flops,
+)
 
-#: Input volumes ``(D, H, W)`` the attention cost is reported for.
-INPUT_SIZES: dict[str, tuple[int, int, int]] = {
-    "demo crop 16x64x64": (16, 64, 64),
-    "paper-default crop 32x128x128": (32, 128, 128),
-    "paper-sized volume 48x320x256": (48, 320, 256),
-    "paper example 512x512x256": (256, 512, 512),
-}
-#: A demo volume after the brain crop (about 54x130x110 voxels of 3x1.4x1.4 mm).
-DEMO_VOLUME: tuple[int, int, int] = (54, 130, 110)
-PAPER_VOLUME: tuple[int, int, int] = INPUT_SIZES["paper-sized volume 48x320x256"]
-
-#: Placement -> how many levels above the bottom (``None``: the input resolution, level 0).
-PLACEMENTS: dict[str, int | None] = {"bottom": 0, "second-bottom": 1, "input resolution": None}
-
-
-# ---------------------------------------------------------------------------------------------
-# 1. Sizes
-# ---------------------------------------------------------------------------------------------
-def feature_shape(size: Sequence[int], widths: Sequence[int], placement: str) -> tuple[int, tuple[int, int, int]]:
-    """Channels and ``(D, H, W)`` of the feature map at ``placement`` for an input of ``size``.
-
-    The U-Net pads the input to a multiple of ``2 ** (levels - 1)`` and halves it per level.
-    """
-    levels = len(widths)
-    divisor = 2 ** (levels - 1)
-    padded = [math.ceil(s / divisor) * divisor for s in size]
-    up = PLACEMENTS[placement]
-    level = 0 if up is None else levels - 1 - up
-    return int(widths[level]), tuple(p // 2**level for p in padded)  # type: ignore[return-value]
-
-
-# ---------------------------------------------------------------------------------------------
-# 2. Counting: formulas and torch.utils.flop_counter
-# ---------------------------------------------------------------------------------------------
-def map_entries(kind: str, shape: Sequence[int]) -> int:
-    """Attention-map entries of one block for one volume: ``P**2`` (NCL) or ``D**2+H**2+W**2`` (RSA)."""
-    d, h, w = (int(s) for s in shape)
-    if kind == "ncl":
-        return (d * h * w) ** 2
-    if kind == "rsa":
-        return d * d + h * h + w * w  # three maps, one per direction
-    raise ValueError(f"kind must be 'ncl' or 'rsa', got {kind!r}")
-
-
-def map_flops(kind: str, channels: int, shape: Sequence[int]) -> int:
-    """FLOPs of computing and applying the attention maps of one block (one volume).
-
-    NCL: ``theta^T phi`` and ``f g`` are each ``P x P x C/2`` multiply-adds: ``4 (C/2) P**2``.
-    RSA: per direction with ``S`` slices of ``F = C P / S`` features, ``Q K^T`` and ``A V`` are
-    each ``S x S x F``: ``4 C P S``; over the three directions ``4 C P (D + H + W)``.
-    """
-    d, h, w = (int(s) for s in shape)
-    p = d * h * w
-    if kind == "ncl":
-        return 4 * max(channels // 2, 1) * p * p
-    if kind == "rsa":
-        return 4 * channels * p * (d + h + w)
-    raise ValueError(f"kind must be 'ncl' or 'rsa', got {kind!r}")
-
-
-def projection_flops(kind: str, channels: int, shape: Sequence[int]) -> int:
-    """FLOPs of the 1x1x1 projections (multiply-adds only, as the flop counter counts them)."""
-    p = int(np.prod(shape))
-    if kind == "ncl":
-        inner = max(channels // 2, 1)
-        return 2 * p * (3 * channels * inner + inner * channels)  # theta, phi, g; out
-    if kind == "rsa":
-        return 2 * p * 9 * channels * channels  # q, k, v at each of the three steps
-    raise ValueError(f"kind must be 'ncl' or 'rsa', got {kind!r}")
-
-
-def make_block(kind: str, channels: int) -> nn.Module:
-    """The attention block of ``kind`` with every residual scale non-zero (so nothing is skipped)."""
-    block = RSABlock(channels) if kind == "rsa" else NonLocalBlock(channels)
-    with torch.no_grad():
-        if kind == "rsa":
-            block.alpha.fill_(0.5)
-        else:
-            block.norm.weight.fill_(1.0)
-    return block
-
-
-def counted_flops(build: Callable[[], Callable[[], Any]], backward: bool = False) -> dict[str, int]:
-    """FLOPs per ATen op of ``fn()`` counted by :class:`FlopCounterMode` on fake tensors.
-
-    ``build()`` runs inside a ``FakeTensorMode`` (nothing is allocated or computed, so any size
-    can be counted) and returns the function to count; with ``backward`` its result is summed
-    and back-propagated inside the counter too. Returns ``{"total": .., "aten.bmm": .., ...}``.
-    """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with pointwise_as_convolution(), FakeTensorMode():  # aten.bmm is then exactly the maps
-        fn = build()
-        counter = FlopCounterMode(display=False)
-        with counter:
-            out = fn()
-            if backward:
-                out.float().sum().backward()
-        counts = {str(k): int(v) for k, v in counter.get_flop_counts()["Global"].items()}
-    counts["total"] = int(counter.get_total_flops())
-    return counts
-
-
-def block_flops(kind: str, channels: int, shape: Sequence[int]) -> dict[str, int]:
-    """Forward FLOPs of one block on a ``(1, C, D, H, W)`` map, counted: maps (``bmm``), the rest.
-
-    "The rest" is the 1x1x1 projections (convolutions or matrix products); additions (biases,
-    the RSA partial logits, residuals) are not counted, as usual for ``flop_counter``.
-    """
-
-    def build():
-        block = make_block(kind, channels)
-        x = torch.empty(1, channels, *shape)
-        return lambda: block(x)
-
-    counts = counted_flops(build)
-    maps = counts.get("aten.bmm", 0)  # the blocks' only batched products: Q K^T and A V
-    return {"maps": maps, "projections": counts["total"] - maps, "total": counts["total"]}
-
-
-def network_flops(variant: str, widths: Sequence[int], size: Sequence[int], batch: int, train: bool) -> int:
-    """FLOPs of one forward (``train=False``) or forward+backward pass of a variant, counted."""
-
-    def build():
-        model = build_model(variant, widths=widths)
-        model.train(train)
-        x = torch.empty(batch, 3, *size)
-        return lambda: model(x)
-
-    return counted_flops(build, backward=train)["total"]
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int):
+        return f"{x:,}"
+    if isinstance(x, float):
+        if x != 0 and (abs(x) >= 1e6 or abs(x) < 1e-3):
+            return f"{x:.{digits}g}"
+        return f"{x:.{digits}g}" if abs(x) < 10 ** digits else f"{x:,.0f}"
+    return str(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -634,7 +496,7 @@ def thread_policy(threads: int, widths: Sequence[int], crop: Sequence[int], batc
         if policy != "default":
             env["OMP_WAIT_POLICY"] = policy
         args = json.dumps({"threads": n, "widths": list(widths), "crop": list(crop), "batch": batch})
-        cmd = [sys.executable, "-c", f"from rsanet.benchmarks.speed import _worker_step; _worker_step({args!r})"]
+        cmd = [sys.executable, "-c", f"from rsanet.benchmarks.timing import _worker_step; _worker_step({args!r})"]
         try:
             res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, check=True)
             out[f"{policy.lower()}_{n}thr_ms"] = float(res.stdout.strip().splitlines()[-1])
@@ -754,297 +616,3 @@ def check_targets(
     return targets
 
 
-# ---------------------------------------------------------------------------------------------
-# 4d. Writers: CSV, Markdown, figure
-# ---------------------------------------------------------------------------------------------
-def _fmt(x: Any, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if isinstance(x, int):
-        return f"{x:,}"
-    if isinstance(x, float):
-        if x != 0 and (abs(x) >= 1e6 or abs(x) < 1e-3):
-            return f"{x:.{digits}g}"
-        return f"{x:.{digits}g}" if abs(x) < 10 ** digits else f"{x:,.0f}"
-    return str(x)
-
-
-def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cols = list(rows[0]) if rows else []
-    with path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
-
-
-def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Mapping[str, str]) -> str:
-    """``columns``: key -> header. Values formatted with :func:`_fmt`."""
-    head = "| " + " | ".join(columns.values()) + " |"
-    sep = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join(_fmt(r.get(k)) for k in columns) + " |" for r in rows]
-    return "\n".join([head, sep, *body])
-
-
-ATTENTION_COLUMNS = {
-    "network": "network", "input": "input (DxHxW)", "placement": "placement", "channels": "C",
-    "feature": "feature map", "ncl_entries": "NCL map entries", "rsa_entries": "RSA map entries",
-    "entries_ratio": "entries NCL/RSA", "ncl_map_gflop": "NCL map GFLOP", "rsa_map_gflop": "RSA map GFLOP",
-    "map_flop_ratio": "map FLOPs NCL/RSA", "block_flop_ratio": "block FLOPs NCL/RSA",
-    "ncl_peak_mib": "NCL peak MiB", "rsa_peak_mib": "RSA peak MiB", "peak_ratio": "peak NCL/RSA",
-}
-NETWORK_COLUMNS = {
-    "variant": "variant", "parameters": "parameters", "step_ms": "train step ms", "step_ratio": "x U-Net",
-    "step_gflop": "GFLOP/step", "gflops": "GFLOP/s", "peak_mib": "peak MiB", "extra_peak_pct": "extra peak %",
-    "predict_demo_s": "predict demo volume s", "predict_paper_s": "predict paper-sized volume s",
-    "predict_paper_note": "note",
-}
-
-
-def verdict(rows: Sequence[AttentionRow]) -> list[str]:
-    """Plain sentences: for which sizes the paper's 28x (memory) and 100x (FLOPs) hold."""
-    lines = []
-    for r in rows:
-        mem_maps = r.entries_ratio >= 28
-        mem_meas = None if r.peak_ratio is None else r.peak_ratio >= 28
-        fl = r.map_flop_ratio >= 100
-        lines.append(
-            f"- {r.network}, {r.input}, {r.placement} ({r.feature}, C={r.channels}): maps {_fmt(r.entries_ratio)}x "
-            f"fewer entries (28x {'holds' if mem_maps else 'fails'})"
-            + ("" if mem_meas is None else f", measured block peak {_fmt(r.peak_ratio)}x (28x {'holds' if mem_meas else 'fails'})")
-            + f"; map FLOPs {_fmt(r.map_flop_ratio)}x (100x {'holds' if fl else 'fails'})."
-        )
-    return lines
-
-
-def write_figure(rows: Sequence[AttentionRow], path: str | os.PathLike) -> None:
-    """Four log-log panels against feature-map positions P: map entries, map FLOPs, memory, ratios."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = sorted(rows, key=lambda r: r.positions)
-    p = np.array([r.positions for r in rows], dtype=float)
-    meas = [r for r in rows if r.peak_ratio is not None]
-    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
-    ax = axes[0, 0]
-    ax.loglog(p, [r.ncl_entries for r in rows], "o-", color="tab:red", label="NCL: P² entries")
-    ax.loglog(p, [r.rsa_entries for r in rows], "s-", color="tab:blue", label="RSA: D²+H²+W² entries")
-    ax.set_title("(a) attention-map entries of one block, one volume")
-    ax.set_ylabel("entries")
-    ax = axes[0, 1]
-    for net, marker in zip(dict.fromkeys(r.network for r in rows), "o^sv"):
-        sel = [r for r in rows if r.network == net]
-        if sel:
-            ax.loglog([r.positions for r in sel], [r.ncl_map_gflop for r in sel], marker, color="tab:red",
-                      label=f"NCL, {net} widths")
-            ax.loglog([r.positions for r in sel], [r.rsa_map_gflop for r in sel], marker, color="tab:blue",
-                      mfc="none", label=f"RSA, {net} widths")
-    ax.set_title("(b) GFLOP to compute + apply the maps (flop counter)")
-    ax.set_ylabel("GFLOP")
-    ax = axes[1, 0]
-    ax.loglog(p, [r.ncl_map_mib for r in rows], "-", color="tab:red", alpha=0.5, label="NCL maps, float32")
-    ax.loglog(p, [r.rsa_map_mib for r in rows], "-", color="tab:blue", alpha=0.5, label="RSA maps, float32")
-    if meas:
-        ax.loglog([r.positions for r in meas], [r.ncl_peak_mib for r in meas], "x", color="tab:red", ms=9,
-                  label="NCL block, measured peak (fwd+bwd)")
-        ax.loglog([r.positions for r in meas], [r.rsa_peak_mib for r in meas], "+", color="tab:blue", ms=11,
-                  label="RSA block, measured peak (fwd+bwd)")
-    ax.set_title("(c) memory (MiB)")
-    ax.set_ylabel("MiB")
-    ax = axes[1, 1]
-    ax.loglog(p, [r.entries_ratio for r in rows], "o", color="tab:purple", label="map entries (= map memory)")
-    ax.loglog(p, [r.map_flop_ratio for r in rows], "s", color="tab:green", label="map FLOPs")
-    if meas:
-        ax.loglog([r.positions for r in meas], [r.peak_ratio for r in meas], "x", color="black", ms=9,
-                  label="measured block peak memory")
-    ax.axhline(28, color="gray", ls="--", lw=1, label="paper: 28x less memory")
-    ax.axhline(100, color="gray", ls=":", lw=1, label="paper: 100x fewer FLOPs")
-    ax.axhline(1, color="black", lw=0.5)
-    ax.set_title("(d) NCL / RSA")
-    ax.set_ylabel("ratio")
-    for ax in axes.flat:
-        ax.set_xlabel("feature-map positions P = D·H·W")
-        ax.legend(fontsize=7)
-        ax.grid(True, which="major", lw=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    fig.savefig(path.with_suffix(".pdf"))
-    plt.close(fig)
-
-
-def machine_info(threads: int) -> dict[str, Any]:
-    info = {
-        "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-        "processor": platform.processor(), "cpu_count": os.cpu_count(), "torch_threads": threads,
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-    with contextlib.suppress(OSError):
-        info["loadavg_at_start"] = os.getloadavg()
-    return info
-
-
-def write_markdown(result: Mapping[str, Any], path: str | os.PathLike) -> None:
-    att = result["attention"]
-    nets = result["networks"]
-    ceil = result["ceiling"]
-    cfg = result["config"]
-    parts = [
-        "# RSANet benchmark: attention cost and network speed",
-        "",
-        f"Machine: {result['machine']['cpu_count']} CPUs ({result['machine']['cpu_capability']}), torch "
-        f"{result['machine']['torch']}, {cfg['threads']} threads, OMP_WAIT_POLICY="
-        f"{result['machine']['omp_wait_policy']}, device {cfg['device']}; load average at start "
-        f"{result['machine'].get('loadavg_at_start', '-')}. Wall time of the benchmark: {result['seconds']:.0f} s.",
-        "",
-        "## Attention cost, NCL (non-local) against RSA, one volume, float32",
-        "",
-        "Entries: all attention maps of one block (RSA: its three SxS maps). Map GFLOP: computing",
-        "and applying the maps (the blocks' `bmm` calls), counted with `torch.utils.flop_counter` on",
-        "fake tensors (equal to the formulas `4(C/2)P²` and `4CP(D+H+W)` in every row: "
-        f"{all(r['formula_matches'] for r in att)}). Block FLOPs add the 1x1x1 projections. Peak: measured",
-        f"forward+backward of one block ({att[0]['memory_source'] if att else ''}; '-' where it cannot run here).",
-        "",
-        markdown_table(att, ATTENTION_COLUMNS),
-        "",
-        "### The paper's claims (28x less memory, 100x fewer FLOPs for the attention maps)",
-        "",
-        *result["verdict"],
-        "",
-        f"## Whole networks at the configured settings (widths {cfg['widths']}, crop {cfg['crop']}, "
-        f"batch {cfg['batch']})",
-        "",
-        f"Training step = forward + backward + Adam step, median of {cfg['rounds']} interleaved rounds; "
-        "'x U-Net' is the median of per-round ratios. Peak = weights, gradients, Adam state + the step's "
-        f"transient peak. Prediction: one whole volume in one pass (demo volume {DEMO_VOLUME}, paper-sized "
-        f"{PAPER_VOLUME}).",
-        "",
-        markdown_table([asdict(r) for r in nets], NETWORK_COLUMNS),
-        "",
-        "## Machine ceiling (same run)",
-        "",
-        f"- fp32 matrix product: {ceil['matmul_gflops']:.1f} GFLOP/s",
-        f"- 3x3x3 convolution 64->64: NCDHW {ceil['conv_ncdhw_gflops']:.1f}, NDHWC {ceil['conv_ndhwc_gflops']:.1f} "
-        f"GFLOP/s forward; NDHWC forward+backward {ceil['conv_ndhwc_train_gflops']:.1f} GFLOP/s; ceiling used: "
-        f"{ceil['conv_gflops']:.1f} GFLOP/s",
-        f"- for comparison, the demo network's commonest layer (3x3x3, 8->8 channels, 2x16x64x64, NDHWC) "
-        f"forward+backward: {ceil['conv8_ndhwc_train_gflops']:.1f} GFLOP/s "
-        f"({100 * ceil['conv8_ndhwc_train_gflops'] / ceil['conv_gflops']:.0f}% of the ceiling)",
-        "",
-        "## Targets",
-        "",
-        markdown_table([asdict(t) for t in result["targets"]],
-                       {"name": "target", "measured": "measured", "threshold": "threshold", "holds": "holds", "note": "note"}),
-        "",
-    ]
-    if result.get("paper_widths"):
-        parts += ["## The paper's widths (32..512), crop 16x64x64, batch 1", "",
-                  markdown_table(result["paper_widths"], {"variant": "variant", "parameters": "parameters",
-                                                          "step_ms": "train step ms", "step_ratio": "x U-Net",
-                                                          "gflops": "GFLOP/s", "peak_mib": "peak MiB",
-                                                          "extra_peak_pct": "extra peak %"}), ""]
-    if result.get("ablation"):
-        a = result["ablation"]
-        parts += [
-            "## What the speed-ups come from (U-Net training step, same run)",
-            "",
-            f"- before (NCDHW, oneDNN 1x1x1 convolutions): {a['ncdhw_conv1x1_ms']:.0f} ms",
-            f"- channels-last (NDHWC): {a['ndhwc_conv1x1_ms']:.0f} ms (x{a['speedup_channels_last']:.2f})",
-            f"- and 1x1x1 convolutions as GEMMs: {a['ndhwc_gemm1x1_ms']:.0f} ms (x{a['speedup_gemm1x1']:.2f}; "
-            f"x{a['speedup_total']:.2f} in all)",
-            "",
-        ]
-    if result.get("threads"):
-        parts += ["## OpenMP wait policy (U-Net training step, fresh interpreters)", ""]
-        parts += [f"- {k}: {v:.0f} ms" for k, v in result["threads"].items()] + [""]
-    if result.get("cuda"):
-        parts += ["## CUDA: precision and memory layout", "",
-                  markdown_table(result["cuda"], {"variant": "variant", "setting": "setting", "step_ms": "step ms",
-                                                  "speedup_vs_fp32_ncdhw": "speed-up", "peak_mib": "peak MiB"}), ""]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(parts))
-
-
-# ---------------------------------------------------------------------------------------------
-# 5. Everything
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class Outputs:
-    """Where :func:`run_benchmark` writes."""
-
-    attention_csv: Path
-    networks_csv: Path
-    markdown: Path
-    figure: Path
-    json: Path
-
-    @staticmethod
-    def in_folder(folder: str | os.PathLike) -> "Outputs":
-        f = Path(folder)
-        return Outputs(f / "attention_cost.csv", f / "networks.csv", f / "benchmark.md",
-                       f / "attention_cost.png", f / "benchmark.json")
-
-
-def run_benchmark(
-    out: Outputs, widths: Sequence[int] = DEMO_WIDTHS, crop: Sequence[int] = (16, 64, 64), batch: int = 2,
-    threads: int = 2, device: str = "auto", rounds: int = 7, variants: Sequence[str] = tuple(VARIANTS),
-    memory_budget_mib: float = 1500, extras: bool = True, log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Run every part, write the CSVs, the Markdown, the figure and a JSON of everything."""
-    t0 = time.perf_counter()
-    torch.set_num_threads(threads)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
-    widths, crop = tuple(int(w) for w in widths), tuple(int(c) for c in crop)
-    log(f"benchmark on {dev}, {threads} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
-    log("machine ceiling")
-    ceiling = machine_ceiling(dev)
-    log("  " + ", ".join(f"{k} {v:.1f}" for k, v in ceiling.items()))
-    log("attention cost, NCL against RSA")
-    if dev.type == "cuda":  # room for far bigger maps than on a CPU
-        att = attention_cost(dev, max(memory_budget_mib, 30000), gflop_budget=5000, time_gflop_budget=500, log=log)
-    else:
-        att = attention_cost(dev, memory_budget_mib, log=log)
-    log("whole networks")
-    nets = network_cost(widths, crop, batch, variants, dev, rounds, memory_budget_mib=memory_budget_mib, log=log)
-    targets = check_targets(nets, ceiling, widths, crop, batch, threads)
-    for t in targets:
-        log(f"  target {t.name}: {t.measured} ({t.threshold}) -> {'holds' if t.holds else 'MISSED'}")
-    result: dict[str, Any] = {
-        "machine": machine_info(threads),
-        "config": {"widths": list(widths), "crop": list(crop), "batch": batch, "threads": threads,
-                   "device": str(dev), "rounds": rounds},
-        "ceiling": ceiling,
-        "attention": [r.as_dict() for r in att],
-        "verdict": verdict(att),
-        "networks": nets,
-        "targets": targets,
-    }
-    if extras:
-        log("paper widths (32..512) on a small crop: RSA-111 against the U-Net")
-        result["paper_widths"] = paper_width_check(device=dev, log=log)
-    if extras and dev.type == "cpu":
-        log("before/after: memory layout and 1x1x1 convolutions")
-        result["ablation"] = layout_ablation(widths, crop, batch, log=log)
-        log("OpenMP wait policy")
-        result["threads"] = thread_policy(threads, widths, crop, batch, log=log)
-    if dev.type == "cuda":
-        log("CUDA precision and layout")
-        result["cuda"] = cuda_precision(log=log)
-    result["seconds"] = time.perf_counter() - t0
-    write_csv(result["attention"], out.attention_csv)
-    write_csv([asdict(r) for r in nets], out.networks_csv)
-    write_markdown(result, out.markdown)
-    write_figure(att, out.figure)
-    serialisable = {**result, "networks": [asdict(r) for r in nets], "targets": [asdict(t) for t in targets]}
-    out.json.write_text(json.dumps(serialisable, indent=1, default=str))
-    log(f"wrote {out.markdown} and the rest in {out.markdown.parent} ({result['seconds']:.0f} s)")
-    return result
