@@ -6,8 +6,10 @@ Used by ``tests/test_slurm.py`` (``from slurm_cluster import slurm_cluster``). T
    (idempotent: nothing is installed when they are present; ``apt-get update`` only runs when the
    first install attempt fails, e.g. in a fresh container without package lists);
 2. writes ``/etc/slurm/slurm.conf`` (+ ``gres.conf``) for one node named ``hostname -s`` on
-   127.0.0.1, with no accounting database, ``select/cons_tres``, ``proctrack/pgid``, ``task/none``
-   and ``MinJobAge`` >= 3x the executor plugin's initial wait before its first status check;
+   127.0.0.1, with no accounting database, ``select/cons_tres``, ``proctrack/pgid``, ``task/none``,
+   memory enforced as on a real cluster (``jobacct_gather/linux`` with ``OverMemoryKill``: a job
+   step above its ``--mem`` is killed within a second) and ``MinJobAge`` >= 3x the executor
+   plugin's initial wait before its first status check;
 3. makes sure a munge key exists, starts ``munged`` as the ``munge`` user (unless a working one
    is already running), then ``slurmctld`` and ``slurmd`` in the foreground as child processes;
 4. waits (bounded) until ``sinfo`` reports the node idle, yields a :class:`SlurmCluster`;
@@ -276,7 +278,10 @@ MpiDefault=none
 MailProg=/bin/true
 ProctrackType=proctrack/pgid
 TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
+# memory enforced as on a real cluster: a step above its --mem is killed (OUT_OF_MEMORY)
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherFrequency=task=1
+JobAcctGatherParams=OverMemoryKill
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 SchedulerType=sched/backfill

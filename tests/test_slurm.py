@@ -28,8 +28,6 @@ from slurm_cluster import MIN_JOB_AGE_S, PLUGIN_INIT_WAIT_S, SlurmCluster, slurm
 __all__ = ["slurm_cluster"]  # the fixture, re-exported so pytest finds it in this module
 # one pytest-xdist worker starts the test cluster and runs every test that talks to it
 pytestmark = pytest.mark.xdist_group("slurm")
-# one pytest-xdist worker starts the test cluster and runs every test that talks to it
-pytestmark = pytest.mark.xdist_group("slurm")
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = ROOT / "workflow" / "profiles"
@@ -43,6 +41,10 @@ LIGHT_RULES = ("splits", "aggregate", "figures")  # must be `localrules` (they r
 SHRINK = ["--config", "variants=[unet3d, rsa-111]", "figures={fig5_variants: [rsa-111, unet3d]}"]
 STUDY_TIMEOUT_S = 20 * 60  # bound on the whole SLURM run of the tiny study
 TEST_STATUS_WAIT_S = 10  # plugin's initial wait before the first status check, in the test
+#: the tiny study's prediction jobs get too little memory at their first attempt: the cluster
+#: kills them (OverMemoryKill) and the workflow resubmits them with the memory x the attempt
+PREDICT_FIRST_MB = 200
+PREDICT_RETRIES = 3
 
 
 def snakefile() -> Path | None:
@@ -235,6 +237,12 @@ def filled_in_resources(cluster: SlurmCluster) -> tuple[list[str], list[str]]:
     return defaults, per_rule
 
 
+def memory_mb(job: dict[str, str]) -> int:
+    """The memory a SLURM job was given (``scontrol``'s ``MinMemoryNode``, e.g. ``200M``), in MB."""
+    value, unit = re.fullmatch(r"(\d+)([MGT]?)", job["MinMemoryNode"]).groups()
+    return int(value) * {"": 1, "M": 1, "G": 1024, "T": 1024**2}[unit]
+
+
 def run_bounded(cmd: list[str], cwd: Path, log: Path, timeout_s: float) -> tuple[int, float]:
     """Run ``cmd`` with output to ``log``, bounded: on timeout send SIGINT, not SIGTERM
     (snakemake then cancels its SLURM jobs and exits); SIGKILL only if it ignores that.
@@ -270,11 +278,14 @@ def test_tiny_study_runs_through_slurm(slurm_cluster: SlurmCluster, tmp_path):
     workdir = tmp_path / "study"
     workdir.mkdir()
     defaults, per_rule = filled_in_resources(slurm_cluster)
+    too_small = tmp_path / "predict_too_small.yaml"  # merged over config/test.yaml
+    too_small.write_text(yaml.safe_dump(
+        {"resources": {"predict": {"mem_mb": PREDICT_FIRST_MB}, "retries": PREDICT_RETRIES}}))
     cmd = [sys.executable, "-m", "snakemake",
            "--snakefile", str(sf), "--directory", str(workdir),
            # the SLURM profile as users run it (replaces the workstation profile)
            "--workflow-profile", str(SLURM_PROFILE.parent),
-           "--configfile", str(test_config),
+           "--configfile", str(test_config), str(too_small),
            *SHRINK,
            # the profile's FILL_IN placeholders filled in for this cluster (GPU requests as is)
            "--default-resources", *defaults,
@@ -313,12 +324,26 @@ def test_tiny_study_runs_through_slurm(slurm_cluster: SlurmCluster, tmp_path):
     # ... and seen by slurmctld, completed, with the GPU requested by the profile
     history = recorder.jobs
     assert set(submitted) <= set(history), set(submitted) - set(history)
+    attempts: dict[str, list[str]] = {}  # the plugin's comment (rule + wildcards) -> job ids
+    for sid in sorted(submitted, key=int):
+        attempts.setdefault(history[sid]["Comment"], []).append(sid)
     by_rule: dict[str, list[dict[str, str]]] = {}
-    for sid in submitted:
-        job = history[sid]
-        assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", job
-        rule = re.match(r"rule_([A-Za-z0-9_]+?)(?:_wildcards_|$)", job["Comment"]).group(1)
-        by_rule.setdefault(rule, []).append(job)
+    for comment, sids in attempts.items():
+        rule = re.match(r"rule_([A-Za-z0-9_]+?)(?:_wildcards_|$)", comment).group(1)
+        *killed, last = (history[sid] for sid in sids)
+        assert last["JobState"] == "COMPLETED" and last["ExitCode"] == "0:0", last
+        # memory grows with the attempt (attempt_scaled); only a job given too little memory
+        # was resubmitted, and only after SLURM killed it for exceeding its memory
+        first_mb = memory_mb(history[sids[0]])
+        assert [memory_mb(history[sid]) for sid in sids] == [first_mb * k for k in range(1, len(sids) + 1)], sids
+        for job in killed:
+            assert rule == "predict" and job["JobState"] != "COMPLETED", job
+            assert "exceeded memory limit" in submitted[job["JobId"]].read_text(errors="replace"), job
+        by_rule.setdefault(rule, []).append(last)
+    # every prediction job's first attempt was killed for memory, and a later one completed
+    predict_attempts = [sids for comment, sids in attempts.items() if comment.startswith("rule_predict_")]
+    assert predict_attempts and all(memory_mb(history[sids[0]]) == PREDICT_FIRST_MB and len(sids) > 1
+                                    for sids in predict_attempts), predict_attempts
     for rule in GPU_RULES:
         assert rule in by_rule, f"no {rule} job went through SLURM: {sorted(by_rule)}"
         for job in by_rule[rule]:

@@ -368,3 +368,21 @@ def test_validation_target_scores_only_the_validation_parts(study):
     for k, s in enumerate(splits):
         assert set(rows[rows.split == k].subject) == set(s["val"])
     assert "Sample Dice" in (study / "validation" / "table1_validation.md").read_text()
+
+
+def test_demo_results_page_is_generated_from_the_run(study, tmp_path):
+    """tools/demo_results.py builds docs/demo_results.md from a finished study's own tables."""
+    intro = tmp_path / "intro.md"
+    intro.write_text("# Demo results\n\nWhat ran, where, how long.\n")
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "demo_results.py"), "--results", str(study),
+                          "--intro", str(intro)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    page = run.stdout
+    assert page.startswith("# Demo results\n")
+    for part in ("table1.md", "training_health.md", "paired_tests.md", "table2.md", "job_times.md"):
+        assert (study / "tables" / part).read_text().strip() in page, part
+    # precision by agreement: one row per variant and agreement bin, from the lesion_confidence rule
+    block = page.split("lesion-wise precision by ensemble agreement")[1].split("## Where the time went")[0]
+    rows = [line for line in block.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
+    assert len(rows) == 7 * 3, block
+    assert all(line.split(" | ")[1] in ("< 0.4", "0.4 to < 0.8", ">= 0.8") for line in rows), rows

@@ -5,8 +5,9 @@
 The intro (a Markdown file: what was run, on which commit and machine, how long it took, and
 what the reader should make of it) goes first; then, generated from the run's own files: the
 test sample Dice per split and variant (``per_subject_metrics.csv``), Table 1, the training
-health check of every training, the corrected paired tests, Table 2, and where the time went
-(``job_times.md``, from every heavy job's Snakemake benchmark file).
+health check of every training, the corrected paired tests, Table 2, lesion-wise precision by
+ensemble agreement (``lesion_confidence/<variant>.csv``) and where the time went (``job_times.md``,
+from every heavy job's Snakemake benchmark file).
 """
 
 from __future__ import annotations
@@ -30,6 +31,16 @@ def per_split_dice(per_subject: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index()
 
 
+def precision_by_agreement(folder: Path) -> pd.DataFrame:
+    """The lesion_confidence rule's tables of every variant (``folder/<variant>.csv``), one block
+    of rows per variant in Table 1's order."""
+    tables = {p.stem: pd.read_csv(p) for p in folder.glob("*.csv") if not p.stem.endswith("_lesions")}
+    order = [v for v in VARIANTS if v in tables]
+    table = pd.concat([tables[v] for v in order], ignore_index=True)
+    table["variant"] = table.variant.map(lambda v: VARIANTS[v].display_name)
+    return table.round({"precision_pct": 1})
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", required=True, help="the study's results/ folder")
@@ -49,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         (tables / "paired_tests.md").read_text().rstrip() + "\n",
         "## Table 2 (lesion-wise and distance metrics)\n",
         (tables / "table2.md").read_text().rstrip() + "\n",
+        "## Per-lesion confidence: lesion-wise precision by ensemble agreement\n",
+        "Each subject segmented by the ensemble of the models of the splits that test it (rule "
+        "`lesion_confidence`, results/tables/lesion_confidence/); a predicted lesion is true when it "
+        "overlaps a true lesion.\n",
+        to_markdown(precision_by_agreement(tables / "lesion_confidence")),
         "## Where the time went (Snakemake benchmark files of the heavy jobs)\n",
         (tables / "job_times.md").read_text().rstrip() + "\n",
     ]

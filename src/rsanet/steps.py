@@ -234,19 +234,20 @@ def lesion_confidence_step(
     from .segment import ensemble_lesions, precision_by_agreement
 
     splits = {int(k): part["test"] for k, part in enumerate(json.loads(Path(splits_json).read_text())["splits"])}
-    tables = []
+    tables, n_models = [], []
     for subject in sorted({s for names in splits.values() for s in names}):
         folders = [d for (split, _), d in sorted(predictions.items()) if subject in splits[split]]
         if len(folders) < 2:
             continue
-        pre = Preprocessed.load(preprocessed[subject])
+        truth, spacing = Preprocessed.load_lesions(preprocessed[subject])
         probs = np.stack([load_probability_u8(Path(d) / f"{subject}_prob_u8.npz") for d in folders])
-        _, _, table = ensemble_lesions(probs, np.diag([*pre.spacing, 1.0]), connectivity,
+        _, _, table = ensemble_lesions(probs, np.diag([*spacing, 1.0]), connectivity,
                                        float(segment_options["threshold"]), float(segment_options["min_lesion_mm3"]),
-                                       truth=pre.lesions > 0)
+                                       truth=truth > 0)
         table.insert(0, "subject", subject)
         table.insert(1, "n_models", len(folders))
         tables.append(table)
+        n_models.append(len(folders))
         log.info("%s: %s, %d models, %d lesions, %d true", variant, subject, len(folders), len(table),
                  int(table.true_positive.sum()))
     columns = ["subject", "n_models", "lesion", "volume_mm3", "agreement", "true_positive"]
@@ -254,8 +255,7 @@ def lesion_confidence_step(
     summary = precision_by_agreement(lesions)
     summary.insert(0, "variant", variant)
     summary["subjects"] = len(tables)
-    summary["models_per_subject"] = (f"{lesions.groupby('subject').n_models.first().min()}-"
-                                     f"{lesions.groupby('subject').n_models.first().max()}") if tables else "none"
+    summary["models_per_subject"] = f"{min(n_models)}-{max(n_models)}" if n_models else "none"
     evaluation.write_csv(lesions, out_lesions)
     evaluation.write_csv(summary, out_table)
     if not tables:

@@ -335,6 +335,13 @@ class Preprocessed:
                 reference_affine=z["reference_affine"] if "reference_affine" in z else z["affine"],
             )
 
+    @staticmethod
+    def load_lesions(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, float, float]]:
+        """Only the ``(D, H, W)`` uint8 lesion mask and the ``(dz, dy, dx)`` mm spacing of a saved
+        subject (the image is not read)."""
+        with np.load(path) as z:
+            return z["lesions"], tuple(float(s) for s in z["spacing"])
+
     def uncrop(self, array_dhw: np.ndarray) -> nib.Nifti1Image:
         """Put a cropped ``(D, H, W)`` array back on the reference image's own grid as NIfTI."""
         full = np.zeros(self.full_shape, dtype=array_dhw.dtype)
