@@ -43,7 +43,7 @@ STUDY_TIMEOUT_S = 20 * 60  # bound on the whole SLURM run of the tiny study
 TEST_STATUS_WAIT_S = 10  # plugin's initial wait before the first status check, in the test
 #: the tiny study's prediction jobs get too little memory at their first attempt: the cluster
 #: kills them (OverMemoryKill) and the workflow resubmits them with the memory x the attempt
-PREDICT_FIRST_MB = 200
+PREDICT_FIRST_MB = 300
 PREDICT_RETRIES = 3
 
 
