@@ -116,10 +116,12 @@ def test_segment_a_real_patient_on_its_own_grid_lps_and_oblique_agree(export, tm
     for name, (mask, prob) in results.items():
         assert np.array_equal(np.asarray(_reorient(mask, ("R", "A", "S")).dataobj), base_mask), name
         assert np.array_equal(np.asarray(_reorient(prob, ("R", "A", "S")).dataobj), base_prob), name
-    # 3. with the export's registration: an LPS copy and one with the first two axes swapped give
-    #    the shipped patient's masks and lesion table exactly (the work runs in canonical order)
+    # 3. with the export's registration: RAS and LPS copies and one with the first two axes swapped
+    #    give the shipped (LAS) patient's masks and lesion table exactly (the work runs in canonical
+    #    order)
     shipped = np.asarray(_reorient(nib.load(tmp_path / "out" / "lesions.nii.gz"), ("R", "A", "S")).dataobj)
-    for name, codes in {"LPS-registered": ("L", "P", "S"), "swapped-registered": ("A", "R", "S")}.items():
+    for name, codes in {"RAS-registered": ("R", "A", "S"), "LPS-registered": ("L", "P", "S"),
+                        "swapped-registered": ("A", "R", "S")}.items():
         d = tmp_path / name
         d.mkdir()
         copies = {c: d / f"{c}.nii.gz" for c in inputs}
