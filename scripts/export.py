@@ -17,5 +17,6 @@ with logged(snakemake.log[0]):
         config=snakemake.params.config,
         subjects=snakemake.params.subjects,
         out_dir=snakemake.output[0],
+        health=snakemake.input.health,
         confidence={Path(p).stem: p for p in snakemake.input.confidence},
     )

@@ -225,3 +225,15 @@ def test_lesion_confidence_ensembles_each_subject_over_the_splits_that_test_it(t
     assert table.loc[">= 0.8", "lesions"] == 1 and table.loc[">= 0.8", "precision_pct"] == 100.0
     assert table.loc["0.4 to < 0.8", "lesions"] == 1 and table.loc["0.4 to < 0.8", "precision_pct"] == 0.0
     assert (table.subjects == 1).all() and (table.models_per_subject == "2-2").all()
+
+
+def test_best_variant_is_chosen_on_the_health_check_not_on_the_test_subjects():
+    from rsanet.export import best_variant
+
+    health = pd.DataFrame({"variant": ["unet3d", "unet3d", "rsa-111", "rsa-111", "ncl-010", "ncl-010"],
+                           "score": [0.60, 0.70, 0.66, 0.66, 0.70, 0.60],
+                           "source": ["validation patches"] * 6})
+    variant, how = best_variant(health)
+    assert variant == "rsa-111" and "validation patches" in how and "not the test subjects" in how
+    # a tie goes to the variant met first (Table 1's order in the workflow)
+    assert best_variant(health.assign(score=0.5))[0] == "unet3d"

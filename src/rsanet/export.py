@@ -68,24 +68,43 @@ def load_models(folder: Path, meta: dict, device) -> list:
     return models
 
 
+def best_variant(health: pd.DataFrame) -> tuple[str, str]:
+    """The variant to export under ``export.variant: best``, chosen without the test subjects: the
+    highest mean final health-check score over the variant's trainings (hard Dice of the splits'
+    validation patches; training batches where a split has no validation part).
+
+    ``health``: one row per training with ``variant``, ``score`` (0-1) and ``source`` columns
+    (:func:`rsanet.steps.read_health`). Returns ``(variant, how it was chosen)``; ties go to the
+    variant met first."""
+    means = health.groupby("variant", sort=False).score.mean()
+    sources = " and ".join(sorted(set(health.source)))
+    return str(means.idxmax()), f"highest mean health-check Dice of the {sources} (not the test subjects)"
+
+
 def export_step(
     choice: str, table1_csv: str, table2_csv: str, models: Mapping[str, Sequence[str]], config: Mapping,
-    subjects: Sequence[str], out_dir: str, confidence: Mapping[str, str] | None = None,
+    subjects: Sequence[str], out_dir: str, health: Sequence[str] = (), confidence: Mapping[str, str] | None = None,
 ) -> str:
     """Write ``out_dir/<variant>/``: that variant's models of every split, ``export.json`` and
-    ``MODEL_CARD.md``. ``choice``: a variant id or ``"best"``
-    (highest mean voxel Dice in Table 1). ``confidence``: variant -> its precision-by-agreement
-    CSV (:func:`rsanet.steps.lesion_confidence_step`), shown in the card. Returns the variant
-    exported."""
+    ``MODEL_CARD.md``. ``choice``: a variant id or ``"best"`` (:func:`best_variant` over the
+    trainings' ``health`` JSON files: chosen on validation subjects, never on the test subjects
+    that Table 1 scores). ``confidence``: variant -> its precision-by-agreement CSV
+    (:func:`rsanet.steps.lesion_confidence_step`), shown in the card. Returns the variant exported."""
     import hashlib
     import shutil
 
     from . import __version__, evaluation
     from .paper import deviations
+    from .steps import read_health
 
     t1 = pd.read_csv(table1_csv).set_index("variant")
     t2 = pd.read_csv(table2_csv).set_index("variant")
-    variant = str(t1.voxel_dice_mean.idxmax()) if choice == "best" else choice
+    if choice == "best":
+        if not health:
+            raise ValueError("export.variant best needs the trainings' health.json files")
+        variant, chosen_by = best_variant(read_health(health))
+    else:
+        variant, chosen_by = choice, "export.variant"
     if variant not in models:
         raise ValueError(f"export.variant {choice!r}: no trained models of {variant!r} (variants: {', '.join(models)})")
     out = Path(out_dir) / variant
@@ -105,7 +124,7 @@ def export_step(
     row2 = {k: float(v) for k, v in t2.loc[variant].items() if k.endswith(("_mean", "_sd"))}
     meta = {
         "format": EXPORT_FORMAT, "rsanet_version": __version__, "variant": variant,
-        "chosen_by": "highest mean voxel Dice in Table 1" if choice == "best" else "export.variant",
+        "chosen_by": chosen_by,
         "models": names, "registration": dict(config["registration"]), "preprocess": dict(config["preprocess"]),
         "predict": dict(config["predict"]), "train": dict(config["train"]), "evaluation": dict(config["evaluation"]),
         "training_data": {"subjects": sheet, "n_subjects": len(subjects), "subject_ids_or_sheet_sha256": sheet_hash,

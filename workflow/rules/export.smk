@@ -33,6 +33,8 @@ rule export:
         table1="results/tables/table1.csv",
         table2="results/tables/table2.csv",
         models=all_models(),
+        # `export.variant: best` is chosen on these (validation subjects), not on Table 1
+        health=health_files(),
         confidence=lesion_confidence_tables(),
     output:
         directory("results/export"),
