@@ -338,7 +338,10 @@ def test_tiny_study_runs_through_slurm(slurm_cluster: SlurmCluster, tmp_path):
         assert [memory_mb(history[sid]) for sid in sids] == [first_mb * k for k in range(1, len(sids) + 1)], sids
         for job in killed:
             assert rule == "predict" and job["JobState"] != "COMPLETED", job
-            assert "exceeded memory limit" in submitted[job["JobId"]].read_text(errors="replace"), job
+            text = submitted[job["JobId"]].read_text(errors="replace")
+            assert "exceeded memory limit" in text, job
+            # the retry is a new SLURM job with more memory, never a restart inside the same allocation
+            assert "Trying to restart" not in text, job
         by_rule.setdefault(rule, []).append(last)
     # every prediction job's first attempt was killed for memory, and a later one completed
     predict_attempts = [sids for comment, sids in attempts.items() if comment.startswith("rule_predict_")]

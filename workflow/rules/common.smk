@@ -230,6 +230,14 @@ def job_resources(rule_name):
     return config["resources"][rule_name]
 
 
+def job_retries():
+    """How often a failed training, prediction or segment job is resubmitted: `resources.retries`
+    on the submitting host; 0 inside a cluster job (remote mode), where a retry would run in the
+    same allocation, with the same memory, and be killed again.
+    """
+    return 0 if workflow.remote_exec else config["resources"]["retries"]
+
+
 def attempt_scaled(rule_name, key):
     """`resources.<rule_name>.<key>` (mem_mb or runtime) times the attempt number: a job killed
     for memory or time is resubmitted (`resources.retries` times) with twice, three times... as much.

@@ -69,7 +69,7 @@ rule segment_subject:
         "logs/segment/{new_subject}.log",
     benchmark:
         "results/benchmarks/jobs/segment/{new_subject}.tsv"
-    retries: config["resources"]["retries"]
+    retries: job_retries()
     conda:
         ENV
     threads: job_resources("predict")["threads"]

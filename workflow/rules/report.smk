@@ -159,7 +159,7 @@ rule deviations:
         ENV
     threads: 1
     resources:
-        mem_mb=500,
+        mem_mb=1000,
         runtime=2,
     params:
         config=study_config(),

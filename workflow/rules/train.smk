@@ -18,7 +18,7 @@ rule train:
         "logs/train/{variant}/split{split}/seed{seed}.log",
     benchmark:
         "results/benchmarks/jobs/train/{variant}/split{split}/seed{seed}.tsv"
-    retries: config["resources"]["retries"]
+    retries: job_retries()
     conda:
         ENV
     threads: job_resources("train")["threads"]
@@ -46,7 +46,7 @@ rule predict:
         "logs/predict/{variant}/split{split}/seed{seed}.log",
     benchmark:
         "results/benchmarks/jobs/predict/{variant}/split{split}/seed{seed}.tsv"
-    retries: config["resources"]["retries"]
+    retries: job_retries()
     conda:
         ENV
     threads: job_resources("predict")["threads"]
@@ -79,7 +79,7 @@ rule predict_validation:
         "logs/predict_validation/{variant}/split{split}/seed{seed}.log",
     benchmark:
         "results/benchmarks/jobs/predict_validation/{variant}/split{split}/seed{seed}.tsv"
-    retries: config["resources"]["retries"]
+    retries: job_retries()
     conda:
         ENV
     threads: job_resources("predict")["threads"]
