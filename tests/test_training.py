@@ -125,6 +125,32 @@ def test_tiled_prediction_matches_whole_volume_for_a_pointwise_model():
     assert np.allclose(whole, tiled, atol=1e-6)
 
 
+def test_tiles_cover_the_volume_with_the_fewest_evenly_spread_tiles():
+    """Tiles cover every voxel, neighbours overlap by at least the policy's fraction and by about the
+    same amount, and one tile fewer could not do it (113 voxels by tiles of 64 at overlap 0.25:
+    starts 0, 25, 49, not 0, 48, 49)."""
+    import math
+
+    from rsanet.inference import tile_corners, tile_starts
+
+    assert tile_starts(113, 64, 48) == [0, 25, 49]
+    assert tile_starts(54, 16, 12) == [0, 10, 19, 29, 38]
+    assert tile_starts(64, 64, 48) == [0] and tile_starts(40, 64, 48) == [0] and tile_starts(65, 64, 48) == [0, 1]
+    for size in range(16, 160):
+        for tile, overlap in ((16, 0.25), (64, 0.25), (64, 0.2), (16, 0.0), (64, 0.5)):
+            if size < tile:
+                continue
+            step = max(int(round(tile * (1 - overlap))), 1)
+            starts = tile_starts(size, tile, step)
+            assert starts[0] == 0 and starts[-1] == size - tile
+            gaps = [b - a for a, b in zip(starts[:-1], starts[1:])]
+            assert all(0 < g <= step for g in gaps), (size, tile, starts)
+            assert not gaps or max(gaps) - min(gaps) <= 1  # evenly spread
+            assert len(starts) == 1 or math.ceil((size - tile) / step) == len(starts) - 1  # the fewest
+    assert len(tile_corners((54, 142, 113), (16, 64, 64), 0.25)) == 45
+    assert len(tile_corners((54, 142, 113), (16, 64, 64), 0.2)) == 4 * 3 * 2
+
+
 def test_tiles_are_spread_evenly_over_the_passes():
     """45 tiles at 4 per pass run as passes of 3-4 tiles, never a pass of one (a slow CPU path)."""
     sizes = []

@@ -82,9 +82,10 @@ def _score(model_path: str, files: list[str], policy: dict) -> dict:
     torch.set_num_threads(1)
     model, cfg = load_model(model_path, "cpu")
     chosen = PredictionPolicy.from_config(policy, cfg.crop, amp=cfg.amp)
-    dices, tp, fp, fn, seconds = [], 0, 0, 0, []
+    dices, tp, fp, fn, seconds, tiles = [], 0, 0, 0, [], 0
     for f in files:
         pre = Preprocessed.load(f)
+        tiles += chosen.tiles(pre.image.shape[1:])
         t0 = time.perf_counter()
         prob = chosen.predict(model, pre.image)
         seconds.append(time.perf_counter() - t0)
@@ -92,7 +93,7 @@ def _score(model_path: str, files: list[str], policy: dict) -> dict:
         dices.append(s["dice"])
         tp, fp, fn = tp + s["tp"], fp + s["fp"], fn + s["fn"]
     return {"sample_dice": float(np.mean(dices)), "voxel_dice": dice_from_counts(tp, fp, fn),
-            "seconds_per_volume": float(np.median(seconds))}
+            "seconds_per_volume": float(np.median(seconds)), "tiles": tiles}
 
 
 def _score_job(args: tuple) -> dict:
@@ -150,7 +151,10 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4])
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--only", type=int, nargs="*", default=None,
-                   help="settings: measure only these rows of the table (0 = the baseline)")
+                   help="settings, policy: measure only these rows of the table (0 = the first)")
+    p.add_argument("--variants", nargs="*", default=["unet3d", "rsa-111"], help="policy: the networks measured")
+    p.add_argument("--study-models", action="store_true",
+                   help="policy: predict with the study's own networks (results/models/) instead of training here")
     p.add_argument("--out", default=str(REPO / "docs" / "tuning"))
     p.add_argument("--name", default="health", help="health: the output table's name (health.md, health.csv)")
     p.add_argument("--scratch", default=str(REPO / "results" / "tuning"))
@@ -208,14 +212,22 @@ def main(argv=None) -> int:
         _write(table, out, tag + "settings", header.replace("one change at a time;", f"one change at a time from {Path(args.config).name};"))
     elif args.what == "policy":
         jobs = []
-        for variant in ("unet3d", "rsa-111"):
+        for variant in args.variants:
             jobs += _jobs_for(cfg, splits, args.splits, variant, base, "s0", results, scratch)
-        pool.map(_train_one, jobs)
+        if args.study_models:
+            # the study's own networks (trained by the workflow on the same splits with the same seed rule)
+            for j in jobs:
+                j["out"] = str(results / "models" / j["variant"] / f"split{j['split']}" / "seed0" / "model.pt")
+                if not Path(j["out"]).exists():
+                    raise SystemExit(f"--study-models: {j['out']} does not exist; run the study first")
+        else:
+            pool.map(_train_one, jobs)
         crop = list(base["crop"])
         double = [2 * c for c in crop]
         policies = {
             "whole volume, one pass": {"tile": "whole", "overlap": 0.0, "blending": "constant"},
             "crop tiles, overlap 0": {"tile": None, "overlap": 0.0, "blending": "constant"},
+            "crop tiles, overlap 0.2, gaussian": {"tile": None, "overlap": 0.2, "blending": "gaussian"},
             "crop tiles, overlap 0.25, gaussian": {"tile": None, "overlap": 0.25, "blending": "gaussian"},
             "crop tiles, overlap 0.5, constant": {"tile": None, "overlap": 0.5, "blending": "constant"},
             "crop tiles, overlap 0.5, gaussian": {"tile": None, "overlap": 0.5, "blending": "gaussian"},
@@ -223,16 +235,24 @@ def main(argv=None) -> int:
             "2x crop tiles, overlap 0.5, gaussian": {"tile": double, "overlap": 0.5, "blending": "gaussian"},
         }
         # each candidate is the config's predict: section with these keys changed (complete, as the workflow's)
-        tasks = [(j, _files(results, splits[j["split"]]["val"]), {**cfg["predict"], **pol}, {"policy": name, "variant": j["variant"], "split": j["split"]})
-                 for name, pol in policies.items() for j in jobs]
+        chosen = [name for i, name in enumerate(policies) if args.only is None or i in args.only]
+        tasks = [(j, _files(results, splits[j["split"]]["val"]), {**cfg["predict"], **policies[name]},
+                  {"policy": name, "variant": j["variant"], "split": j["split"]}) for name in chosen for j in jobs]
         df = pd.DataFrame(pool.map(_score_job, tasks))
         wide = df.pivot_table(index="policy", columns="variant", values="sample_dice", aggfunc="mean", sort=False).mul(100).round(1)
         wide.columns = [f"sample Dice {c}" for c in wide.columns]
+        if len(args.variants) > 2:
+            wide.insert(0, "sample Dice, all variants", df.groupby("policy", sort=False).sample_dice.mean().mul(100).round(1))
         secs = df.groupby("policy", sort=False).seconds_per_volume.median().round(2).rename("s / volume (1 thread)")
-        table = wide.join(secs).reset_index()
-        header = (f"Validation sample Dice (%) per inference policy, mean over splits {args.splits}; seconds per "
-                  f"volume, median, one thread, batches of 4 tiles; commit {commit}; "
-                  f"`python tools/tune_on_validation.py policy --splits {' '.join(map(str, args.splits))}`")
+        tiles = df.groupby("policy", sort=False).tiles.sum().rename("tiles predicted")
+        table = wide.join(secs).join(tiles).reset_index()
+        batch = cfg["predict"]["batch_size"]
+        header = (f"Validation sample Dice (%) per inference policy, mean over splits {args.splits} "
+                  f"({'the study' + chr(39) + 's own networks' if args.study_models else 'networks trained here'}); "
+                  f"seconds per volume, median, one thread, batches of {batch} tiles; tiles predicted, all "
+                  f"validation volumes; commit {commit}; `python tools/tune_on_validation.py policy --splits "
+                  f"{' '.join(map(str, args.splits))} --variants {' '.join(args.variants)}"
+                  f"{' --study-models' if args.study_models else ''}`")
         _write(table, out, "policy", header)
     elif args.what == "health":
         jobs = []

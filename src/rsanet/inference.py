@@ -29,11 +29,17 @@ Blending = Literal["gaussian", "constant"]
 
 
 def tile_starts(size: int, tile: int, step: int) -> list[int]:
-    """Start positions of tiles of length ``tile`` covering ``[0, size)``, the last flush with the end."""
+    """Start positions of the fewest tiles of length ``tile`` that cover ``[0, size)`` with starts at
+    most ``step`` voxels apart, spread evenly (as nnU-Net does): the first at 0, the last flush with
+    the end, so neighbours overlap by at least ``tile - step`` voxels and by about the same amount.
+
+    (Steps of exactly ``step`` plus a last tile flush with the end, as before, could place two
+    tiles 1 voxel apart: 113 voxels in tiles of 64 by steps of 48 gave starts 0, 48, 49.)
+    """
     if size <= tile:
         return [0]
-    starts = list(range(0, size - tile, step)) + [size - tile]
-    return sorted(set(starts))
+    n = math.ceil((size - tile) / step) + 1
+    return [int(i * (size - tile) / (n - 1) + 0.5) for i in range(n)]
 
 
 def gaussian_weight(tile: Sequence[int], sigma_scale: float = 0.125, floor: float = 1e-3) -> np.ndarray:
@@ -57,7 +63,8 @@ def gaussian_weight(tile: Sequence[int], sigma_scale: float = 0.125, floor: floa
 
 
 def tile_corners(shape: Sequence[int], tile: Sequence[int], overlap: float) -> list[tuple[int, ...]]:
-    """Corners of the tiles covering ``shape`` with the given fractional ``overlap`` (0 <= overlap < 1)."""
+    """Corners of the tiles covering ``shape``, neighbours overlapping by at least the fraction
+    ``overlap`` of a tile (0 <= overlap < 1; :func:`tile_starts` per axis)."""
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     steps = [max(int(round(t * (1 - overlap))), 1) for t in tile]
@@ -211,6 +218,12 @@ class PredictionPolicy:
                 f"tiles of {self.tile} voxels, overlap {self.overlap}, {self.blending} blending, "
                 f"{self.batch_size} tiles per pass")
         return text + (", mirrored along each axis" if self.mirror else "")
+
+    def tiles(self, shape: Sequence[int]) -> int:
+        """How many tiles (network inputs) predicting a volume of ``shape`` (D, H, W) runs through
+        the network: the measure of its cost."""
+        per_pass = 1 if self.tile is None else len(tile_corners(shape, [min(t, s) for t, s in zip(self.tile, shape)], self.overlap))
+        return per_pass * (4 if self.mirror else 1)
 
     def pass_bytes(self, variant: str, widths: Sequence[int], shape: Sequence[int]) -> int:
         """Bytes of the attention maps of one forward pass over a volume of ``shape`` (D, H, W)."""
