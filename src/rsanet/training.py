@@ -171,8 +171,10 @@ class CropSampler:
         self.images, self.masks, self.lesion_voxels = [], [], []
         for s in subjects:
             pad = [(0, max(c - n, 0)) for c, n in zip(self.crop, s.lesions.shape)]
-            self.images.append(np.pad(s.image, [(0, 0)] + pad))
-            mask = np.pad(s.lesions, pad)
+            # no copy when no axis needs padding (the usual case: ~0.3 s of each job's start)
+            needs_pad = any(after for _, after in pad)
+            self.images.append(np.pad(s.image, [(0, 0)] + pad) if needs_pad else s.image)
+            mask = np.pad(s.lesions, pad) if needs_pad else s.lesions
             self.masks.append(mask)
             self.lesion_voxels.append(np.argwhere(mask > 0))
         self.with_lesions = [i for i, v in enumerate(self.lesion_voxels) if len(v)]
@@ -273,6 +275,19 @@ class TrainResult:
     health: dict = field(default_factory=dict)
 
 
+def deterministic_kernels() -> None:
+    """``torch.use_deterministic_algorithms(True)`` for eager PyTorch, without its import of
+    ``torch._inductor.config`` (which pulls in TorchDynamo: 1.2-1.4 s of every training job's
+    start on the demo machine, for a flag that only ``torch.compile`` reads; nothing here is
+    compiled). The same switch of the same kernels; falls back to the public call if PyTorch
+    no longer has the private setter."""
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if setter is None:
+        torch.use_deterministic_algorithms(True)
+    else:
+        setter(True)
+
+
 def _save_checkpoint(path: Path, payload: dict) -> None:
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
@@ -321,7 +336,7 @@ def train(
             log.warning("deterministic: true on CUDA: deterministic kernels where PyTorch has them; "
                         "runs are bit-exact on the CPU only")
         else:
-            torch.use_deterministic_algorithms(True)
+            deterministic_kernels()
     torch.manual_seed(config.seed)
     r = lesion_fraction([s.lesions for s in subjects])
     model = build_model(config.variant, widths=config.widths, dropout=config.dropout, rsa_order=config.rsa_order)
