@@ -247,8 +247,9 @@ def main(argv=None) -> int:
         tiles = df.groupby("policy", sort=False).tiles.sum().rename("tiles predicted")
         table = wide.join(secs).join(tiles).reset_index()
         batch = cfg["predict"]["batch_size"]
+        networks = "the study's own networks" if args.study_models else "networks trained here"
         header = (f"Validation sample Dice (%) per inference policy, mean over splits {args.splits} "
-                  f"({'the study' + chr(39) + 's own networks' if args.study_models else 'networks trained here'}); "
+                  f"({networks}); "
                   f"seconds per volume, median, one thread, batches of {batch} tiles; tiles predicted, all "
                   f"validation volumes; commit {commit}; `python tools/tune_on_validation.py policy --splits "
                   f"{' '.join(map(str, args.splits))} --variants {' '.join(args.variants)}"

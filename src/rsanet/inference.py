@@ -222,16 +222,23 @@ class PredictionPolicy:
     def tiles(self, shape: Sequence[int]) -> int:
         """How many tiles (network inputs) predicting a volume of ``shape`` (D, H, W) runs through
         the network: the measure of its cost."""
-        per_pass = 1 if self.tile is None else len(tile_corners(shape, [min(t, s) for t, s in zip(self.tile, shape)], self.overlap))
+        per_pass = 1 if self.tile is None else len(self._corners(shape))
         return per_pass * (4 if self.mirror else 1)
 
     def pass_bytes(self, variant: str, widths: Sequence[int], shape: Sequence[int]) -> int:
         """Bytes of the attention maps of one forward pass over a volume of ``shape`` (D, H, W)."""
         if self.tile is None:
             return attention_map_bytes(variant, widths, shape, 1)
-        tile = [min(t, s) for t, s in zip(self.tile, shape)]
-        largest = max(pass_sizes(len(tile_corners(shape, tile, self.overlap)), self.batch_size))
-        return attention_map_bytes(variant, widths, tile, largest)
+        largest = max(pass_sizes(len(self._corners(shape)), self.batch_size))
+        return attention_map_bytes(variant, widths, self._clipped(shape), largest)
+
+    def _clipped(self, shape: Sequence[int]) -> list[int]:
+        """The tile clipped to a volume of ``shape``, as :func:`predict_volume` clips it."""
+        return [min(int(t), s) for t, s in zip(self.tile, shape)]
+
+    def _corners(self, shape: Sequence[int]) -> list[tuple[int, ...]]:
+        """Corners of the (clipped) tiles :func:`predict_volume` runs over a volume of ``shape``."""
+        return tile_corners(shape, self._clipped(shape), self.overlap)
 
     def predict(self, model: torch.nn.Module, image: np.ndarray, device: str | torch.device = "cpu") -> np.ndarray:
         """``(D, H, W)`` float32 lesion probability of ``image`` ``(3, D, H, W)`` under this policy."""
