@@ -62,6 +62,11 @@ def gaussian_weight(tile: Sequence[int], sigma_scale: float = 0.125, floor: floa
     return np.maximum(w, floor).astype(np.float32)
 
 
+def clip_tile(tile: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
+    """The ``(d, h, w)`` tile clipped to a volume of ``shape`` (voxels): no axis longer than the volume."""
+    return tuple(min(int(t), int(s)) for t, s in zip(tile, shape))
+
+
 def tile_corners(shape: Sequence[int], tile: Sequence[int], overlap: float) -> list[tuple[int, ...]]:
     """Corners of the tiles covering ``shape``, neighbours overlapping by at least the fraction
     ``overlap`` of a tile (0 <= overlap < 1; :func:`tile_starts` per axis)."""
@@ -163,7 +168,7 @@ def predict_volume(
         return run(x_full[None])[0].contiguous().numpy()
     if blending not in ("gaussian", "constant"):
         raise ValueError(f"blending must be 'gaussian' or 'constant', got {blending!r}")
-    tile = tuple(min(int(t), s) for t, s in zip(tile, shape))
+    tile = clip_tile(tile, shape)
     corners = tile_corners(shape, tile, overlap)
     weight = torch.from_numpy(gaussian_weight(tile) if blending == "gaussian" else np.ones(tile, np.float32))
     total = torch.zeros(shape)
@@ -230,15 +235,11 @@ class PredictionPolicy:
         if self.tile is None:
             return attention_map_bytes(variant, widths, shape, 1)
         largest = max(pass_sizes(len(self._corners(shape)), self.batch_size))
-        return attention_map_bytes(variant, widths, self._clipped(shape), largest)
-
-    def _clipped(self, shape: Sequence[int]) -> list[int]:
-        """The tile clipped to a volume of ``shape``, as :func:`predict_volume` clips it."""
-        return [min(int(t), s) for t, s in zip(self.tile, shape)]
+        return attention_map_bytes(variant, widths, clip_tile(self.tile, shape), largest)
 
     def _corners(self, shape: Sequence[int]) -> list[tuple[int, ...]]:
         """Corners of the (clipped) tiles :func:`predict_volume` runs over a volume of ``shape``."""
-        return tile_corners(shape, self._clipped(shape), self.overlap)
+        return tile_corners(shape, clip_tile(self.tile, shape), self.overlap)
 
     def predict(self, model: torch.nn.Module, image: np.ndarray, device: str | torch.device = "cpu") -> np.ndarray:
         """``(D, H, W)`` float32 lesion probability of ``image`` ``(3, D, H, W)`` under this policy."""
