@@ -27,8 +27,9 @@ export PATH="$PWD/.venv/bin:$PATH"
 
 case "$cmd" in
   study)
-    snakemake --cores "${CORES:-all}" "$@"
-    snakemake --cores 1 --report results/report.html "$@"
+    # the report in the same run: one Snakemake start fewer, and it is written while Snakemake
+    # waits out its last scheduling timer (docs/performance.md, "The end of the run")
+    snakemake --cores "${CORES:-all}" --report results/report.html --report-after-run "$@"
     echo "[run.sh] done: results/tables/table1.md, results/figures/, results/report.html"
     ;;
   test)

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
-import pandas as pd
 
-# Heavy libraries (torch, matplotlib, SimpleITK) are imported inside the steps that need them,
-# so light steps start in a fraction of a second.
+# Heavy libraries (torch, matplotlib, SimpleITK, pandas) are imported inside the steps that need
+# them, so light steps start in a fraction of a second (pandas: 0.15-0.26 s for each of the demo's
+# 164 synthesis, registration, preprocessing and training jobs, which do not use it).
 from .metrics import EvaluationSettings, evaluate_case
 from .volumes import (
     CONTRASTS,
@@ -34,6 +34,8 @@ from .volumes import (
 )
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from .registration import CoregistrationSettings
 
 log = logging.getLogger(__name__)
@@ -147,6 +149,7 @@ def predict_step(
     pass whose attention maps alone would exceed it is refused with a message naming what to set.
     ``save_probabilities``: also write ``out_dir/<subject>_prob.nii.gz`` (float32 in [0, 1]).
     """
+    import pandas as pd
     import torch
 
     from .gpus import claim_gpu
@@ -230,6 +233,7 @@ def lesion_confidence_step(
     ``out_lesions`` (CSV) and :func:`rsanet.segment.precision_by_agreement` to ``out_table`` (CSV,
     with the variant and the counts of subjects and models); returns the latter.
     """
+    import pandas as pd
     from . import evaluation
     from .segment import ensemble_lesions, precision_by_agreement
 
@@ -270,6 +274,7 @@ def lesion_confidence_step(
 def read_health(health_jsons: Sequence[str]) -> pd.DataFrame:
     """One row per training from its ``health.json``: variant, split, seed (index), learned, score,
     floor, source, stopped_at."""
+    import pandas as pd
     recs = [json.loads(Path(p).read_text()) for p in health_jsons]
     cols = ["variant", "split", "seed_index", "learned", "score", "floor", "source", "stopped_at"]
     df = pd.DataFrame([{c: r.get(c) for c in cols} for r in recs], columns=cols)
@@ -278,6 +283,7 @@ def read_health(health_jsons: Sequence[str]) -> pd.DataFrame:
 
 def job_times_step(benchmarks: Mapping[str, Sequence[str]], out_csv: str, out_md: str) -> None:
     """Snakemake benchmark files (stage -> one TSV per job) -> the time table per stage (csv, md)."""
+    import pandas as pd
     from . import evaluation
 
     table = evaluation.job_time_table({stage: [pd.read_csv(p, sep="\t") for p in paths]
@@ -296,6 +302,7 @@ def aggregate_step(metric_csvs: Sequence[str], health_jsons: Sequence[str], spli
                    outputs: Mapping[str, str]) -> None:
     """All per-subject metrics and training verdicts -> Table 1 (csv/md/tex; with the failed
     trainings per variant), the training-health table, Table 2 (csv/md), paired tests, all rows."""
+    import pandas as pd
     from . import evaluation
 
     rows = pd.concat([pd.read_csv(p) for p in metric_csvs], ignore_index=True)
@@ -365,6 +372,7 @@ def deviations_step(config: Mapping, records: Sequence[str], out_csv: str, out_m
 
 def validation_step(metric_csvs: Sequence[str], out_csv: str, out_md: str) -> None:
     """Table 1 numbers on the validation parts (``splits.n_val`` subjects per split)."""
+    import pandas as pd
     from . import evaluation
 
     rows = pd.concat([pd.read_csv(p) for p in metric_csvs], ignore_index=True)
@@ -390,6 +398,7 @@ def figures_step(
         predictions: variant -> prediction folder of split 0, for the variants shown in Fig. 5.
         stems: output stems for ``fig1``, ``fig5``, ``curves``, ``scores``.
     """
+    import pandas as pd
     from . import figures
 
     rows = pd.read_csv(per_subject_csv)
@@ -483,6 +492,7 @@ def coregister_step(
 
 def registration_accuracy_step(records: Sequence[str], truths: Sequence[str], flairs: Sequence[str], out_csv: str, out_png: str) -> None:
     """Mean displacement error over the brain of each estimated transform against the demo's truth."""
+    import pandas as pd
     from . import evaluation, figures
     from .registration import displacement_mm, foreground_mask, voxel_points_mm
 
@@ -536,6 +546,7 @@ def provenance_step(config: Mapping, records: Sequence[str], out_json: str) -> N
 
 def cohort_step(folders: Sequence[str], size_bins_mm3: Sequence[float], out_csv: str, out_png: str) -> None:
     """Segmented subjects (``results/segment/<subject>/``) -> one cohort table and its figure."""
+    import pandas as pd
     from . import evaluation, figures
 
     summaries = {Path(f).name: json.loads((Path(f) / "summary.json").read_text()) for f in folders}
@@ -554,6 +565,7 @@ def cohort_step(folders: Sequence[str], size_bins_mm3: Sequence[float], out_csv:
 def external_test_step(masks: Mapping[str, str], segmented: Sequence[str], evaluation: Mapping, out_csv: str,
                        out_md: str) -> None:
     """Score new subjects' ``lesions.nii.gz`` (results/segment/<subject>/) against their masks."""
+    import pandas as pd
     from . import evaluation as ev
     from .volumes import voxel_sizes_mm
 

@@ -18,6 +18,10 @@ rule train:
         "logs/train/{variant}/split{split}/seed{seed}.log",
     benchmark:
         "results/benchmarks/jobs/train/{variant}/split{split}/seed{seed}.tsv"
+    # Trainings before predictions whenever both are ready: every health verdict arrives early,
+    # and the study does not end on one training followed by its prediction with a core idle
+    # (docs/performance.md, "The end of the run").
+    priority: 1
     retries: job_retries()
     conda:
         ENV
