@@ -195,6 +195,20 @@ def test_lint_is_clean():
     assert run.returncode == 0 and "Lints for" not in run.stdout + run.stderr, run.stdout + run.stderr
 
 
+def test_trainings_are_scheduled_before_predictions(tmp_path):
+    """Whenever a training and a prediction are both ready, the training starts first (rule
+    priority): every health verdict comes early, and the study does not end on one training
+    followed by its prediction with the other cores idle (docs/performance.md)."""
+    run = snakemake(tmp_path, "--configfile", str(TEST_CONFIG), "-n")
+    assert run.returncode == 0, run.stderr[-3000:]
+    blocks = [b for b in (run.stdout + run.stderr).split("\n\n") if "rule train:" in b or "rule predict:" in b]
+    train = [b for b in blocks if "rule train:" in b]
+    predict = [b for b in blocks if "rule predict:" in b]
+    assert len(train) == len(predict) == 14  # 7 variants x 2 splits
+    assert all("priority: 1" in b for b in train)
+    assert not any("priority:" in b for b in predict)  # Snakemake prints only non-zero priorities
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input: the run stops before any work, naming the subject and the file
 # --------------------------------------------------------------------------------------------
