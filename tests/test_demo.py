@@ -141,40 +141,54 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.mark.slow
-def test_no_test_subject_shares_a_lesion_layout_with_training() -> None:
-    """Issue 22: subjects 31-43 used to reuse masks 1-13 mirrored, so a test subject's layout
-    could sit, mirrored, in the training set. In every split of the demo config, no test or
-    validation subject is now more alike (Dice of the template-space masks, plain or mirrored)
-    to a training subject than the two most alike different real patients are to each other."""
+def test_no_collage_is_closer_to_another_subject_than_two_real_patients() -> None:
+    """Issues 22 and 35: no subject built from a collage is more alike (Dice of the template-space
+    masks; plain, or mirrored where the other is a real mask) to any other demo subject, collage
+    or real, than the two most alike different real patients are to each other. Every pair is
+    checked, so it holds in any split: a collage in the test part is never a near copy of a
+    training subject."""
     import yaml
-
-    from rsanet.splits import make_splits
 
     cfg = yaml.safe_load((Path(__file__).parents[1] / "config" / "config.yaml").read_text())
     n, seed = cfg["demo"]["n_subjects"], cfg["demo"]["seed"]
     masks = [demo.lesion_template(i, seed) > 0 for i in range(n)]
-    mirrored = [demo._lesion_on_template(p, True) > 0 for p in range(1, demo.N_LESION_MASKS + 1)]
+    plain = {p: demo._lesion_on_template(p, False) > 0 for p in range(1, demo.N_LESION_MASKS + 1)}
+    mirrored = {p: demo._lesion_on_template(p, True) > 0 for p in range(1, demo.N_LESION_MASKS + 1)}
+    natural = max(max(_dice(plain[p], plain[q]), _dice(plain[p], mirrored[q]))
+                  for p in plain for q in plain if p != q)
+    assert 0.1 < natural < 0.5  # different patients' lesions overlap, periventricular above all
+    assert all(m.any() for m in masks)
+    k = len(demo.DEMO_PATIENTS)
 
     def alike(i: int, j: int) -> float:
         both = [_dice(masks[i], masks[j])]
-        if j < demo.N_LESION_MASKS:  # collages are mirrored per source already
-            both.append(_dice(masks[i], mirrored[j]))
+        for a, b in ((i, j), (j, i)):
+            if b < k:  # a real mask may also sit mirrored in the other subject
+                both.append(_dice(masks[a], mirrored[demo.DEMO_PATIENTS[b]]))
         return max(both)
 
-    real = range(demo.N_LESION_MASKS)
-    natural = max(alike(i, j) for i in real for j in real if i != j)
-    assert 0.1 < natural < 0.5  # different patients' lesions overlap, periventricular above all
-    assert all(m.any() for m in masks)
-    ids = [demo.subject_id(i) for i in range(n)]
-    s = cfg["splits"]
-    worst = 0.0
-    for split in make_splits(ids, s["n_splits"], s["n_train"], s["n_test"], s["seed"], s["n_val"]):
-        train = [ids.index(x) for x in split["train"]]
-        for held_out in split["test"] + split["val"]:
-            i = ids.index(held_out)
-            worst = max([worst] + [alike(i, j) if i >= demo.N_LESION_MASKS or j >= demo.N_LESION_MASKS
-                                   else 0.0 for j in train])
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n) if i >= k or j >= k]
+    assert len(pairs) == 16 * 27 + 16 * 15 // 2  # 16 collages against the 27 real masks and each other
+    worst = max(alike(i, j) for i, j in pairs)
     assert worst < natural, (worst, natural)
+
+
+@pytest.mark.slow
+def test_no_demo_subject_carries_an_external_test_lesion() -> None:
+    """Issue 35: the lesion masks of the external test patients (open_ms_data 07, 19, 26) enter the
+    demo cohort neither whole nor as collage pieces: no subject's sources name them, and no
+    subject's mask is more alike to theirs (plain or mirrored) than real patients are to each other."""
+    assert set(demo.EXTERNAL_TEST_PATIENTS) == {7, 19, 26}
+    assert not set(demo.DEMO_PATIENTS) & set(demo.EXTERNAL_TEST_PATIENTS)
+    n, seed = 43, 0
+    for i in range(n):
+        assert not {src["patient"] for src in demo.lesion_sources(i, seed)} & set(demo.EXTERNAL_TEST_PATIENTS)
+    external = [demo._lesion_on_template(p, f) > 0 for p in demo.EXTERNAL_TEST_PATIENTS for f in (False, True)]
+    closest = max(_dice(demo.lesion_template(i, seed) > 0, e) for i in range(n) for e in external)
+    assert closest < 0.288, closest  # the closest pair of distinct real masks (test above): 0.288
+    # and the collages hold none of their lesions: far below any real overlap
+    collages = [demo.lesion_template(i, seed) > 0 for i in range(len(demo.DEMO_PATIENTS), n)]
+    assert max(_dice(c, e) for c in collages for e in external) < 0.15
 
 
 def test_lesion_sources_are_seeded_and_distinct() -> None:

@@ -9,11 +9,12 @@ Everything is made from data that ships with the installed packages, so nothing 
   ``rsanet/data/lesion_masks_mni`` (CC-BY, Lesjak et al., Neuroinformatics 16:51-63 (2018),
   doi:10.1007/s12021-017-9348-7; see the README and LICENSE there).
 
-Subject ``index`` (0-based; subject id ``demo-{index + 1:03d}``) uses lesion mask
-``patient{index + 1:02d}`` for the first 30 subjects; every further subject gets a lesion
-*collage* of its own (:func:`lesion_sources`): each lesion of each of the 30 masks, mirrored
-left-right or not (one draw per mask), may be taken (small lesions only), so no two subjects share a
-lesion layout, mirrored or not (``tests/test_demo.py`` measures it against the splits). Each subject
+Subject ``index`` (0-based; subject id ``demo-{index + 1:03d}``) uses the lesion mask
+``DEMO_PATIENTS[index]`` for the first 27 subjects: all masks but those of the three external
+test patients 07, 19 and 26 (:data:`EXTERNAL_TEST_PATIENTS`), which the demo never uses. Every
+further subject gets a lesion *collage* of its own (:func:`lesion_sources`): each lesion of each
+of the 27 masks, mirrored left-right or not (one draw per mask), may be taken (small lesions
+only, each by one collage at most), so no two subjects share a lesion layout, mirrored or not (``tests/test_demo.py`` measures it against the splits). Each subject
 gets its own head pose, global size jitter and smooth random deformation (applied to anatomy and
 lesions alike), its own tissue intensities per contrast, and each contrast is "acquired" on its
 own anisotropic grid (thick axial slices) with its own rigid head motion relative to the FLAIR,
@@ -62,6 +63,8 @@ if TYPE_CHECKING:
 __all__ = [
     "CONTRASTS",
     "N_LESION_MASKS",
+    "DEMO_PATIENTS",
+    "EXTERNAL_TEST_PATIENTS",
     "DemoConfig",
     "Anatomy",
     "lesion_mask_files",
@@ -89,6 +92,11 @@ REFERENCE = "FLAIR"
 
 N_LESION_MASKS = 30
 """Number of real lesion masks shipped in ``rsanet/data/lesion_masks_mni``."""
+#: The open_ms_data patients whose complete scans (``patients_mni/patient07, 19, 26``) are the
+#: external test set (docs/external_test.md): their masks are kept out of the demo cohort.
+EXTERNAL_TEST_PATIENTS: tuple[int, ...] = (7, 19, 26)
+#: The masks the demo cohort is built from (1-based patient numbers).
+DEMO_PATIENTS: tuple[int, ...] = tuple(p for p in range(1, N_LESION_MASKS + 1) if p not in EXTERNAL_TEST_PATIENTS)
 
 LESION_PACKAGE = "rsanet"
 LESION_FOLDER = "lesion_masks_mni"
@@ -226,33 +234,51 @@ _COLLAGE_TAKE = 2.0
 def lesion_sources(index: int, seed: int) -> list[dict[str, Any]]:
     """Where the lesions of subject ``index`` come from, for cohort seed ``seed``.
 
-    The first :data:`N_LESION_MASKS` subjects use one real mask each, as it is:
-    ``[{"patient": index + 1, "flip_lr": False, "components": None}]`` (``None``: all lesions).
-    Every further subject is a collage: for each real mask a seeded draw decides whether it is
-    mirrored left-right, and each of its lesions (26-connected components on the template grid)
-    is taken with probability ``2 / N_LESION_MASKS`` unless it holds more than 10 % of that
-    mask's lesion volume (it would carry the patient's layout along), so a collage holds about
-    a typical patient's lesion load (median 12,400 template voxels for seed 0; the real masks'
-    median is 13,900) spread over many patients' lesions. Returned as one entry per mask
-    that contributes, ``components`` listing the chosen component labels (1-based, in
+    Only the masks of :data:`DEMO_PATIENTS` are used: the masks of
+    :data:`EXTERNAL_TEST_PATIENTS` (the open_ms_data patients whose complete scans are the
+    external test) never enter the demo cohort, whole or in pieces.
+
+    The first ``len(DEMO_PATIENTS)`` subjects use one real mask each, as it is:
+    ``[{"patient": DEMO_PATIENTS[index], "flip_lr": False, "components": None}]`` (``None``: all
+    lesions). Every further subject is a collage: for each demo mask a seeded draw decides
+    whether it is mirrored left-right, and each of its lesions (26-connected components on the
+    template grid) is taken with probability ``2 / len(DEMO_PATIENTS)`` unless it holds more than
+    10 % of that mask's lesion volume (it would carry the patient's layout along) or an earlier
+    collage already took it (mirrored the same way): no lesion appears in two collages, so two
+    collages share no lesion layout. A collage holds about a typical patient's lesion load spread
+    over many patients' lesions. Returned as one entry per mask that contributes,
+    ``components`` listing the chosen component labels (1-based, in
     :func:`scipy.ndimage.label` order).
     """
     if index < 0:
         raise ValueError(f"subject index must be >= 0, got {index}")
-    if index < N_LESION_MASKS:
-        return [{"patient": index + 1, "flip_lr": False, "components": None}]
-    rng = _rng(seed, index, "lesion-collage")
+    if index < len(DEMO_PATIENTS):
+        return [{"patient": DEMO_PATIENTS[index], "flip_lr": False, "components": None}]
+    return [dict(src, components=list(src["components"])) for src in _collages(seed, index)[-1]]
+
+
+@functools.lru_cache(maxsize=None)
+def _collages(seed: int, last: int) -> tuple[tuple[dict[str, Any], ...], ...]:
+    """The lesion sources of collage subjects ``len(DEMO_PATIENTS) .. last``, drawn in index order:
+    each collage draws from the lesions that no earlier collage took (see :func:`lesion_sources`)."""
+    first = len(DEMO_PATIENTS)
+    earlier = _collages(seed, last - 1) if last > first else ()
+    taken_before: set[tuple[int, bool, int]] = {
+        (src["patient"], src["flip_lr"], c) for collage in earlier for src in collage for c in src["components"]
+    }
+    rng = _rng(seed, last, "lesion-collage")
     sources = []
-    for patient in range(1, N_LESION_MASKS + 1):
+    for patient in DEMO_PATIENTS:
         flip = bool(rng.random() < 0.5)
         labels, n = _lesion_components(patient, flip)
-        taken = rng.random(n) < _COLLAGE_TAKE / N_LESION_MASKS
+        taken = rng.random(n) < _COLLAGE_TAKE / len(DEMO_PATIENTS)
         sizes = _component_sizes(patient, flip)
+        free = np.array([(patient, flip, c) not in taken_before for c in range(1, n + 1)], dtype=bool)
         # a lesion holding much of its patient's load would carry that patient's layout along
-        chosen = np.flatnonzero(taken & (sizes <= _MAX_COLLAGE_SHARE * sizes.sum())) + 1
+        chosen = np.flatnonzero(taken & free & (sizes <= _MAX_COLLAGE_SHARE * sizes.sum())) + 1
         if len(chosen):
-            sources.append({"patient": patient, "flip_lr": flip, "components": [int(c) for c in chosen]})
-    return sources
+            sources.append({"patient": patient, "flip_lr": flip, "components": tuple(int(c) for c in chosen)})
+    return earlier + (tuple(sources),)
 
 
 def lesion_template(index: int, seed: int) -> np.ndarray:
@@ -861,7 +887,7 @@ def write_attribution(out_dir: str | os.PathLike) -> Path:
     text = (
         "# rsanet demo cohort\n\n"
         "Synthetic T1/T2/FLAIR scans generated by `rsanet.demo` from nilearn's MNI152 templates "
-        "and the real lesion masks of 30 MS patients.\n\n"
+        "and the real lesion masks of 27 of its 30 MS patients (not patients 07, 19, 26).\n\n"
         "The lesion masks are released under CC-BY; data derived from them must cite:\n\n"
         "> Lesjak Ž, Galimzianova A, Koren A, Lukin M, Pernuš F, Likar B, Špiclin Ž. \"A Novel "
         "Public MR Image Dataset of Multiple Sclerosis Patients With Lesion Segmentations Based "
