@@ -74,6 +74,37 @@ def test_corrected_resampled_ttest_by_hand():
     assert (1 / 3 + 23 / 20) / (1 / 3) > 4
 
 
+def test_power_and_detectable_difference_by_hand():
+    """Issue 35: the power of the corrected test. With no correction term (n_test = 0) it is the
+    one-sample t-test, whose power tables give 0.4014 for n = 5 and 0.8031 for n = 10 at an effect
+    of one sd (two-sided, alpha 0.05; Cohen 1988, G*Power)."""
+    assert evaluation.corrected_ttest_power(1.0, 1.0, 5, 10**9, 0) == pytest.approx(0.4014, abs=2e-4)
+    assert evaluation.corrected_ttest_power(1.0, 1.0, 10, 10**9, 0) == pytest.approx(0.8031, abs=2e-4)
+    # The issue's hand computation: paired sd 0.85 points over 5 splits, 16 training and 23 test
+    # subjects: se = 0.85 sqrt(1/5 + 23/16) = 1.0877; (t_.975,4 + t_.8,4) se = (2.776 + 0.941) se
+    # = 4.04 points by the normal-shift approximation; the exact noncentral-t root is 4.09.
+    se = 0.85 * np.sqrt(1 / 5 + 23 / 16)
+    assert se == pytest.approx(1.0877, abs=1e-4)
+    mde = evaluation.detectable_difference(0.85, 5, 16, 23)
+    assert (2.776 + 0.941) * se < mde < 4.2 and mde == pytest.approx(4.09, abs=0.01)
+    assert evaluation.corrected_ttest_power(mde, 0.85, 5, 16, 23) == pytest.approx(0.8, abs=1e-6)
+    assert evaluation.corrected_ttest_power(2.0, 0.85, 5, 16, 23) == pytest.approx(0.29, abs=0.01)
+    # power is symmetric in the sign of the difference and grows with it
+    assert evaluation.corrected_ttest_power(-2.0, 0.85, 5, 16, 23) == pytest.approx(
+        evaluation.corrected_ttest_power(2.0, 0.85, 5, 16, 23))
+    assert evaluation.corrected_ttest_power(20.0, 0.85, 5, 16, 23) == pytest.approx(1.0, abs=1e-9)
+    assert np.isnan(evaluation.corrected_ttest_power(2.0, float("nan"), 5, 16, 23))
+
+
+def test_reading_never_says_no_difference_alone():
+    blind = evaluation.comparison_reading(0.6, 0.3, 4.1, 2.03, 0.29)
+    assert blind.startswith("no significant difference, and this study could not have seen")
+    assert "4.1" in blind and "29%" in blind
+    seeing = evaluation.comparison_reading(0.6, 0.3, 1.5, 2.03, 0.93)
+    assert "although the paper's difference was detectable" in seeing
+    assert evaluation.comparison_reading(0.01, 3.0, 1.5, 2.03, 0.93).startswith("differs (+3.00 points")
+
+
 def test_corrected_ttest_undefined_cases_are_nan():
     assert np.isnan(evaluation.corrected_resampled_ttest([0.1], 20, 23)["p"])
     constant = evaluation.corrected_resampled_ttest([0.1, 0.1, 0.1], 20, 23)

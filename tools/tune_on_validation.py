@@ -96,6 +96,31 @@ def _score(model_path: str, files: list[str], policy: dict) -> dict:
             "seconds_per_volume": float(np.median(seconds)), "tiles": tiles}
 
 
+def _score_attention_job(args: tuple) -> dict:
+    """:func:`_score` of one model with its attention as trained (``off`` False) or switched off."""
+    job, files, policy, off = args
+    if not off:
+        return _score(job["out"], files, policy)
+    import torch
+
+    from rsanet.models import attention_off
+    from rsanet.training import load_model
+
+    model, _ = load_model(job["out"], "cpu")
+    with attention_off(model):
+        off_path = job["out"] + ".attention-off.pt"
+        payload = torch.load(job["out"], map_location="cpu", weights_only=True)
+        payload["model"] = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        torch.save(payload, off_path)
+    return _score(off_path, files, policy)
+
+
+def _markdown(table: pd.DataFrame) -> str:
+    from rsanet.evaluation import to_markdown
+
+    return to_markdown(table)
+
+
 def _score_job(args: tuple) -> dict:
     job, files, policy, extra = args
     return {**extra, **_score(job["out"], files, policy)}
@@ -142,7 +167,7 @@ def _write(table: pd.DataFrame, out: Path, name: str, header: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["settings", "policy", "seeds", "health", "paper-loss"])
+    p.add_argument("what", choices=["settings", "policy", "seeds", "health", "paper-loss", "attention"])
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="change train: settings of the baseline (YAML values), e.g. min_lesion_crops=0")
     p.add_argument("--config", default=str(REPO / "config" / "config.yaml"))
@@ -155,6 +180,9 @@ def main(argv=None) -> int:
     p.add_argument("--variants", nargs="*", default=["unet3d", "rsa-111"], help="policy: the networks measured")
     p.add_argument("--study-models", action="store_true",
                    help="policy: predict with the study's own networks (results/models/) instead of training here")
+    p.add_argument("--attention-lrs", nargs="*", default=["null", "0.01", "0.03", "0.1"],
+                   help="attention: train.attention_lr candidates (null = train.lr, the paper)")
+    p.add_argument("--attention-variants", nargs="*", default=["rsa-111", "ncl-111"], help="attention: the variants")
     p.add_argument("--out", default=str(REPO / "docs" / "tuning"))
     p.add_argument("--name", default="health", help="health: the output table's name (health.md, health.csv)")
     p.add_argument("--scratch", default=str(REPO / "results" / "tuning"))
@@ -282,6 +310,43 @@ def main(argv=None) -> int:
             + (f"- split 0, seed-to-seed sd of the validation sample Dice: {statistics.stdev(split0):.2f} points "
                f"({len(split0)} seeds)\n" if len(split0) > 1 else ""))
         _write(table, out, tag + args.name, header)
+    elif args.what == "attention":
+        jobs = []
+        for lr in args.attention_lrs:
+            setting = {**base, "attention_lr": yaml.safe_load(lr)}
+            for variant in args.attention_variants:
+                jobs += [dict(j, attention_lr=lr) for j in
+                         _jobs_for(cfg, splits, args.splits, variant, setting, "att", results, scratch)]
+        pool.map(_train_one, jobs)
+        tasks = [(j, _files(results, splits[j["split"]]["val"]), cfg["predict"], off)
+                 for j in jobs for off in (False, True)]
+        scored = pool.map(_score_attention_job, tasks)
+        rows = []
+        for j, on, off in zip(jobs, scored[0::2], scored[1::2]):
+            check = _health(j["out"]).get("attention", {})
+            rows.append({
+                "attention_lr": j["attention_lr"], "variant": j["variant"], "split": j["split"],
+                "val sample Dice": round(100 * on["sample_dice"], 2),
+                "off: val sample Dice": round(100 * off["sample_dice"], 2),
+                "Δ off (points)": round(100 * (off["sample_dice"] - on["sample_dice"]), 2),
+                "patch Dice on": round(100 * check.get("dice_on", float("nan")), 2),
+                "patch Dice off": round(100 * check.get("dice_off", float("nan")), 2),
+                "changed voxels (%)": round(100 * check.get("changed_share", float("nan")), 2),
+                "max |scale|": round(max(abs(v) for vs in check.get("scales", {"": [0.0]}).values() for v in vs), 3),
+            })
+        table = pd.DataFrame(rows)
+        summary = table.groupby(["attention_lr", "variant"], sort=False)[
+            ["val sample Dice", "Δ off (points)", "changed voxels (%)", "max |scale|"]].mean().round(2).reset_index()
+        header = (
+            f"Does the attention learn, and does it matter? {', '.join(args.attention_variants)} of "
+            f"{Path(args.config).name}{set_note} with each train.attention_lr (null = train.lr = {base['lr']}, the "
+            f"paper), splits {args.splits}, scored on each split's validation subjects only (whole volumes, the "
+            f"study's prediction policy) with the attention as trained and switched off (rsanet.models.attention_off); "
+            f"'changed voxels' and the patch Dice are the training's own attention check; commit {commit}; "
+            f"`python tools/tune_on_validation.py attention --splits {' '.join(map(str, args.splits))} "
+            f"--attention-lrs {' '.join(args.attention_lrs)}{set_note}`\n\nMean over splits:\n\n"
+            + _markdown(summary) + "\n\nPer training:")
+        _write(table, out, tag + "attention", header)
     elif args.what == "paper-loss":
         paper = load_config(REPO / "config" / "paper.yaml", REPO / "workflow" / "schemas" / "config.schema.yaml")
         demo_scale = {k: base[k] for k in ("widths", "crop", "deterministic", "device", "amp", "log_every")}

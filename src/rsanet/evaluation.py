@@ -163,6 +163,51 @@ def corrected_resampled_ttest(
     return out
 
 
+def corrected_ttest_power(difference: float, sd: float, n_splits: int, n_train: int, n_test: int,
+                          alpha: float = 0.05) -> float:
+    """Power of :func:`corrected_resampled_ttest` (two-sided, level ``alpha``) to detect a true
+    mean per-split difference ``difference`` when the per-split differences have standard
+    deviation ``sd`` (both in the same unit, e.g. percentage points).
+
+    Under the test's own variance model the statistic is noncentral t with ``J - 1`` degrees of
+    freedom and noncentrality ``difference / sqrt((1/J + n_test/n_train) * sd**2)``; the power is
+    ``P(|T| > t_{1-alpha/2, J-1})``. NaN when ``sd`` is NaN or ``J < 2``; 1 when ``sd`` is 0 and
+    ``difference`` is not. Assumptions (docs/metrics.md, "What a comparison could have seen"):
+    the per-split differences are normal with a common ``sd`` and their correlation is the one
+    Nadeau & Bengio's correction assumes.
+    """
+    j = int(n_splits)
+    if j < 2 or n_train < 1 or not np.isfinite(sd) or not np.isfinite(difference):
+        return float("nan")
+    if sd == 0:
+        return 1.0 if difference != 0 else float("nan")
+    se = math.sqrt((1.0 / j + n_test / n_train)) * sd
+    crit = float(stats.t.ppf(1 - alpha / 2, j - 1))
+    ncp = difference / se
+    # the far tail is below 1e-12 wherever scipy returns NaN for it (|ncp| large)
+    far = float(np.nan_to_num(stats.nct.cdf(-crit, j - 1, abs(ncp)), nan=0.0))
+    return float(stats.nct.sf(crit, j - 1, abs(ncp))) + far
+
+
+def detectable_difference(sd: float, n_splits: int, n_train: int, n_test: int, alpha: float = 0.05,
+                          power: float = 0.8) -> float:
+    """The smallest true mean difference (same unit as ``sd``) that :func:`corrected_resampled_ttest`
+    detects with probability ``power`` at level ``alpha`` (two-sided), i.e. the root of
+    :func:`corrected_ttest_power` ``= power``. NaN where the power is undefined."""
+    j = int(n_splits)
+    if j < 2 or n_train < 1 or not np.isfinite(sd):
+        return float("nan")
+    if sd == 0:
+        return 0.0
+    se = math.sqrt((1.0 / j + n_test / n_train)) * sd
+    from scipy.optimize import brentq
+
+    hi = (float(stats.t.ppf(1 - alpha / 2, j - 1)) + float(stats.t.ppf(power, j - 1))) * se
+    while corrected_ttest_power(hi, sd, j, n_train, n_test, alpha) < power:  # few splits: heavy tails
+        hi *= 2.0
+    return float(brentq(lambda d: corrected_ttest_power(d, sd, j, n_train, n_test, alpha) - power, 0.0, hi, xtol=1e-10))
+
+
 def paired_tests(per_split: pd.DataFrame, n_train: int, reference: str = "unet3d") -> pd.DataFrame:
     """Each variant against ``reference`` on every Table 1 metric, over splits.
 
@@ -178,7 +223,10 @@ def paired_tests(per_split: pd.DataFrame, n_train: int, reference: str = "unet3d
     Returns:
         One row per (variant, metric): ``mean_difference_pp``, ``ci_low_pp``, ``ci_high_pp``
         (percentage points, corrected 95 % interval), ``t``, ``dof``, ``p``, ``splits_won``,
-        ``n_splits``, ``n_train``, ``n_test``.
+        ``n_splits``, ``n_train``, ``n_test``; and what the comparison could have seen:
+        ``sd_pp`` (sd of the per-split differences), ``detectable_pp`` (:func:`detectable_difference`
+        at 80 % power, alpha 0.05), ``paper_difference_pp`` (the paper's Table 1 difference of the
+        two methods) and ``power_for_paper`` (:func:`corrected_ttest_power` of that difference).
     """
     ref = per_split[per_split.variant == reference].set_index("split")
     records = []
@@ -191,12 +239,19 @@ def paired_tests(per_split: pd.DataFrame, n_train: int, reference: str = "unet3d
         for metric in TABLE1_METRICS:
             d = (other.loc[common, metric] - ref.loc[common, metric]).to_numpy(dtype=float)
             res = corrected_resampled_ttest(d, n_train, n_test)
+            sd = float(np.std(d, ddof=1)) if len(d) > 1 else float("nan")
+            k = TABLE1_METRICS.index(metric)
+            paper_diff = PAPER_TABLE1[variant][k] - PAPER_TABLE1[reference][k]  # percent
             records.append({
                 "variant": variant, "method": VARIANTS[variant].display_name,
                 "reference": VARIANTS[reference].display_name, "metric": metric,
                 "mean_difference_pp": 100 * res["mean"], "ci_low_pp": 100 * res["ci_low"],
                 "ci_high_pp": 100 * res["ci_high"], "t": res["t"], "dof": res["dof"], "p": res["p"],
                 "splits_won": int((d > 0).sum()), "n_splits": len(d), "n_train": n_train, "n_test": n_test,
+                "sd_pp": 100 * sd,
+                "detectable_pp": 100 * detectable_difference(sd, len(d), n_train, n_test),
+                "paper_difference_pp": paper_diff,
+                "power_for_paper": corrected_ttest_power(paper_diff / 100, sd, len(d), n_train, n_test),
             })
     return pd.DataFrame(records)
 
@@ -240,16 +295,38 @@ def table1_display(t1: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def comparison_reading(p: float, mean_pp: float, detectable_pp: float, paper_pp: float, power_for_paper: float,
+                       alpha: float = 0.05) -> str:
+    """One comparison in words, never "no significant difference" alone: the verdict at ``alpha``
+    with what the design could have detected (80 % power) and its power for the paper's difference."""
+    if not np.isfinite(p):
+        return "no test (fewer than 2 splits, or no spread)"
+    seen = (f"detectable with 80 % power: ±{detectable_pp:.1f} points; power for the paper's "
+            f"{paper_pp:+.2f}: {power_for_paper:.0%}")
+    if p < alpha:
+        return f"differs ({mean_pp:+.2f} points, p < {alpha:g}); {seen}"
+    if detectable_pp > abs(paper_pp):
+        return (f"no significant difference, and this study could not have seen the paper's difference "
+                f"({seen})")
+    return f"no significant difference, although the paper's difference was detectable ({seen})"
+
+
 def paired_tests_display(tests: pd.DataFrame) -> pd.DataFrame:
-    """The corrected resampled t-tests as strings: difference [95 % CI] in points, p, splits won."""
+    """The corrected resampled t-tests as strings: difference [95 % CI] in points, p (3 significant
+    digits), splits won, what the comparison could have detected, and the reading in words."""
     names = {"sample_dice": "Sample Dice", "voxel_dice": "Voxel Dice", "sample_iou": "Sample IoU", "voxel_iou": "Voxel IoU"}
     fmt = lambda v, d=2: "n/a" if np.isnan(v) else f"{v:+.{d}f}"
     return pd.DataFrame({
         "Method": tests.method, "Metric": [names[m] for m in tests.metric],
         f"Δ vs {tests.reference.iloc[0] if len(tests) else 'reference'} (pp)": [fmt(v) for v in tests.mean_difference_pp],
         "95 % CI (corrected)": [f"[{fmt(a)}, {fmt(b)}]" for a, b in zip(tests.ci_low_pp, tests.ci_high_pp)],
-        "p": ["n/a" if np.isnan(p) else f"{p:.3g}" for p in tests.p],
+        "p": ["n/a" if np.isnan(p) else f"{p:.3f}" for p in tests.p],
         "splits won": [f"{w}/{n}" for w, n in zip(tests.splits_won, tests.n_splits)],
+        "detectable Δ, 80 % power (pp)": ["n/a" if np.isnan(v) else f"{v:.2f}" for v in tests.detectable_pp],
+        "paper's Δ (pp)": [f"{v:+.2f}" for v in tests.paper_difference_pp],
+        "power for paper's Δ": ["n/a" if np.isnan(v) else f"{v:.0%}" for v in tests.power_for_paper],
+        "reading": [comparison_reading(*a) for a in zip(tests.p, tests.mean_difference_pp, tests.detectable_pp,
+                                                         tests.paper_difference_pp, tests.power_for_paper)],
     })
 
 

@@ -23,9 +23,13 @@ Contents
    attention blocks placed by a 3-bit code: ``010`` bottom, ``101`` encoder + decoder of the
    second-bottom level, ``111`` all three.
 6. :data:`VARIANTS` and :func:`build_model` - the seven Table 1 variants.
+7. :func:`attention_scales` and :class:`attention_off` - the blocks' residual scales, and the
+   network with its attention switched off (the attention check of every training).
 
 All blocks start as the identity (their residual scale is zero at initialisation), so a
-variant begins training as the plain 3D U-Net.
+variant begins training as the plain 3D U-Net. At the demo's scale a scale at ``lr = 1e-3``
+hardly moves (Adam moves a parameter by at most ~``lr`` per step), so the scales get their own
+learning rate (``train.attention_lr``, docs/models.md "Attention that learns").
 """
 
 from __future__ import annotations
@@ -471,3 +475,62 @@ def build_model(
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. The attention's residual scales, and the attention switched off
+# ---------------------------------------------------------------------------------------------
+def attention_blocks(model: nn.Module) -> dict[str, nn.Module]:
+    """The attention blocks of ``model`` by module name (``"attn_bottom"``, ...): RSA and NCL
+    blocks only, in the order they are applied (encoder, bottom, decoder); empty for the U-Net."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (RSABlock, NonLocalBlock, SliceAttention))}
+
+
+def attention_scales(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that scale each attention block's residual, all zero at initialisation:
+    ``alpha`` of RSA/SA blocks (``(3,)`` or ``()``), the output GroupNorm's weight of NCL blocks
+    (``(C,)``). These are what a block learns first to leave the identity; training gives them
+    their own learning rate (``train.attention_lr``)."""
+    out = []
+    for block in attention_blocks(model).values():
+        out.append(block.norm.weight if isinstance(block, NonLocalBlock) else block.alpha)
+    return out
+
+
+def attention_scale_summary(model: nn.Module) -> dict[str, list[float]]:
+    """The learned scale of every attention block, by block name: RSA ``alpha`` (one number per
+    SA step), NCL the mean ``|weight|`` of the output norm (one number). Unitless."""
+    out = {}
+    for name, block in attention_blocks(model).items():
+        if isinstance(block, NonLocalBlock):
+            out[name] = [float(block.norm.weight.detach().abs().mean())]
+        else:
+            out[name] = [float(v) for v in block.alpha.detach().reshape(-1)]
+    return out
+
+
+class attention_off:
+    """Context manager: every attention block of ``model`` is the identity inside it (RSA ``alpha``
+    and the NCL output norm's weight and bias set to 0), restored exactly on exit. The negative
+    control of a variant: the same network with what its blocks add taken away."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.params: list[nn.Parameter] = []
+        for block in attention_blocks(model).values():
+            if isinstance(block, NonLocalBlock):
+                self.params += [block.norm.weight, block.norm.bias]
+            else:
+                self.params.append(block.alpha)
+        self.saved: list[torch.Tensor] = []
+
+    def __enter__(self) -> "attention_off":
+        with torch.no_grad():
+            self.saved = [p.detach().clone() for p in self.params]
+            for p in self.params:
+                p.zero_()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with torch.no_grad():
+            for p, v in zip(self.params, self.saved):
+                p.copy_(v)

@@ -7,6 +7,7 @@ checkpoints that a killed job resumes from bit for bit on CPU in deterministic m
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import logging
@@ -22,7 +23,8 @@ import torch
 
 from .losses import ExpWeightedCrossEntropy, lesion_fraction, soft_dice_loss
 from .metrics import dice_from_counts
-from .models import PAPER_ORDER, PAPER_WIDTHS, build_model, count_parameters
+from .models import (PAPER_ORDER, PAPER_WIDTHS, attention_off, attention_scale_summary, attention_scales,
+                     build_model, count_parameters)
 from .devices import bf16_native, memory_layout, precision, resolve_device
 from .volumes import Preprocessed, atomic_path
 
@@ -80,6 +82,12 @@ class TrainConfig:
         on_failure: ``"flag"`` records a failed health check with the model and goes on;
             ``"fail"`` stops the training (:class:`TrainingFailed`) at the first check from
             half-way on whose score is below ``health_floor``.
+        attention_lr: learning rate of the attention blocks' residual scales
+            (:func:`rsanet.models.attention_scales`), on the same schedule as ``lr``; ``None``
+            (the paper) trains them at ``lr`` like every other weight.
+        attention_inert_below: the attention check calls a model's attention *inert* when
+            switching it off changes fewer than this share of the validation patches' predicted
+            lesion voxels (see :func:`attention_check`).
     """
 
     variant: str
@@ -106,6 +114,8 @@ class TrainConfig:
     health_checks: int = 4
     health_floor: float = 0.2
     on_failure: str = "flag"
+    attention_lr: float | None = None
+    attention_inert_below: float = 0.01
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("constant", "cosine"):
@@ -120,6 +130,8 @@ class TrainConfig:
             raise ValueError(f"lr_floor must be in [0, 1], got {self.lr_floor}")
         if self.health_checks < 1:
             raise ValueError(f"health_checks must be >= 1, got {self.health_checks}")
+        if self.attention_lr is not None and not self.attention_lr > 0:
+            raise ValueError(f"attention_lr must be > 0 or null, got {self.attention_lr}")
 
     @staticmethod
     def from_dict(d: dict) -> "TrainConfig":
@@ -258,6 +270,73 @@ def health_verdict(scores: Sequence[tuple[int, float]], floor: float, source: st
     }
 
 
+def attention_verdict(on: Sequence[tuple[int, int, int]], off: Sequence[tuple[int, int, int]], changed: int,
+                      predicted: int, scales: dict[str, list[float]], inert_below: float, source: str) -> dict:
+    """The recorded attention check of a training (pure; see :func:`attention_check`).
+
+    Args:
+        on, off: per patch ``(TP, FP, FN)`` with the attention as trained and switched off.
+        changed: voxels whose hard prediction differs between the two.
+        predicted: voxels predicted lesion by either.
+        scales: :func:`rsanet.models.attention_scale_summary` of the model.
+        inert_below: :attr:`TrainConfig.attention_inert_below`.
+        source: what was scored.
+
+    Returns a dict with ``scales``, ``dice_on``/``dice_off`` (hard Dice pooled over the patches,
+    0-1), ``sample_dice_on``/``sample_dice_off`` (mean of the per-patch hard Dice over the
+    patches that hold or predict lesion, 0-1), ``changed_voxels``, ``predicted_voxels``,
+    ``changed_share`` and ``inert`` (``changed_share < inert_below``).
+    """
+    def pooled(counts):
+        tp, fp, fn = (sum(c[k] for c in counts) for k in range(3))
+        return dice_from_counts(tp, fp, fn) if tp + fp + fn else 1.0
+
+    def sample(counts):
+        per = [dice_from_counts(*c) for c in counts if sum(c)]
+        return float(np.mean(per)) if per else 1.0
+
+    share = changed / predicted if predicted else 0.0
+    return {
+        "scales": scales, "source": source,
+        "dice_on": pooled(on), "dice_off": pooled(off),
+        "sample_dice_on": sample(on), "sample_dice_off": sample(off),
+        "changed_voxels": int(changed), "predicted_voxels": int(predicted), "changed_share": share,
+        "inert": bool(share < inert_below), "inert_below": inert_below,
+        "rule": f"inert when switching the attention off changes < {inert_below:.0%} of the predicted lesion voxels",
+    }
+
+
+@torch.no_grad()
+def attention_check(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int, device: torch.device,
+                    layout: torch.memory_format, use_amp: bool, inert_below: float, source: str) -> dict | None:
+    """Does the attention of ``model`` do anything? Scores the patches ``x (P, 3, d, h, w)`` /
+    ``y (P, d, h, w)`` with the attention as trained and switched off
+    (:class:`rsanet.models.attention_off`), in eval mode; :func:`attention_verdict` of the two.
+    ``None`` for a model without attention blocks (the 3D U-Net)."""
+    scales = attention_scale_summary(model)
+    if not scales:
+        return None
+    model.eval()
+    on, off, changed, predicted = [], [], 0, 0
+    try:
+        for k in range(0, len(x), batch):
+            xb = x[k:k + batch].to(device).contiguous(memory_format=layout)
+            yb = y[k:k + batch].to(device)
+            preds = []
+            for switched_off in (False, True):
+                with attention_off(model) if switched_off else contextlib.nullcontext():
+                    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                        logits = model(xb).float()
+                preds.append(logits[:, 1] > logits[:, 0])
+                target = on if not switched_off else off
+                target += [lesion_counts(logits[i:i + 1], yb[i:i + 1]) for i in range(len(xb))]
+            changed += int((preds[0] != preds[1]).sum())
+            predicted += int((preds[0] | preds[1]).sum())
+    finally:
+        model.train()
+    return attention_verdict(on, off, changed, predicted, scales, inert_below, source)
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
@@ -348,7 +427,14 @@ def train(
     model = model.to(device, memory_format=layout)
     criterion = ExpWeightedCrossEntropy(r, lesion_weight=config.lesion_weight).to(device)
     # fused: one kernel for all parameters (the same Adam; ~2x faster step on CPU, see benchmark)
-    optimiser = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+    # The attention blocks' residual scales start at 0 and get their own rate (train.attention_lr):
+    # group "lr_factor" multiplies the schedule's rate.
+    scale_ids = {id(p) for p in attention_scales(model)}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in scale_ids], "lr_factor": 1.0}]
+    if scale_ids:
+        factor = (config.attention_lr or config.lr) / config.lr
+        groups.append({"params": [p for p in model.parameters() if id(p) in scale_ids], "lr_factor": factor})
+    optimiser = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay,
                                  fused=device.type in ("cpu", "cuda"))
     sampler = CropSampler(subjects, config.crop, config.lesion_crop_prob, config.seed, config.min_lesion_crops)
     use_amp = config.amp and bf16_native(device)
@@ -394,7 +480,7 @@ def train(
     try:
         for it in range(start + 1, config.iterations + 1):
             for group in optimiser.param_groups:
-                group["lr"] = learning_rate(config, it)
+                group["lr"] = learning_rate(config, it) * group["lr_factor"]
             x, y = sampler.batch(config.batch_size)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             x = x.contiguous(memory_format=layout)
@@ -458,6 +544,16 @@ def train(
             log_file.close()
     scores = [(row["iteration"], row["health_score"]) for row in rows if row.get("health_score", "") != ""]
     health = health_verdict(scores, config.health_floor, source, stopped_at)
+    if val_x is not None:
+        check = attention_check(model, val_x, val_y, config.batch_size, device, layout, use_amp,
+                                config.attention_inert_below, source)
+        if check is not None:
+            health["attention"] = check
+            log.info("%s attention check: scales %s; validation-patch hard Dice %.3f on, %.3f off; %d of %d "
+                     "predicted lesion voxels change when it is switched off (%.1f %%)%s", config.variant,
+                     {k: [round(v, 3) for v in vs] for k, vs in check["scales"].items()}, check["dice_on"],
+                     check["dice_off"], check["changed_voxels"], check["predicted_voxels"],
+                     100 * check["changed_share"], ": ATTENTION INERT" if check["inert"] else "")
     if stopped_at is not None:
         raise TrainingFailed(
             f"{config.variant} (seed {config.seed}) has not learned: the hard Dice of the {source} is "
