@@ -6,7 +6,7 @@ from rsanet.steps import figures_step
 
 with logged(snakemake.log[0]):
     p = snakemake.params
-    logs = dict(zip([(v, s, k) for v in p.variants for s in p.splits for k in p.seeds], snakemake.input.logs))
+    logs = dict(zip([tuple(run) for run in p.runs], snakemake.input.logs))
     figures_step(
         per_subject_csv=snakemake.input.per_subject,
         train_logs=logs,

@@ -391,3 +391,55 @@ def test_health_without_validation_scores_lesion_bearing_training_batches():
     res = train(cfg, _subjects())
     assert res.health["source"] == "lesion-bearing training batches"
     assert [c["iteration"] for c in res.health["checks"]] == [4, 8]
+
+
+def test_attention_check_reports_inert_attention_and_attention_that_acts():
+    """Issue 35: the attention check of every attention training. A model whose attention scales
+    are 0 (its blocks the identity) is 'attention inert': switching it off changes no voxel. The
+    same model with scales set to non-zero values changes its prediction when switched off, and
+    the check is not inert. Both restore the model's weights exactly."""
+    from rsanet.models import attention_off, attention_scales, build_model
+    from rsanet.training import attention_check, validation_patches
+
+    torch.manual_seed(0)
+    x, y = validation_patches(_subjects(n=2, seed=2), (8, 16, 16), seed=0)
+    for variant in ("rsa-111", "ncl-111"):
+        model = build_model(variant, widths=(4, 8, 16), dropout=0.0)
+        with torch.no_grad():  # a head that predicts some lesion, so there are voxels to change
+            model.head[1].bias[1] = 0.0
+        args = (x, y, 2, torch.device("cpu"), torch.contiguous_format, False, 0.01, "validation patches")
+        inert = attention_check(model, *args)
+        assert inert["inert"] and inert["changed_voxels"] == 0 and inert["predicted_voxels"] > 0
+        assert inert["dice_on"] == inert["dice_off"]
+        assert all(v == 0.0 for vs in inert["scales"].values() for v in vs)
+        with torch.no_grad():
+            for p in attention_scales(model):
+                p.fill_(2.0)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        acting = attention_check(model, *args)
+        assert not acting["inert"] and acting["changed_voxels"] > 0, acting
+        assert acting["changed_share"] >= 0.01
+        assert max(v for vs in acting["scales"].values() for v in vs) == pytest.approx(2.0)
+        after = model.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)  # attention_off restored it
+        with attention_off(model):
+            assert all(float(p.detach().abs().max()) == 0.0 for p in attention_scales(model))
+    assert attention_check(build_model("unet3d", widths=(4, 8, 16)), *args) is None
+
+
+def test_attention_scales_get_their_own_learning_rate():
+    """train.attention_lr: the scales leave 0 far faster than at train.lr (Adam moves a parameter
+    by about its rate per step), and the check is recorded in the health verdict."""
+    from rsanet.models import attention_scale_summary, build_model
+
+    moved = {}
+    for lr in (None, 0.05):
+        cfg = TrainConfig(variant="rsa-010", **{**CFG, "iterations": 10, "lr": 1e-3, "attention_lr": lr,
+                                                "lr_schedule": "constant", "lesion_crop_prob": 0.8})
+        res = train(cfg, _subjects(n=3, seed=1), validation=_subjects(n=2, seed=2), threads=1)
+        model = build_model("rsa-010", widths=cfg.widths, dropout=cfg.dropout)
+        model.load_state_dict(res.state_dict)
+        moved[lr] = max(abs(v) for vs in attention_scale_summary(model).values() for v in vs)
+        assert "attention" in res.health and "scales" in res.health["attention"]
+    assert moved[None] <= 10 * 1e-3 * 1.01  # at most ~lr per step
+    assert moved[0.05] > 5 * moved[None]

@@ -55,7 +55,35 @@ def test_table1_has_seven_variants_with_metrics_in_range(study):
     np.testing.assert_allclose(again.mean_difference_pp, tests.mean_difference_pp, rtol=1e-9)
     np.testing.assert_allclose(again.p.fillna(-1), tests.p.fillna(-1), rtol=1e-9)
     assert (tests.n_train == 3).all() and (tests.n_test == 2).all()
-    assert len(per_subject) == 7 * 2 * 2  # variants x splits x test subjects
+    # variants x splits x test subjects, and the 3D U-Net's second seed (train.seeds_by_variant)
+    assert len(per_subject) == (7 + 1) * 2 * 2
+    assert per_subject.groupby("variant").seed.nunique().to_dict() == {v: 2 if v == "unet3d" else 1 for v in t1.variant}
+    # what each comparison could have seen, beside each test (issue 35)
+    assert tests[["sd_pp", "detectable_pp", "paper_difference_pp", "power_for_paper"]].notna().all().all()
+    shown = (study / "tables" / "paired_tests.md").read_text()
+    assert "detectable Δ, 80 % power" in shown and "power for paper's Δ" in shown
+
+
+def test_attention_check_reaches_health_table1_and_findings(study):
+    """Issue 35: every attention training records its attention check; training_health.md and
+    Table 1 count the inert ones; findings.md states what the run found, generated from its tables."""
+    health = pd.read_csv(study / "tables" / "training_health.csv")
+    att = health[health.variant != "unet3d"]
+    assert att.attention_inert.notna().all() and health[health.variant == "unet3d"].attention_inert.isna().all()
+    assert att.attention_changed_share.between(0, 1).all()
+    t1 = pd.read_csv(study / "tables" / "table1.csv").set_index("variant")
+    assert t1.loc["unet3d", "n_attention_checked"] == 0
+    assert (t1.drop(index="unet3d").n_attention_checked == 2).all()
+    n_inert = int(att.attention_inert.astype(bool).sum())
+    assert int(t1.n_attention_inert.sum()) == n_inert
+    assert "## The attention check" in (study / "tables" / "training_health.md").read_text()
+    assert "Attention inert" in (study / "tables" / "table1.md").read_text()
+    findings = (study / "tables" / "findings.md").read_text()
+    assert f"{n_inert} of {len(att)} attention trainings" in findings
+    assert findings.count("**") == 2 * 6  # every variant's comparison, in words
+    assert "no significant difference" not in findings.replace("no significant difference, and", "").replace(
+        "no significant difference, although", "")  # never alone
+    assert (study / "tables" / "findings.html").read_text().startswith("<html>")
     assert per_subject[["dice", "iou", "ltpr", "lfpr", "lesion_f1"]].apply(lambda c: c.between(0, 1)).all().all()
 
 
@@ -204,7 +232,7 @@ def test_trainings_are_scheduled_before_predictions(tmp_path):
     blocks = [b for b in (run.stdout + run.stderr).split("\n\n") if "rule train:" in b or "rule predict:" in b]
     train = [b for b in blocks if "rule train:" in b]
     predict = [b for b in blocks if "rule predict:" in b]
-    assert len(train) == len(predict) == 14  # 7 variants x 2 splits
+    assert len(train) == len(predict) == 16  # 7 variants x 2 splits, and a second seed of the 3D U-Net
     assert all("priority: 1" in b for b in train)
     assert not any("priority:" in b for b in predict)  # Snakemake prints only non-zero priorities
 

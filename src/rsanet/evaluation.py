@@ -85,6 +85,12 @@ def table1(rows: pd.DataFrame, health: pd.DataFrame | None = None) -> pd.DataFra
         out["n_trainings"] = [int(counts.n_trainings.get(v, 0)) for v in out.variant]
         out["n_failed"] = [int(counts.n_failed.get(v, 0)) for v in out.variant]
         order += ["n_trainings", "n_failed"]
+        if "attention_inert" in health:
+            att = attention_summary(health).set_index("variant")
+            out["n_attention_inert"] = [int(att.n_inert.get(v, 0)) for v in out.variant]
+            out["n_attention_checked"] = [int(att.n_checked.get(v, 0)) for v in out.variant]
+            out["attention_off_delta_pp"] = [float(att.sample_dice_delta_pp.get(v, float("nan"))) for v in out.variant]
+            order += ["n_attention_inert", "n_attention_checked", "attention_off_delta_pp"]
     return out[order + [f"{m}_{k}" for m in TABLE1_METRICS for k in ("mean", "sd", "paper")]]
 
 
@@ -100,6 +106,113 @@ def failed_trainings(health: pd.DataFrame) -> pd.DataFrame:
                     "n_failed": len(bad),
                     "failed": ", ".join(f"split {int(a)} seed {int(b)}" for a, b in zip(bad.split, bad.seed))})
     return pd.DataFrame(out, columns=["variant", "method", "n_trainings", "n_failed", "failed"])
+
+
+def attention_summary(health: pd.DataFrame) -> pd.DataFrame:
+    """Per variant (Table 1 order) from one row per training (:func:`rsanet.steps.read_health`):
+    ``n_checked`` (trainings with an attention check; 0 for the 3D U-Net), ``n_inert``, ``inert``
+    (the inert runs as ``"split k seed s"``), and means over the checked trainings of
+    ``changed_pct`` (predicted lesion voxels that change with the attention off, %),
+    ``sample_dice_delta_pp`` (validation-patch sample Dice off minus on, points),
+    ``dice_delta_pp`` (pooled hard Dice, off minus on) and ``scale_max`` (largest |scale|)."""
+    out = []
+    for variant in _order(health.variant.unique()):
+        g = health[(health.variant == variant) & health.get("attention_inert", pd.Series(index=health.index)).notna()]
+        inert = g[g.attention_inert.astype(bool)] if len(g) else g
+        mean = (lambda c, k=1.0: float(k * g[c].astype(float).mean()) if len(g) else float("nan"))
+        out.append({
+            "variant": variant, "method": VARIANTS[variant].display_name, "n_checked": len(g), "n_inert": len(inert),
+            "inert": ", ".join(f"split {int(a)} seed {int(b)}" for a, b in zip(inert.split, inert.seed)),
+            "changed_pct": mean("attention_changed_share", 100),
+            "sample_dice_delta_pp": float(100 * (g.attention_sample_dice_off.astype(float)
+                                                 - g.attention_sample_dice_on.astype(float)).mean()) if len(g) else float("nan"),
+            "dice_delta_pp": float(100 * (g.attention_dice_off.astype(float)
+                                          - g.attention_dice_on.astype(float)).mean()) if len(g) else float("nan"),
+            "scale_max": mean("attention_scale_max"),
+        })
+    return pd.DataFrame(out, columns=["variant", "method", "n_checked", "n_inert", "inert", "changed_pct",
+                                      "sample_dice_delta_pp", "dice_delta_pp", "scale_max"])
+
+
+def attention_summary_display(att: pd.DataFrame) -> pd.DataFrame:
+    """:func:`attention_summary` as strings, one row per attention variant."""
+    att = att[att.n_checked > 0]
+    return pd.DataFrame({
+        "Method": att.method,
+        "Attention inert": [f"{a}/{b}" + (f" ({w})" if w else "") for a, b, w in zip(att.n_inert, att.n_checked, att.inert)],
+        "changed voxels (%)": [f"{v:.1f}" for v in att.changed_pct],
+        "Δ sample Dice, off (pp)": [f"{v:+.2f}" for v in att.sample_dice_delta_pp],
+        "Δ pooled Dice, off (pp)": [f"{v:+.2f}" for v in att.dice_delta_pp],
+        "largest |scale|": [f"{v:.3f}" for v in att.scale_max],
+    })
+
+
+def seeds_note(seed_counts: Mapping[str, int]) -> str:
+    """How many training seeds each per-split score averages, for table notes ('' for one seed)."""
+    counts = {v: int(n) for v, n in dict(seed_counts).items()}
+    if not counts or max(counts.values()) <= 1:
+        return ""
+    if len(set(counts.values())) == 1:
+        return f", each split the mean of {next(iter(counts.values()))} training seeds"
+    more = ", ".join(f"{VARIANTS[v].display_name} {n}" for v, n in counts.items() if n > 1)
+    return f", each split the mean of its training seeds ({more}; 1 for the others)"
+
+
+def findings(t1: pd.DataFrame, tests: pd.DataFrame, attention: pd.DataFrame, n_failed: int, n_trainings: int,
+             seeds: str = "", metric: str = "sample_dice", main: str = "rsa-111") -> str:
+    """The headline of a run in Markdown, generated from its tables: Table 1's range, the
+    failed and attention-inert trainings, and every comparison with the U-Net in words
+    (:func:`comparison_reading`), the main one (``main`` against the 3D U-Net) first."""
+    lines = ["# What this run found", ""]
+    mean = t1[f"{metric}_mean"]
+    lines.append(f"- Table 1, sample Dice: {mean.min():.2f}–{mean.max():.2f} % over the {len(t1)} variants "
+                 f"(mean over {int(t1.n_splits.max())} splits{seeds}).")
+    lines.append(f"- Trainings that failed their health check: {n_failed} of {n_trainings}.")
+    checked = attention[attention.n_checked > 0]
+    if len(checked):
+        inert = int(checked.n_inert.sum())
+        per = "; ".join(f"{m} {d:+.2f}" for m, d in zip(checked.method, checked.sample_dice_delta_pp))
+        lines.append(f"- Attention inert (switching it off changes almost nothing): {inert} of "
+                     f"{int(checked.n_checked.sum())} attention trainings. Validation-patch sample Dice with the "
+                     f"attention switched off, minus on (points): {per}.")
+        if inert:
+            lines.append("  Variants whose attention is inert compare the 3D U-Net with itself.")
+    rows = tests[tests.metric == metric]
+    order = sorted(range(len(rows)), key=lambda i: rows.variant.iloc[i] != main)
+    lines += ["", f"## Each variant against the 3D U-Net ({metric.replace('_', ' ')}, corrected resampled t-test)", ""]
+    for i in order:
+        r = rows.iloc[i]
+        reading = comparison_reading(r.p, r.mean_difference_pp, r.detectable_pp, r.paper_difference_pp, r.power_for_paper)
+        lines.append(f"- **{r.method}**: {r.mean_difference_pp:+.2f} points [{r.ci_low_pp:+.2f}, {r.ci_high_pp:+.2f}], "
+                     f"p = {r.p:.3f}; {reading}.")
+    return "\n".join(lines) + "\n"
+
+
+def markdown_to_html(text: str) -> str:
+    """The small Markdown subset of :func:`findings` (headings, bullets, bold) as an HTML page."""
+    import html
+    import re
+
+    out, in_list = ['<html><head><meta charset="utf-8"></head><body style="font-family: sans-serif">'], False
+    for line in text.splitlines():
+        body = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(line.strip().lstrip("- ").strip()))
+        is_item = line.startswith("- ")
+        if in_list and not is_item and not line.startswith("  "):
+            out.append("</ul>")
+            in_list = False
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{level}>{body.lstrip('#').strip()}</h{level}>")
+        elif is_item:
+            if not in_list:
+                out.append("<ul>")
+                in_list = True
+            out.append(f"<li>{body}</li>")
+        elif line.strip():
+            out.append(f"<p>{body}</p>")
+    if in_list:
+        out.append("</ul>")
+    return "\n".join(out + ["</body></html>"]) + "\n"
 
 
 def table2(rows: pd.DataFrame) -> pd.DataFrame:
@@ -233,27 +346,50 @@ def paired_tests(per_split: pd.DataFrame, n_train: int, reference: str = "unet3d
     for variant in _order(per_split.variant.unique()):
         if variant == reference:
             continue
-        other = per_split[per_split.variant == variant].set_index("split")
-        common = other.index.intersection(ref.index)
-        n_test = int(other.loc[common, "n_test"].min()) if len(common) else 0
+        other = per_split[per_split.variant == variant]
         for metric in TABLE1_METRICS:
-            d = (other.loc[common, metric] - ref.loc[common, metric]).to_numpy(dtype=float)
-            res = corrected_resampled_ttest(d, n_train, n_test)
-            sd = float(np.std(d, ddof=1)) if len(d) > 1 else float("nan")
             k = TABLE1_METRICS.index(metric)
             paper_diff = PAPER_TABLE1[variant][k] - PAPER_TABLE1[reference][k]  # percent
             records.append({
                 "variant": variant, "method": VARIANTS[variant].display_name,
                 "reference": VARIANTS[reference].display_name, "metric": metric,
-                "mean_difference_pp": 100 * res["mean"], "ci_low_pp": 100 * res["ci_low"],
-                "ci_high_pp": 100 * res["ci_high"], "t": res["t"], "dof": res["dof"], "p": res["p"],
-                "splits_won": int((d > 0).sum()), "n_splits": len(d), "n_train": n_train, "n_test": n_test,
-                "sd_pp": 100 * sd,
-                "detectable_pp": 100 * detectable_difference(sd, len(d), n_train, n_test),
-                "paper_difference_pp": paper_diff,
-                "power_for_paper": corrected_ttest_power(paper_diff / 100, sd, len(d), n_train, n_test),
+                **compare_arms(other, ref.reset_index(), metric, n_train, paper_diff),
             })
     return pd.DataFrame(records)
+
+
+def compare_arms(arm: pd.DataFrame, reference: pd.DataFrame, metric: str, n_train: int,
+                 paper_difference_pp: float = float("nan")) -> dict:
+    """One paired comparison over splits: ``arm`` minus ``reference`` on ``metric``.
+
+    Args:
+        arm, reference: :func:`split_scores` rows (columns ``split``, ``n_test``, ``metric``) of
+            the two arms; the splits both have are compared.
+        metric: a fraction (e.g. ``"sample_dice"``); results are in percentage points.
+        n_train: subjects each model was fitted on.
+        paper_difference_pp: a difference to report the power for (the paper's; NaN: none).
+
+    Returns:
+        ``mean_difference_pp``, ``ci_low_pp``, ``ci_high_pp``, ``t``, ``dof``, ``p``,
+        ``splits_won``, ``n_splits``, ``n_train``, ``n_test``, ``sd_pp``, ``detectable_pp``,
+        ``paper_difference_pp``, ``power_for_paper`` (see :func:`paired_tests`).
+    """
+    a, b = arm.set_index("split"), reference.set_index("split")
+    common = a.index.intersection(b.index)
+    n_test = int(a.loc[common, "n_test"].min()) if len(common) else 0
+    d = (a.loc[common, metric] - b.loc[common, metric]).to_numpy(dtype=float)
+    res = corrected_resampled_ttest(d, n_train, n_test)
+    sd = float(np.std(d, ddof=1)) if len(d) > 1 else float("nan")
+    return {
+        "mean_difference_pp": 100 * res["mean"], "ci_low_pp": 100 * res["ci_low"],
+        "ci_high_pp": 100 * res["ci_high"], "t": res["t"], "dof": res["dof"], "p": res["p"],
+        "splits_won": int((d > 0).sum()), "n_splits": len(d), "n_train": n_train, "n_test": n_test,
+        "sd_pp": 100 * sd, "detectable_pp": 100 * detectable_difference(sd, len(d), n_train, n_test),
+        "paper_difference_pp": paper_difference_pp,
+        "power_for_paper": corrected_ttest_power(paper_difference_pp / 100, sd, len(d), n_train, n_test),
+    }
+
+
 
 
 def mean_over_seeds(rows: pd.DataFrame) -> pd.DataFrame:
@@ -289,6 +425,9 @@ def table1_display(t1: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame({"Method": t1.method})
     if "n_failed" in t1:
         out["Failed trainings"] = [f"{a}/{b}" for a, b in zip(t1.n_failed, t1.n_trainings)]
+    if "n_attention_inert" in t1:
+        out["Attention inert"] = ["—" if not b else f"{a}/{b}" for a, b in zip(t1.n_attention_inert, t1.n_attention_checked)]
+        out["Δ attention off (pp)"] = ["—" if np.isnan(v) else f"{v:+.2f}" for v in t1.attention_off_delta_pp]
     for m, label in names.items():
         out[label] = [_pm(a, b, 2) for a, b in zip(t1[f"{m}_mean"], t1[f"{m}_sd"])]
         out[f"{label} (paper)"] = [f"{v:.3f}" for v in t1[f"{m}_paper"]]

@@ -162,7 +162,7 @@ class SliceAttention(nn.Module):
     Shapes: input and output ``(N, C, D, H, W)``.
     """
 
-    def __init__(self, channels: int, direction: Direction = "axial") -> None:
+    def __init__(self, channels: int, direction: Direction = "axial", init: float = 0.0) -> None:
         super().__init__()
         if direction not in SLICE_AXIS:
             raise ValueError(f"direction must be one of {sorted(SLICE_AXIS)}, got {direction!r}")
@@ -170,7 +170,7 @@ class SliceAttention(nn.Module):
         self.query = PointwiseConv3d(channels, channels)
         self.key = PointwiseConv3d(channels, channels)
         self.value = PointwiseConv3d(channels, channels)
-        self.alpha = nn.Parameter(torch.zeros(()))
+        self.alpha = nn.Parameter(torch.full((), float(init)))  # 0: the identity at the start
 
     def forward(self, m: torch.Tensor) -> torch.Tensor:
         # = self.alpha * slice_attention(self.query(m), self.key(m), self.value(m), self.direction)
@@ -198,7 +198,7 @@ class RSABlock(nn.Module):
     Shapes: input and output ``(N, C, D, H, W)``.
     """
 
-    def __init__(self, channels: int, order: Sequence[Direction] = PAPER_ORDER) -> None:
+    def __init__(self, channels: int, order: Sequence[Direction] = PAPER_ORDER, init: float = 0.0) -> None:
         super().__init__()
         order = tuple(order)
         if len(order) != 3 or sorted(order) != sorted(SLICE_AXIS):
@@ -207,7 +207,7 @@ class RSABlock(nn.Module):
         self.query = PointwiseConv3d(channels, channels)
         self.key = PointwiseConv3d(channels, channels)
         self.value = PointwiseConv3d(channels, channels)
-        self.alpha = nn.Parameter(torch.zeros(3))
+        self.alpha = nn.Parameter(torch.full((3,), float(init)))  # 0: the identity at the start
 
     def forward(self, m: torch.Tensor) -> torch.Tensor:
         for step, direction in enumerate(self.order):
@@ -231,7 +231,7 @@ class NonLocalBlock(nn.Module):
     Shapes: input and output ``(N, C, D, H, W)``. Memory grows as ``(D*H*W)^2``.
     """
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, init: float = 0.0) -> None:
         super().__init__()
         inner = max(channels // 2, 1)
         self.theta = PointwiseConv3d(channels, inner)
@@ -239,7 +239,7 @@ class NonLocalBlock(nn.Module):
         self.g = PointwiseConv3d(channels, inner)
         self.out = PointwiseConv3d(inner, channels)
         self.norm = GroupNorm(_groups(channels), channels)
-        nn.init.zeros_(self.norm.weight)  # identity at initialisation
+        nn.init.constant_(self.norm.weight, float(init))  # 0: the identity at initialisation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, d, h, w = x.shape
@@ -299,13 +299,13 @@ class Up(nn.Module):
 LESION_PRIOR = 0.01
 
 
-def _attention(kind: str | None, channels: int, order: Sequence[Direction]) -> nn.Module:
+def _attention(kind: str | None, channels: int, order: Sequence[Direction], init: float = 0.0) -> nn.Module:
     if kind is None:
         return nn.Identity()
     if kind == "rsa":
-        return RSABlock(channels, order)
+        return RSABlock(channels, order, init)
     if kind == "ncl":
-        return NonLocalBlock(channels)
+        return NonLocalBlock(channels, init)
     raise ValueError(f"unknown attention kind {kind!r}; expected 'rsa', 'ncl' or None")
 
 
@@ -324,6 +324,8 @@ class UNet3D(nn.Module):
         rsa_order: order of the SA steps inside RSA blocks.
         lesion_prior: the lesion probability where every decoder feature is off, i.e. the
             initial output bias (two classes): ``[0, logit(lesion_prior)]``; trainable.
+        attention_init: the attention blocks' residual scales at the start (RSA ``alpha``, the
+            NCL output norm's weight); 0, the paper's, starts every block as the identity.
 
     Shapes: ``(N, in_channels, D, H, W) -> (N, num_classes, D, H, W)`` logits. Any ``D, H, W``
     work: inputs are zero-padded up to a multiple of ``2 ** (levels - 1)`` and the logits
@@ -340,6 +342,7 @@ class UNet3D(nn.Module):
         dropout: float = 0.2,
         rsa_order: Sequence[Direction] = PAPER_ORDER,
         lesion_prior: float = LESION_PRIOR,
+        attention_init: float = 0.0,
     ) -> None:
         super().__init__()
         widths = tuple(int(w) for w in widths)
@@ -382,9 +385,9 @@ class UNet3D(nn.Module):
                 self.head[1].bias[1] = math.log(lesion_prior / (1.0 - lesion_prior))
 
         second = widths[-2]
-        self.attn_encoder = _attention(attention if enc_bit else None, second, rsa_order)
-        self.attn_bottom = _attention(attention if bottom_bit else None, widths[-1], rsa_order)
-        self.attn_decoder = _attention(attention if dec_bit else None, second, rsa_order)
+        self.attn_encoder = _attention(attention if enc_bit else None, second, rsa_order, attention_init)
+        self.attn_bottom = _attention(attention if bottom_bit else None, widths[-1], rsa_order, attention_init)
+        self.attn_decoder = _attention(attention if dec_bit else None, second, rsa_order, attention_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[2:]
@@ -451,6 +454,7 @@ def build_model(
     widths: Sequence[int] = PAPER_WIDTHS,
     dropout: float = 0.2,
     rsa_order: Sequence[Direction] = PAPER_ORDER,
+    attention_init: float = 0.0,
 ) -> UNet3D:
     """Build a Table 1 variant by id (``"unet3d"``, ``"rsa-101"``, ...; see :data:`VARIANTS`).
 
@@ -469,6 +473,7 @@ def build_model(
         placement=v.placement,
         dropout=dropout,
         rsa_order=rsa_order,
+        attention_init=attention_init,
     )
 
 

@@ -40,6 +40,7 @@ PAPER_SETTINGS: tuple[PaperSetting, ...] = (
     PaperSetting("train.iterations", 800, "Sec. 3.1: stop after 800 iterations"),
     PaperSetting("train.lr", 1e-3, "Sec. 3.1: Adam, initial learning rate 1e-3"),
     PaperSetting("train.attention_lr", None, "Sec. 3.1: one learning rate for all weights (null = train.lr)"),
+    PaperSetting("train.attention_init", 0.0, "authors' code (method notes): every alpha initialised to 0; the NCL output norm's scale too"),
     PaperSetting("train.lr_schedule", NOT_STATED, "'initial learning rate' only; no schedule given"),
     PaperSetting("train.weight_decay", 1e-5, "Sec. 3.1: weight decay of 1e-5"),
     PaperSetting("train.lesion_weight", "printed", "Sec. 3.1: exponential class weights e^r/(e^r+e^(1-r)), as printed"),

@@ -273,11 +273,24 @@ def lesion_confidence_step(
 # ---------------------------------------------------------------------------------------------
 def read_health(health_jsons: Sequence[str]) -> pd.DataFrame:
     """One row per training from its ``health.json``: variant, split, seed (index), learned, score,
-    floor, source, stopped_at."""
+    floor, source, stopped_at, and the attention check (``attention_*``: inert, the share of
+    predicted lesion voxels that change with the attention off, the validation-patch hard Dice
+    and sample Dice on and off (0-1), the largest learned scale; empty for the 3D U-Net)."""
     import pandas as pd
     recs = [json.loads(Path(p).read_text()) for p in health_jsons]
     cols = ["variant", "split", "seed_index", "learned", "score", "floor", "source", "stopped_at"]
-    df = pd.DataFrame([{c: r.get(c) for c in cols} for r in recs], columns=cols)
+    checks = {"inert": "attention_inert", "changed_share": "attention_changed_share", "dice_on": "attention_dice_on",
+              "dice_off": "attention_dice_off", "sample_dice_on": "attention_sample_dice_on",
+              "sample_dice_off": "attention_sample_dice_off"}
+    rows = []
+    for r in recs:
+        row = {c: r.get(c) for c in cols}
+        check = r.get("attention") or {}
+        row.update({name: check.get(key) for key, name in checks.items()})
+        scales = [abs(v) for vs in check.get("scales", {}).values() for v in vs]
+        row["attention_scale_max"] = max(scales) if scales else None
+        rows.append(row)
+    df = pd.DataFrame(rows, columns=cols + list(checks.values()) + ["attention_scale_max"])
     return df.rename(columns={"seed_index": "seed"})
 
 
@@ -310,26 +323,41 @@ def aggregate_step(metric_csvs: Sequence[str], health_jsons: Sequence[str], spli
     n_train = json.loads(Path(splits_json).read_text())["n_train"]
     t1, t2 = evaluation.table1(rows, health), evaluation.table2(rows)
     failed = evaluation.failed_trainings(health)
+    attention = evaluation.attention_summary(health)
     evaluation.write_csv(health, outputs["health_csv"])
     n_bad = int(failed.n_failed.sum())
+    n_inert = int(attention.n_inert.sum())
     evaluation.write_text(
         evaluation.to_markdown(failed.drop(columns="variant")) +
         f"\n{n_bad} of {len(health)} trainings failed their health check ({health.source.iloc[0] if len(health) else ''}"
         f": hard Dice at the last check below train.health_floor = {health.floor.iloc[0] if len(health) else ''}). "
-        "Their scores are included in Table 1 as they came.\n", outputs["health_md"])
+        "Their scores are included in Table 1 as they came.\n\n## The attention check\n\n"
+        + evaluation.to_markdown(evaluation.attention_summary_display(attention)) +
+        f"\nEvery attention training, at its end, scores the validation patches of the health check with its "
+        f"attention as trained and switched off (RSA alpha, NCL output norm set to 0; rsanet.models.attention_off). "
+        f"'inert': switching it off changes fewer than train.attention_inert_below of the predicted lesion voxels; "
+        f"{n_inert} of {int(attention.n_checked.sum())} attention trainings are inert. Δ off: the validation-patch "
+        "sample Dice with the attention off minus on (points, mean over trainings); a variant whose attention is "
+        "inert compares the 3D U-Net with itself in Table 1.\n", outputs["health_md"])
+    if n_inert:
+        log.warning("%d of %d attention trainings are ATTENTION INERT (switching the attention off changes almost "
+                    "no predicted voxel): %s", n_inert, int(attention.n_checked.sum()),
+                    "; ".join(f"{m}: {i}" for m, i in zip(attention.method, attention.inert) if i))
     if n_bad:
         log.warning("%d of %d trainings failed their health check: %s", n_bad, len(health),
                     "; ".join(f"{m}: {f}" for m, f in zip(failed.method, failed.failed) if f))
     tests = evaluation.paired_tests(evaluation.mean_over_seeds(rows), n_train=n_train)
-    n_seeds = int(rows["seed"].nunique()) if "seed" in rows else 1
+    seed_counts = health.groupby("variant").seed.nunique() if len(health) else pd.Series(dtype=int)
     evaluation.write_csv(rows, outputs["per_subject"])
     evaluation.write_csv(t1, outputs["table1_csv"])
     d1 = evaluation.table1_display(t1)
-    seeds = f", each split the mean of {n_seeds} training seeds" if n_seeds > 1 else ""
+    seeds = evaluation.seeds_note(seed_counts)
     note = (f"\nMean ± sd over {int(t1.n_splits.max())} splits{seeds}, in percent; 'Failed trainings': how many of "
             f"the variant's trainings failed their health check (training_health.md; {n_bad} in all), included as "
-            "they came; 'paper' columns are the paper's "
-            "Table 1 (its private 43-patient cohort). The sd is descriptive: the splits' test sets overlap, so "
+            "they came; 'Attention inert': how many of its trainings have attention that switching off changes "
+            f"(almost) nothing ({n_inert} in all; such a row is the 3D U-Net again), and 'Δ attention off' the "
+            "validation-patch sample Dice lost when it is switched off (points); 'paper' columns are the paper's "
+            "Table 1 (its private 43-patient cohort, other settings: not comparable with this run's numbers). The sd is descriptive: the splits' test sets overlap, so "
             "it is not the standard error of an independent sample (see paired_tests.md for the corrected test).\n")
     evaluation.write_text(evaluation.to_markdown(d1) + note, outputs["table1_md"])
     evaluation.write_text(evaluation.to_latex(d1, "Segmentation results (mean ± sd over splits), with the paper's Table 1.", "tab:table1"), outputs["table1_tex"])
@@ -351,8 +379,17 @@ def aggregate_step(metric_csvs: Sequence[str], health_jsons: Sequence[str], spli
         f"Bengio (2003): variance (1/J + n_test/n_train)·var(d), J − 1 degrees of freedom, n_train = {n_train}, "
         f"n_test = {n_test}. The split, not the (split, subject) pair, is the unit: subjects recur across splits.\n"
     )
+    tests_note += (
+        "'detectable Δ': the smallest true difference this design detects with 80 % power at α = 0.05 under the same "
+        "corrected test, from the observed sd of the per-split differences; 'power for paper's Δ': its power for the "
+        "difference the paper's Table 1 reports between the two methods (docs/metrics.md, 'What a comparison could "
+        "have seen'). A comparison whose detectable Δ exceeds the paper's cannot confirm or refute the paper.\n")
     evaluation.write_text(evaluation.to_markdown(evaluation.paired_tests_display(tests)) + tests_note, outputs["tests_md"])
+    findings = evaluation.findings(t1, tests, attention, n_bad, len(health), seeds)
+    evaluation.write_text(findings, outputs["findings_md"])
+    evaluation.write_text(evaluation.markdown_to_html(findings), outputs["findings_html"])
     log.info("Table 1:\n%s", evaluation.to_markdown(d1))
+    log.info("Findings:\n%s", findings)
 
 
 def deviations_step(config: Mapping, records: Sequence[str], out_csv: str, out_md: str) -> None:

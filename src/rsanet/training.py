@@ -85,6 +85,8 @@ class TrainConfig:
         attention_lr: learning rate of the attention blocks' residual scales
             (:func:`rsanet.models.attention_scales`), on the same schedule as ``lr``; ``None``
             (the paper) trains them at ``lr`` like every other weight.
+        attention_init: the attention blocks' residual scales at the start; 0 (the paper) starts
+            every block as the identity (:func:`rsanet.models.build_model`).
         attention_inert_below: the attention check calls a model's attention *inert* when
             switching it off changes fewer than this share of the validation patches' predicted
             lesion voxels (see :func:`attention_check`).
@@ -115,6 +117,7 @@ class TrainConfig:
     health_floor: float = 0.2
     on_failure: str = "flag"
     attention_lr: float | None = None
+    attention_init: float = 0.0
     attention_inert_below: float = 0.01
 
     def __post_init__(self) -> None:
@@ -418,7 +421,8 @@ def train(
             deterministic_kernels()
     torch.manual_seed(config.seed)
     r = lesion_fraction([s.lesions for s in subjects])
-    model = build_model(config.variant, widths=config.widths, dropout=config.dropout, rsa_order=config.rsa_order)
+    model = build_model(config.variant, widths=config.widths, dropout=config.dropout, rsa_order=config.rsa_order,
+                        attention_init=config.attention_init)
     # Memory layout (tools/benchmark.py, docs/performance.md): on a CPU oneDNN runs 3x3x3
     # convolutions 2-4x faster channels-last (NDHWC); on an H200 cuDNN is faster with the
     # default NCDHW under bf16 autocast (1.25-1.29x per benchmark step, 1.10-1.21x per training

@@ -98,7 +98,25 @@ try:
 except ValueError as err:  # splits that cannot be drawn from this cohort
     _stop("in the splits: section", [str(err)])
 SPLIT_IDS = list(range(len(SPLITS)))
-SEED_IDS = list(range(config["train"]["seeds"]))
+
+
+def seed_count(variant):
+    """Trainings of one variant per split: train.seeds_by_variant, else train.seeds."""
+    return config["train"]["seeds_by_variant"].get(variant, config["train"]["seeds"])
+
+
+# Every training of the study: (variant, split, seed index).
+RUNS = [(v, k, s) for v in VARIANT_IDS for k in SPLIT_IDS for s in range(seed_count(v))]
+
+
+def runs(pattern, variant=None):
+    """``pattern`` (with {variant}, {split}, {seed}) filled in for every training (of ``variant``)."""
+    return [
+        pattern.format(variant=v, split=k, seed=s)
+        for v, k, s in RUNS
+        if variant is None or v == variant
+    ]
+
 REFERENCE = config["registration"]["reference"]
 MOVING = [c for c in ("T1", "T2", "FLAIR") if c != REFERENCE]
 
@@ -164,12 +182,7 @@ def segment_outputs():
 
 
 def all_models():
-    return expand(
-        "results/models/{variant}/split{split}/seed{seed}/model.pt",
-        variant=VARIANT_IDS,
-        split=SPLIT_IDS,
-        seed=SEED_IDS,
-    )
+    return runs("results/models/{variant}/split{split}/seed{seed}/model.pt")
 
 
 def all_raw_files():
@@ -210,7 +223,13 @@ def section(name):
 def train_params():
     """The `train:` section as the training jobs' params, without `seeds` (how many trainings
     there are, not how one runs: adding a seed must not rerun the others)."""
-    return stable({k: v for k, v in config["train"].items() if k != "seeds"})
+    return stable(
+        {
+            k: v
+            for k, v in config["train"].items()
+            if k not in ("seeds", "seeds_by_variant")
+        }
+    )
 
 
 def study_config():
@@ -247,39 +266,21 @@ def attempt_scaled(rule_name, key):
 
 
 def metric_csvs():
-    return expand(
-        "results/metrics/{variant}/split{split}/seed{seed}.csv",
-        variant=VARIANT_IDS,
-        split=SPLIT_IDS,
-        seed=SEED_IDS,
-    )
+    return runs("results/metrics/{variant}/split{split}/seed{seed}.csv")
 
 
 def validation_metric_csvs():
-    return expand(
-        "results/validation/metrics/{variant}/split{split}/seed{seed}.csv",
-        variant=VARIANT_IDS,
-        split=SPLIT_IDS,
-        seed=SEED_IDS,
-    )
+    return runs("results/validation/metrics/{variant}/split{split}/seed{seed}.csv")
 
 
 def train_logs():
-    return expand(
-        "results/models/{variant}/split{split}/seed{seed}/train_log.csv",
-        variant=VARIANT_IDS,
-        split=SPLIT_IDS,
-        seed=SEED_IDS,
-    )
+    return runs("results/models/{variant}/split{split}/seed{seed}/train_log.csv")
 
 
 def variant_predictions(wildcards):
     """Input function: every prediction folder of one variant (all splits and seeds)."""
-    return expand(
-        "results/predictions/{variant}/split{split}/seed{seed}",
-        variant=wildcards.variant,
-        split=SPLIT_IDS,
-        seed=SEED_IDS,
+    return runs(
+        "results/predictions/{variant}/split{split}/seed{seed}", wildcards.variant
     )
 
 
@@ -294,12 +295,7 @@ def lesion_confidence_tables():
 
 
 def health_files():
-    return expand(
-        "results/models/{variant}/split{split}/seed{seed}/health.json",
-        variant=VARIANT_IDS,
-        split=SPLIT_IDS,
-        seed=SEED_IDS,
-    )
+    return runs("results/models/{variant}/split{split}/seed{seed}/health.json")
 
 
 def job_benchmarks(stage):
@@ -308,12 +304,7 @@ def job_benchmarks(stage):
         return expand(
             "results/benchmarks/jobs/coregister/{subject}.tsv", subject=SUBJECTS
         )
-    return expand(
-        f"results/benchmarks/jobs/{stage}/{{variant}}/split{{split}}/seed{{seed}}.tsv",
-        variant=VARIANT_IDS,
-        split=SPLIT_IDS,
-        seed=SEED_IDS,
-    )
+    return runs(f"results/benchmarks/jobs/{stage}/{{variant}}/split{{split}}/seed{{seed}}.tsv")
 
 
 def fig5_variants():

@@ -39,6 +39,12 @@ rule aggregate:
             category="Tables",
         ),
         size_md="results/tables/detection_by_size.md",
+        findings_md="results/tables/findings.md",
+        findings_html=report(
+            "results/tables/findings.html",
+            caption="../report/findings.rst",
+            category="Findings",
+        ),
     log:
         "logs/aggregate.log",
     conda:
@@ -132,9 +138,7 @@ rule figures:
         mem_mb=2000,
         runtime=10,
     params:
-        variants=VARIANT_IDS,
-        splits=SPLIT_IDS,
-        seeds=SEED_IDS,
+        runs=RUNS,
         fig5_variants=fig5_variants(),
         subjects=SUBJECTS,
     script:
