@@ -167,7 +167,8 @@ def test_dataclass_defaults_equal_the_schemas():
     for name, default in fields.items():
         value = cfg["train"][name]
         assert (list(default) if isinstance(default, tuple) else default) == value, name
-    assert set(cfg["train"]) - set(fields) == {"seeds"}  # seeds: how many trainings, not one run's setting
+    # seeds, seeds_by_variant: how many trainings, not one run's setting
+    assert set(cfg["train"]) - set(fields) == {"seeds", "seeds_by_variant"}
     demo = DemoConfig()
     names = {"n_subjects": "n_subjects", "seed": "seed", "grid_scale": "grid_scale",
              "max_rotation_deg": "max_rotation_deg", "max_translation_mm": "max_translation_mm"}

@@ -62,6 +62,7 @@ def test_table1_has_seven_variants_with_metrics_in_range(study):
     assert tests[["sd_pp", "detectable_pp", "paper_difference_pp", "power_for_paper"]].notna().all().all()
     shown = (study / "tables" / "paired_tests.md").read_text()
     assert "detectable Δ, 80 % power" in shown and "power for paper's Δ" in shown
+    assert per_subject[["dice", "iou", "ltpr", "lfpr", "lesion_f1"]].apply(lambda c: c.between(0, 1)).all().all()
 
 
 def test_attention_check_reaches_health_table1_and_findings(study):
@@ -84,7 +85,6 @@ def test_attention_check_reaches_health_table1_and_findings(study):
     assert "no significant difference" not in findings.replace("no significant difference, and", "").replace(
         "no significant difference, although", "")  # never alone
     assert (study / "tables" / "findings.html").read_text().startswith("<html>")
-    assert per_subject[["dice", "iou", "ltpr", "lfpr", "lesion_f1"]].apply(lambda c: c.between(0, 1)).all().all()
 
 
 def test_deviations_table_is_computed_from_the_config_that_ran(study):

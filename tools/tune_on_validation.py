@@ -108,7 +108,7 @@ def _score_attention_job(args: tuple) -> dict:
 
     model, _ = load_model(job["out"], "cpu")
     with attention_off(model):
-        off_path = job["out"] + ".attention-off.pt"
+        off_path = job.get("off_out", job["out"] + ".attention-off.pt")  # never beside a study's model
         payload = torch.load(job["out"], map_location="cpu", weights_only=True)
         payload["model"] = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         torch.save(payload, off_path)
@@ -179,7 +179,7 @@ def main(argv=None) -> int:
                    help="settings, policy: measure only these rows of the table (0 = the first)")
     p.add_argument("--variants", nargs="*", default=["unet3d", "rsa-111"], help="policy: the networks measured")
     p.add_argument("--study-models", action="store_true",
-                   help="policy: predict with the study's own networks (results/models/) instead of training here")
+                   help="policy, attention: predict with the study's own networks (results/models/) instead of training here")
     p.add_argument("--attention-lrs", nargs="*", default=["null", "0.01", "0.03", "0.1"],
                    help="attention: train.attention_lr candidates (null = train.lr, the paper)")
     p.add_argument("--attention-variants", nargs="*", default=["rsa-111", "ncl-111"], help="attention: the variants")
@@ -312,12 +312,19 @@ def main(argv=None) -> int:
         _write(table, out, tag + args.name, header)
     elif args.what == "attention":
         jobs = []
-        for lr in args.attention_lrs:
-            setting = {**base, "attention_lr": yaml.safe_load(lr)}
+        if args.study_models:  # the study's own trained networks, seed index 0
             for variant in args.attention_variants:
-                jobs += [dict(j, attention_lr=lr) for j in
-                         _jobs_for(cfg, splits, args.splits, variant, setting, "att", results, scratch)]
-        pool.map(_train_one, jobs)
+                jobs += [{"variant": variant, "split": k, "attention_lr": str(base.get("attention_lr")),
+                          "out": str(results / "models" / variant / f"split{k}" / "seed0" / "model.pt"),
+                          "off_out": str(scratch / f"study-{variant}-split{k}-attention-off.pt")}
+                         for k in args.splits]
+        else:
+            for lr in args.attention_lrs:
+                setting = {**base, "attention_lr": yaml.safe_load(lr)}
+                for variant in args.attention_variants:
+                    jobs += [dict(j, attention_lr=lr) for j in
+                             _jobs_for(cfg, splits, args.splits, variant, setting, "att", results, scratch)]
+            pool.map(_train_one, jobs)
         tasks = [(j, _files(results, splits[j["split"]]["val"]), cfg["predict"], off)
                  for j in jobs for off in (False, True)]
         scored = pool.map(_score_attention_job, tasks)
@@ -337,14 +344,16 @@ def main(argv=None) -> int:
         table = pd.DataFrame(rows)
         summary = table.groupby(["attention_lr", "variant"], sort=False)[
             ["val sample Dice", "Δ off (points)", "changed voxels (%)", "max |scale|"]].mean().round(2).reset_index()
+        source = "the study's own models (results/models, seed index 0)" if args.study_models else "trained here"
         header = (
-            f"Does the attention learn, and does it matter? {', '.join(args.attention_variants)} of "
+            f"Does the attention learn, and does it matter? {', '.join(args.attention_variants)} ({source}) of "
             f"{Path(args.config).name}{set_note} with each train.attention_lr (null = train.lr = {base['lr']}, the "
             f"paper), splits {args.splits}, scored on each split's validation subjects only (whole volumes, the "
             f"study's prediction policy) with the attention as trained and switched off (rsanet.models.attention_off); "
             f"'changed voxels' and the patch Dice are the training's own attention check; commit {commit}; "
             f"`python tools/tune_on_validation.py attention --splits {' '.join(map(str, args.splits))} "
-            f"--attention-lrs {' '.join(args.attention_lrs)}{set_note}`\n\nMean over splits:\n\n"
+            + (f"--study-models --attention-variants {' '.join(args.attention_variants)}" if args.study_models else
+               f"--attention-lrs {' '.join(args.attention_lrs)}") + f"{set_note}`\n\nMean over splits:\n\n"
             + _markdown(summary) + "\n\nPer training:")
         _write(table, out, tag + "attention", header)
     elif args.what == "paper-loss":

@@ -431,13 +431,14 @@ def train(
     model = model.to(device, memory_format=layout)
     criterion = ExpWeightedCrossEntropy(r, lesion_weight=config.lesion_weight).to(device)
     # fused: one kernel for all parameters (the same Adam; ~2x faster step on CPU, see benchmark)
-    # The attention blocks' residual scales start at 0 and get their own rate (train.attention_lr):
-    # group "lr_factor" multiplies the schedule's rate.
+    # The attention blocks' residual scales get their own rate (train.attention_lr) on the same
+    # schedule: each group's "base_lr" times the schedule's shape (learning_rate at lr = 1).
     scale_ids = {id(p) for p in attention_scales(model)}
-    groups = [{"params": [p for p in model.parameters() if id(p) not in scale_ids], "lr_factor": 1.0}]
+    groups = [{"params": [p for p in model.parameters() if id(p) not in scale_ids], "base_lr": config.lr}]
     if scale_ids:
-        factor = (config.attention_lr or config.lr) / config.lr
-        groups.append({"params": [p for p in model.parameters() if id(p) in scale_ids], "lr_factor": factor})
+        groups.append({"params": [p for p in model.parameters() if id(p) in scale_ids],
+                       "base_lr": config.lr if config.attention_lr is None else config.attention_lr})
+    shape = dataclasses.replace(config, lr=1.0)
     optimiser = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay,
                                  fused=device.type in ("cpu", "cuda"))
     sampler = CropSampler(subjects, config.crop, config.lesion_crop_prob, config.seed, config.min_lesion_crops)
@@ -484,7 +485,7 @@ def train(
     try:
         for it in range(start + 1, config.iterations + 1):
             for group in optimiser.param_groups:
-                group["lr"] = learning_rate(config, it) * group["lr_factor"]
+                group["lr"] = learning_rate(shape, it) * group["base_lr"]
             x, y = sampler.batch(config.batch_size)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             x = x.contiguous(memory_format=layout)
