@@ -117,6 +117,7 @@ def runs(pattern, variant=None):
         if variant is None or v == variant
     ]
 
+
 REFERENCE = config["registration"]["reference"]
 MOVING = [c for c in ("T1", "T2", "FLAIR") if c != REFERENCE]
 
@@ -304,7 +305,9 @@ def job_benchmarks(stage):
         return expand(
             "results/benchmarks/jobs/coregister/{subject}.tsv", subject=SUBJECTS
         )
-    return runs(f"results/benchmarks/jobs/{stage}/{{variant}}/split{{split}}/seed{{seed}}.tsv")
+    return runs(
+        f"results/benchmarks/jobs/{stage}/{{variant}}/split{{split}}/seed{{seed}}.tsv"
+    )
 
 
 def fig5_variants():
