@@ -263,3 +263,20 @@ def test_a_retried_job_logs_its_attempt_and_on_the_last_one_what_to_set(caplog):
         assert "last attempt" not in caplog.text and "attempt 1 of at most 2" in caplog.text
         assert log_attempt("train", {"mem_mb": 6000, "runtime": 120}, sizes) == 2
     assert "last attempt" in caplog.text and "raise resources.train.mem_mb (now 3000 MB" in caplog.text
+
+
+def test_deviations_state_how_many_subjects_the_models_were_fitted_on():
+    """Issue 38: with a validation part, splits.n_train's subjects are not all fitted on; the
+    deviations table says so (16 fitted + 4 validation) instead of 'as in the paper'. The attention
+    settings and the per-variant seeds of the demo are deviations too."""
+    from rsanet.paper import deviations
+
+    root = Path(__file__).parents[1]
+    demo = yaml.safe_load((root / "config" / "config.yaml").read_text())
+    d = deviations(demo).set_index("setting")
+    assert d.loc["splits.n_train", "this_run"] == "20 (16 fitted + 4 validation)"
+    assert d.loc["splits.n_train", "status"] == "deviates"
+    for key in ("train.attention_init", "train.attention_lr", "train.seeds_by_variant"):
+        assert d.loc[key, "status"] == "deviates", key
+    paper = {**demo, "splits": {**demo["splits"], "n_val": 0}}
+    assert deviations(paper).set_index("setting").loc["splits.n_train", "status"] == "as in the paper"

@@ -4,7 +4,7 @@
 
 The intro (a Markdown file: what was run, on which commit and machine, how long it took, and
 what the reader should make of it) goes first; then, generated from the run's own files: the
-test sample Dice per split and variant (``per_subject_metrics.csv``), Table 1, the training
+findings (``findings.md``), the test sample Dice per split and variant (``per_subject_metrics.csv``), Table 1, the training
 health check of every training, the corrected paired tests, Table 2, lesion-wise precision by
 ensemble agreement (``lesion_confidence/<variant>.csv``) and where the time went (``job_times.md``,
 from every heavy job's Snakemake benchmark file).
@@ -41,6 +41,11 @@ def precision_by_agreement(folder: Path) -> pd.DataFrame:
     return table.round({"precision_pct": 1})
 
 
+def _demoted(markdown: str) -> str:
+    """Every heading one level down (the findings page's '# ' title becomes a section)."""
+    return "\n".join("#" + line if line.startswith("#") else line for line in markdown.splitlines())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", required=True, help="the study's results/ folder")
@@ -50,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = pd.read_csv(tables / "per_subject_metrics.csv")
     parts = [
         Path(args.intro).read_text().rstrip() + "\n",
+        _demoted((tables / "findings.md").read_text()).rstrip() + "\n",
         "## Per split (test sample Dice, %)\n",
         to_markdown(per_split_dice(rows)),
         "## Table 1\n",

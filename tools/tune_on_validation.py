@@ -342,8 +342,10 @@ def main(argv=None) -> int:
                 "max |scale|": round(max(abs(v) for vs in check.get("scales", {"": [0.0]}).values() for v in vs), 3),
             })
         table = pd.DataFrame(rows)
+        table["|Δ off| (points)"] = table["Δ off (points)"].abs()
         summary = table.groupby(["attention_lr", "variant"], sort=False)[
-            ["val sample Dice", "Δ off (points)", "changed voxels (%)", "max |scale|"]].mean().round(2).reset_index()
+            ["val sample Dice", "Δ off (points)", "|Δ off| (points)", "changed voxels (%)", "max |scale|"]
+        ].mean().round(2).reset_index()
         source = "the study's own models (results/models, seed index 0)" if args.study_models else "trained here"
         header = (
             f"Does the attention learn, and does it matter? {', '.join(args.attention_variants)} ({source}) of "

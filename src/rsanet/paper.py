@@ -51,6 +51,7 @@ PAPER_SETTINGS: tuple[PaperSetting, ...] = (
     PaperSetting("model.output_bias", "none", "authors' code: the 1x1x1 output conv has no bias (method notes)"),
     PaperSetting("train.amp", NOT_STATED, "precision not stated (Titan XP, 2019)"),
     PaperSetting("train.seeds", 1, "one training per split"),
+    PaperSetting("train.seeds_by_variant", {}, "one training per split, every variant"),
     PaperSetting("predict.tile", NOT_STATED, "inference on the test images not described"),
     PaperSetting("predict.overlap", NOT_STATED, "inference on the test images not described"),
     PaperSetting("predict.blending", NOT_STATED, "inference on the test images not described"),
@@ -110,8 +111,14 @@ def deviations(config: Mapping, engines: list[str] | None = None) -> pd.DataFram
             ours = "+".join(engines) if ours == "auto" else ours
         if s.key == "splits.n_test" and ours is None:
             ours = "all the others"
+        n_val = _get(config, "splits.n_val") or 0
+        if s.key == "splits.n_train" and n_val:
+            # the models are fitted on n_train - n_val subjects: the validation part is held out
+            ours = f"{ours} ({ours - n_val} fitted + {n_val} validation)"
         if s.value is NOT_STATED:
             status = "not stated in the paper"
+        elif s.key == "splits.n_train" and n_val:
+            status = "deviates"
         else:
             status = "as in the paper" if _same(ours, s.value) else "deviates"
         rows.append({"setting": s.key, "paper": _show(s.value), "this_run": _show(ours), "status": status,
