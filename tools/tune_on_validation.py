@@ -70,12 +70,16 @@ def _train_one(job: dict) -> dict:
     return job
 
 
-def _score(model_path: str, files: list[str], policy: dict) -> dict:
-    """Sample Dice, voxel Dice and seconds per volume of one model under one policy."""
+def _score(model_path: str, files: list[str], policy: dict, attention_switched_off: bool = False) -> dict:
+    """Sample Dice, voxel Dice and seconds per volume of one model under one policy (with its
+    attention switched off if asked: rsanet.models.attention_off)."""
+    import contextlib
+
     import torch
 
     from rsanet.inference import PredictionPolicy
     from rsanet.metrics import dice_from_counts, evaluate_case
+    from rsanet.models import attention_off
     from rsanet.training import load_model
     from rsanet.volumes import Preprocessed
 
@@ -83,15 +87,16 @@ def _score(model_path: str, files: list[str], policy: dict) -> dict:
     model, cfg = load_model(model_path, "cpu")
     chosen = PredictionPolicy.from_config(policy, cfg.crop, amp=cfg.amp)
     dices, tp, fp, fn, seconds, tiles = [], 0, 0, 0, [], 0
-    for f in files:
-        pre = Preprocessed.load(f)
-        tiles += chosen.tiles(pre.image.shape[1:])
-        t0 = time.perf_counter()
-        prob = chosen.predict(model, pre.image)
-        seconds.append(time.perf_counter() - t0)
-        s = evaluate_case(prob > 0.5, pre.lesions > 0, pre.spacing)
-        dices.append(s["dice"])
-        tp, fp, fn = tp + s["tp"], fp + s["fp"], fn + s["fn"]
+    with attention_off(model) if attention_switched_off else contextlib.nullcontext():
+        for f in files:
+            pre = Preprocessed.load(f)
+            tiles += chosen.tiles(pre.image.shape[1:])
+            t0 = time.perf_counter()
+            prob = chosen.predict(model, pre.image)
+            seconds.append(time.perf_counter() - t0)
+            s = evaluate_case(prob > 0.5, pre.lesions > 0, pre.spacing)
+            dices.append(s["dice"])
+            tp, fp, fn = tp + s["tp"], fp + s["fp"], fn + s["fn"]
     return {"sample_dice": float(np.mean(dices)), "voxel_dice": dice_from_counts(tp, fp, fn),
             "seconds_per_volume": float(np.median(seconds)), "tiles": tiles}
 
@@ -99,20 +104,7 @@ def _score(model_path: str, files: list[str], policy: dict) -> dict:
 def _score_attention_job(args: tuple) -> dict:
     """:func:`_score` of one model with its attention as trained (``off`` False) or switched off."""
     job, files, policy, off = args
-    if not off:
-        return _score(job["out"], files, policy)
-    import torch
-
-    from rsanet.models import attention_off
-    from rsanet.training import load_model
-
-    model, _ = load_model(job["out"], "cpu")
-    with attention_off(model):
-        off_path = job.get("off_out", job["out"] + ".attention-off.pt")  # never beside a study's model
-        payload = torch.load(job["out"], map_location="cpu", weights_only=True)
-        payload["model"] = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        torch.save(payload, off_path)
-    return _score(off_path, files, policy)
+    return _score(job["out"], files, policy, attention_switched_off=off)
 
 
 def _markdown(table: pd.DataFrame) -> str:
@@ -315,8 +307,7 @@ def main(argv=None) -> int:
         if args.study_models:  # the study's own trained networks, seed index 0
             for variant in args.attention_variants:
                 jobs += [{"variant": variant, "split": k, "attention_lr": str(base.get("attention_lr")),
-                          "out": str(results / "models" / variant / f"split{k}" / "seed0" / "model.pt"),
-                          "off_out": str(scratch / f"study-{variant}-split{k}-attention-off.pt")}
+                          "out": str(results / "models" / variant / f"split{k}" / "seed0" / "model.pt")}
                          for k in args.splits]
         else:
             for lr in args.attention_lrs:

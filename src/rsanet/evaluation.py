@@ -11,8 +11,10 @@ in percent, like the paper.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -109,7 +111,7 @@ def failed_trainings(health: pd.DataFrame) -> pd.DataFrame:
 
 
 def attention_summary(health: pd.DataFrame) -> pd.DataFrame:
-    """Per variant (Table 1 order) from one row per training (:func:`rsanet.steps.read_health`):
+    """Per variant (Table 1 order) from one row per training (:func:`read_health`):
     ``n_checked`` (trainings with an attention check; 0 for the 3D U-Net), ``n_inert``, ``inert``
     (the inert runs as ``"split k seed s"``), and means over the checked trainings of
     ``changed_pct`` (predicted lesion voxels that change with the attention off, %),
@@ -341,7 +343,7 @@ def paired_tests(per_split: pd.DataFrame, n_train: int, reference: str = "unet3d
         at 80 % power, alpha 0.05), ``paper_difference_pp`` (the paper's Table 1 difference of the
         two methods) and ``power_for_paper`` (:func:`corrected_ttest_power` of that difference).
     """
-    ref = per_split[per_split.variant == reference].set_index("split")
+    ref = per_split[per_split.variant == reference]
     records = []
     for variant in _order(per_split.variant.unique()):
         if variant == reference:
@@ -353,7 +355,7 @@ def paired_tests(per_split: pd.DataFrame, n_train: int, reference: str = "unet3d
             records.append({
                 "variant": variant, "method": VARIANTS[variant].display_name,
                 "reference": VARIANTS[reference].display_name, "metric": metric,
-                **compare_arms(other, ref.reset_index(), metric, n_train, paper_diff),
+                **compare_arms(other, ref, metric, n_train, paper_diff),
             })
     return pd.DataFrame(records)
 
@@ -408,6 +410,28 @@ def mean_over_seeds(rows: pd.DataFrame) -> pd.DataFrame:
     out = per_seed.groupby(["variant", "split"], sort=False)[numeric].mean().reset_index()
     out["n_test"] = out["n_test"].round().astype(int)
     return out
+
+
+def read_health(health_jsons: Sequence[str]) -> pd.DataFrame:
+    """One row per training from its ``health.json``: variant, split, seed (index), learned, score,
+    floor, source, stopped_at, and the attention check (``attention_*``: inert, the share of
+    predicted lesion voxels that change with the attention off, the validation-patch hard Dice
+    and sample Dice on and off (0-1), the largest learned scale; empty for the 3D U-Net)."""
+    recs = [json.loads(Path(p).read_text()) for p in health_jsons]
+    cols = ["variant", "split", "seed_index", "learned", "score", "floor", "source", "stopped_at"]
+    checks = {"inert": "attention_inert", "changed_share": "attention_changed_share", "dice_on": "attention_dice_on",
+              "dice_off": "attention_dice_off", "sample_dice_on": "attention_sample_dice_on",
+              "sample_dice_off": "attention_sample_dice_off"}
+    rows = []
+    for r in recs:
+        row = {c: r.get(c) for c in cols}
+        check = r.get("attention") or {}
+        row.update({name: check.get(key) for key, name in checks.items()})
+        scales = [abs(v) for vs in check.get("scales", {}).values() for v in vs]
+        row["attention_scale_max"] = max(scales) if scales else None
+        rows.append(row)
+    df = pd.DataFrame(rows, columns=cols + list(checks.values()) + ["attention_scale_max"])
+    return df.rename(columns={"seed_index": "seed"})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ def best_variant(health: pd.DataFrame) -> tuple[str, str]:
     validation patches; training batches where a split has no validation part).
 
     ``health``: one row per training with ``variant``, ``score`` (0-1) and ``source`` columns
-    (:func:`rsanet.steps.read_health`). Returns ``(variant, how it was chosen)``; ties go to the
+    (:func:`rsanet.evaluation.read_health`). Returns ``(variant, how it was chosen)``; ties go to the
     variant met first."""
     means = health.groupby("variant", sort=False).score.mean()
     sources = " and ".join(sorted(set(health.source)))
@@ -95,14 +95,13 @@ def export_step(
 
     from . import __version__, evaluation
     from .paper import deviations
-    from .steps import read_health
 
     t1 = pd.read_csv(table1_csv).set_index("variant")
     t2 = pd.read_csv(table2_csv).set_index("variant")
     if choice == "best":
         if not health:
             raise ValueError("export.variant best needs the trainings' health.json files")
-        variant, chosen_by = best_variant(read_health(health))
+        variant, chosen_by = best_variant(evaluation.read_health(health))
     else:
         variant, chosen_by = choice, "export.variant"
     if variant not in models:

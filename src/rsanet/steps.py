@@ -271,29 +271,6 @@ def lesion_confidence_step(
 # ---------------------------------------------------------------------------------------------
 # Aggregation and figures
 # ---------------------------------------------------------------------------------------------
-def read_health(health_jsons: Sequence[str]) -> pd.DataFrame:
-    """One row per training from its ``health.json``: variant, split, seed (index), learned, score,
-    floor, source, stopped_at, and the attention check (``attention_*``: inert, the share of
-    predicted lesion voxels that change with the attention off, the validation-patch hard Dice
-    and sample Dice on and off (0-1), the largest learned scale; empty for the 3D U-Net)."""
-    import pandas as pd
-    recs = [json.loads(Path(p).read_text()) for p in health_jsons]
-    cols = ["variant", "split", "seed_index", "learned", "score", "floor", "source", "stopped_at"]
-    checks = {"inert": "attention_inert", "changed_share": "attention_changed_share", "dice_on": "attention_dice_on",
-              "dice_off": "attention_dice_off", "sample_dice_on": "attention_sample_dice_on",
-              "sample_dice_off": "attention_sample_dice_off"}
-    rows = []
-    for r in recs:
-        row = {c: r.get(c) for c in cols}
-        check = r.get("attention") or {}
-        row.update({name: check.get(key) for key, name in checks.items()})
-        scales = [abs(v) for vs in check.get("scales", {}).values() for v in vs]
-        row["attention_scale_max"] = max(scales) if scales else None
-        rows.append(row)
-    df = pd.DataFrame(rows, columns=cols + list(checks.values()) + ["attention_scale_max"])
-    return df.rename(columns={"seed_index": "seed"})
-
-
 def job_times_step(benchmarks: Mapping[str, Sequence[str]], out_csv: str, out_md: str) -> None:
     """Snakemake benchmark files (stage -> one TSV per job) -> the time table per stage (csv, md)."""
     import pandas as pd
@@ -319,7 +296,7 @@ def aggregate_step(metric_csvs: Sequence[str], health_jsons: Sequence[str], spli
     from . import evaluation
 
     rows = pd.concat([pd.read_csv(p) for p in metric_csvs], ignore_index=True)
-    health = read_health(health_jsons)
+    health = evaluation.read_health(health_jsons)
     n_train = json.loads(Path(splits_json).read_text())["n_train"]
     t1, t2 = evaluation.table1(rows, health), evaluation.table2(rows)
     failed = evaluation.failed_trainings(health)
@@ -436,7 +413,7 @@ def figures_step(
         stems: output stems for ``fig1``, ``fig5``, ``curves``, ``scores``.
     """
     import pandas as pd
-    from . import figures
+    from . import evaluation, figures
 
     rows = pd.read_csv(per_subject_csv)
     split0 = read_split(splits_json, 0)
@@ -453,7 +430,7 @@ def figures_step(
     )
     floor = None
     if health_jsons:
-        health = read_health(health_jsons)
+        health = evaluation.read_health(health_jsons)
         logs = logs.merge(health[["variant", "split", "seed", "learned"]], on=["variant", "split", "seed"], how="left")
         floor = float(health.floor.iloc[0])
     figures.training_curves(logs, stems["curves"], floor=floor)
