@@ -119,18 +119,16 @@ def attention_summary(health: pd.DataFrame) -> pd.DataFrame:
     ``dice_delta_pp`` (pooled hard Dice, off minus on) and ``scale_max`` (largest |scale|)."""
     out = []
     for variant in _order(health.variant.unique()):
-        g = health[(health.variant == variant) & health.get("attention_inert", pd.Series(index=health.index)).notna()]
-        inert = g[g.attention_inert.astype(bool)] if len(g) else g
-        mean = (lambda c, k=1.0: float(k * g[c].astype(float).mean()) if len(g) else float("nan"))
+        g = health[(health.variant == variant) & health.attention_inert.notna()]
+        inert = g[g.attention_inert.astype(bool)]
+        delta = lambda on, off: float(100 * (g[off].astype(float) - g[on].astype(float)).mean())  # NaN if none
         out.append({
             "variant": variant, "method": VARIANTS[variant].display_name, "n_checked": len(g), "n_inert": len(inert),
             "inert": ", ".join(f"split {int(a)} seed {int(b)}" for a, b in zip(inert.split, inert.seed)),
-            "changed_pct": mean("attention_changed_share", 100),
-            "sample_dice_delta_pp": float(100 * (g.attention_sample_dice_off.astype(float)
-                                                 - g.attention_sample_dice_on.astype(float)).mean()) if len(g) else float("nan"),
-            "dice_delta_pp": float(100 * (g.attention_dice_off.astype(float)
-                                          - g.attention_dice_on.astype(float)).mean()) if len(g) else float("nan"),
-            "scale_max": mean("attention_scale_max"),
+            "changed_pct": float(100 * g.attention_changed_share.astype(float).mean()),
+            "sample_dice_delta_pp": delta("attention_sample_dice_on", "attention_sample_dice_off"),
+            "dice_delta_pp": delta("attention_dice_on", "attention_dice_off"),
+            "scale_max": float(g.attention_scale_max.astype(float).mean()),
         })
     return pd.DataFrame(out, columns=["variant", "method", "n_checked", "n_inert", "inert", "changed_pct",
                                       "sample_dice_delta_pp", "dice_delta_pp", "scale_max"])
