@@ -149,7 +149,7 @@ def test_no_collage_is_closer_to_another_subject_than_two_real_patients() -> Non
     training subject."""
     import yaml
 
-    cfg = yaml.safe_load((Path(__file__).parents[1] / "config" / "config.yaml").read_text())
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "config" / "presets" / "demo.yaml").read_text())
     n, seed = cfg["demo"]["n_subjects"], cfg["demo"]["seed"]
     masks = [demo.lesion_template(i, seed) > 0 for i in range(n)]
     plain = {p: demo._lesion_on_template(p, False) > 0 for p in range(1, demo.N_LESION_MASKS + 1)}

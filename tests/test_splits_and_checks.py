@@ -76,14 +76,20 @@ def test_small_cohorts_give_distinct_splits_or_say_how_many_they_can():
         make_splits(ids, 4, 2, 1, seed=0)
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "paper.yaml", "test.yaml"])
-def test_shipped_configs_are_valid(name):
-    cfg = yaml.safe_load((ROOT / "config" / name).read_text())
+@pytest.mark.parametrize("name,preset", [("config.yaml", None), ("config.yaml", "paper"), ("config.yaml", "cpu"),
+                                         ("test.yaml", None)])
+def test_shipped_configs_and_presets_are_valid(name, preset):
+    from rsanet.checks import load_config
+
+    cfg = load_config(ROOT / "config" / name, SCHEMA, preset)
+    assert cfg["preset"] == (preset or "demo")
     assert config_problems(cfg, SCHEMA, n_subjects=cfg["demo"]["n_subjects"]) == []
 
 
 def test_config_problems_lists_every_violation():
-    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    from rsanet.checks import load_config
+
+    cfg = load_config(ROOT / "config" / "config.yaml", SCHEMA)
     cfg["variants"] = ["unet3d", "rsa-222"]
     cfg["train"]["iterations"] = -5
     cfg["splits"]["n_train"] = 40
@@ -208,6 +214,27 @@ def test_a_config_with_only_subjects_is_complete_after_defaults():
     assert cfg["resources"]["train"]["gpus"] == 0 and cfg["predict"]["blending"] == "gaussian"
 
 
+def test_a_comma_separated_sheet_is_read_and_a_missing_sheet_names_where_it_was_looked_for(
+        tmp_path, caplog, monkeypatch):
+    """The README lists the sheet's columns with commas: a CSV sheet is read as such (and logged);
+    a sheet not found names the absolute path tried and the working directory it came from."""
+    from rsanet.checks import read_sheet
+
+    rows = "subject,t1,t2,flair,lesions\np01,a/T1.nii.gz,a/T2.nii.gz,a/FLAIR.nii.gz,a/m.nii.gz\n"
+    for name in ("subjects.csv", "subjects.tsv"):  # by its name, or by a header of commas only
+        (tmp_path / name).write_text(rows)
+        with caplog.at_level("INFO", logger="rsanet.checks"):
+            df = read_sheet(tmp_path / name)
+        assert list(df.columns) == ["subject", "t1", "t2", "flair", "lesions"], name
+        assert df.flair[0] == str(tmp_path / "a" / "FLAIR.nii.gz")
+    assert "comma-separated" in caplog.text
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputCheckError) as err:
+        read_sheet("config/subjects.tsv")
+    assert str(tmp_path / "config" / "subjects.tsv") in str(err.value)
+    assert "working directory" in str(err.value) and str(tmp_path) in str(err.value)
+
+
 def test_subject_sheet_with_bom_and_crlf_is_read_and_logged(tmp_path, caplog):
     from rsanet.checks import read_sheet
 
@@ -221,18 +248,46 @@ def test_subject_sheet_with_bom_and_crlf_is_read_and_logged(tmp_path, caplog):
     assert "byte-order mark" in caplog.text and "CRLF" in caplog.text
 
 
-def test_paper_config_sets_every_key_the_default_config_sets():
-    """config/paper.yaml is layered over config/config.yaml: it must not inherit a demo setting."""
+def _keys(d, prefix=""):
+    out = set()
+    for k, v in d.items():
+        # a config section is walked into; a mapping value (train.seeds_by_variant) is one setting
+        section = isinstance(v, dict) and k != "seeds_by_variant"
+        out |= _keys(v, f"{prefix}{k}.") if section else {f"{prefix}{k}"}
+    return out
 
-    def keys(d, prefix=""):
-        out = set()
-        for k, v in d.items():
-            out |= keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
-        return out
 
-    demo = keys(yaml.safe_load((ROOT / "config" / "config.yaml").read_text()))
-    paper = keys(yaml.safe_load((ROOT / "config" / "paper.yaml").read_text()))
-    assert demo - paper == set()
+def test_every_preset_sets_every_setting_the_demo_preset_sets():
+    """A preset is layered over the schema's defaults only: none may leave a setting the demo
+    changes to a default (the cpu preset has no demo cohort to describe)."""
+    presets = ROOT / "config" / "presets"
+    demo = _keys(yaml.safe_load((presets / "demo.yaml").read_text()))
+    assert demo - _keys(yaml.safe_load((presets / "paper.yaml").read_text())) == set()
+    cpu = _keys(yaml.safe_load((presets / "cpu.yaml").read_text()))
+    assert {k for k in demo - cpu} == {k for k in demo if k.startswith("demo.")}
+
+
+def test_own_subjects_alone_run_on_the_paper_preset_never_on_the_demo_shortcuts(tmp_path):
+    """A sheet and nothing else: the paper's settings; `preset: cpu` names the CPU workstation
+    preset; the demo's 2-core shortcuts only for the demo cohort or when named."""
+    from rsanet.checks import load_config, preset_name
+
+    assert preset_name({"subjects": "demo"}) == "demo"
+    assert preset_name({"subjects": "mine.tsv"}) == "paper"
+    assert preset_name({"subjects": {"bids": "x", "lesions": "y"}, "preset": "auto"}) == "paper"
+    (tmp_path / "mine.yaml").write_text("subjects: mine.tsv\n")
+    own = load_config(tmp_path / "mine.yaml", SCHEMA)
+    assert own["preset"] == "paper"
+    assert own["train"]["widths"] == [32, 64, 128, 256, 512] and own["train"]["iterations"] == 800
+    assert own["registration"]["search_deg"] == 30
+    (tmp_path / "cpu.yaml").write_text("subjects: mine.tsv\npreset: cpu\ntrain: {iterations: 200}\n")
+    cpu = load_config(tmp_path / "cpu.yaml", SCHEMA)
+    assert cpu["preset"] == "cpu" and cpu["train"]["widths"] == [8, 16, 32, 64]
+    assert cpu["train"]["iterations"] == 200 and cpu["train"]["lr"] == 1e-3  # the user's key wins, the rest kept
+    assert cpu["registration"]["search_deg"] == 30 and cpu["registration"]["finest_level_mm"] == 1.5
+    (tmp_path / "bad.yaml").write_text("subjects: mine.tsv\npreset: laptop\n")
+    with pytest.raises(InputCheckError, match="preset"):
+        load_config(tmp_path / "bad.yaml", SCHEMA)
 
 
 def test_config_readme_is_generated_from_the_schema_and_current():
@@ -271,9 +326,12 @@ def test_deviations_state_how_many_subjects_the_models_were_fitted_on():
     settings and the per-variant seeds of the demo are deviations too."""
     from rsanet.paper import deviations
 
-    root = Path(__file__).parents[1]
-    demo = yaml.safe_load((root / "config" / "config.yaml").read_text())
+    from rsanet.checks import load_config
+
+    demo = load_config(ROOT / "config" / "config.yaml", SCHEMA)
     d = deviations(demo).set_index("setting")
+    assert d.loc["preset", "this_run"] == "demo" and d.loc["preset", "status"] == "deviates"
+    assert deviations({**demo, "preset": "paper"}).set_index("setting").loc["preset", "status"] == "as in the paper"
     assert d.loc["splits.n_train", "this_run"] == "20 (16 fitted + 4 validation)"
     assert d.loc["splits.n_train", "status"] == "deviates"
     for key in ("train.attention_init", "train.attention_lr", "train.seeds_by_variant"):

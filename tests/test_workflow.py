@@ -240,10 +240,10 @@ def test_trainings_are_scheduled_before_predictions(tmp_path):
 # --------------------------------------------------------------------------------------------
 # Bad input: the run stops before any work, naming the subject and the file
 # --------------------------------------------------------------------------------------------
-def _user_cohort(root: Path) -> Path:
-    """Two subjects with plausible files; returns the sheet path."""
+def _user_cohort(root: Path, n: int = 2) -> Path:
+    """``n`` subjects with plausible files; returns the sheet path."""
     rows = []
-    for sid in ("p01", "p02"):
+    for sid in (f"p{i + 1:02d}" for i in range(n)):
         d = root / sid
         d.mkdir(parents=True)
         img = np.zeros((16, 16, 8), np.float32)
@@ -272,6 +272,25 @@ def derived_config(path: Path, **overrides) -> list[str]:
 def _bad_config(tmp_path: Path, sheet: Path, **overrides) -> list[str]:
     splits = {"n_splits": 1, "n_train": 1, "n_val": 0, "n_test": 1}
     return derived_config(tmp_path / "config.yaml", subjects=str(sheet), splits=splits, **overrides)
+
+
+def test_own_sheet_alone_plans_the_paper_preset_and_names_it(tmp_path):
+    """A config of `subjects:` and nothing else never runs on the demo's 2-core shortcuts: the dry
+    run's log names the paper preset and the settings it plans (widths, iterations, the rotation
+    search); `preset: cpu` names the CPU workstation preset instead."""
+    sheet = _user_cohort(tmp_path / "data", n=43)
+    (tmp_path / "mine.yaml").write_text(f"subjects: {sheet}\n")
+    run = snakemake(tmp_path / "work", "--configfile", str(tmp_path / "mine.yaml"), "-n")
+    assert run.returncode == 0, run.stderr[-3000:]
+    line = next(ln for ln in run.stderr.splitlines() if ln.startswith("rsanet: preset"))
+    assert "preset 'paper'" in line and "widths [32, 64, 128, 256, 512]" in line and "800 iterations" in line
+    assert "search +/-30 deg" in line and "job GPUs: 1" in line
+    (tmp_path / "cpu.yaml").write_text(f"subjects: {sheet}\npreset: cpu\n")
+    run = snakemake(tmp_path / "work", "--configfile", str(tmp_path / "cpu.yaml"), "-n")
+    line = next(ln for ln in run.stderr.splitlines() if ln.startswith("rsanet: preset"))
+    assert "preset 'cpu'" in line and "widths [8, 16, 32, 64]" in line and "search +/-30 deg" in line
+    assert "job GPUs: 0" in line
+    assert not (tmp_path / "work" / "results").exists()
 
 
 def test_4d_image_stops_the_run_naming_subject_and_file(tmp_path):

@@ -3,7 +3,7 @@
 
 The same measurements as ``snakemake network_costs`` (rule ``network_costs``), without Snakemake::
 
-    python tools/benchmark.py --out results/benchmarks [--config config/config.yaml]
+    python tools/benchmark.py --out results/benchmarks [--config config/config.yaml] [--preset paper]
         [--threads 2] [--rounds 7] [--variants unet3d rsa-111] [--no-extras]
         [--omp-wait-policy PASSIVE]
 
@@ -31,6 +31,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(REPO / "results" / "benchmarks"), help="output folder")
     p.add_argument("--config", default=str(REPO / "config" / "config.yaml"))
+    p.add_argument("--preset", default=None, help="the preset under --config (default: the config's own)")
     p.add_argument("--threads", type=int, default=None, help="default: the config's resources.train.threads")
     p.add_argument("--rounds", type=int, default=7, help="timed rounds of the training steps")
     p.add_argument("--variants", nargs="*", default=None, help="default: the config's variants")
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
     from rsanet.benchmarks.run import Outputs, run_benchmark
     from rsanet.checks import load_config
 
-    cfg = load_config(args.config, REPO / "workflow" / "schemas" / "config.schema.yaml")
+    cfg = load_config(args.config, REPO / "workflow" / "schemas" / "config.schema.yaml", args.preset)
     train = cfg["train"]
     run_benchmark(
         Outputs.in_folder(args.out),

@@ -28,7 +28,7 @@ def paper_width_export(folder: Path, n_models: int = 5) -> Path:
     from rsanet.training import TrainConfig, TrainResult, save_model
     from rsanet.checks import load_config
 
-    cfg = load_config(REPO / "config" / "paper.yaml", REPO / "workflow" / "schemas" / "config.schema.yaml")
+    cfg = load_config(REPO / "config" / "config.yaml", REPO / "workflow" / "schemas" / "config.schema.yaml", preset="paper")
     out = folder / "unet3d"
     out.mkdir(parents=True)
     names = []

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Check the CUDA path and time the paper's settings on this machine's GPU.
 
-    python tools/gpu_check.py --config config/paper.yaml --iterations 60 --out results/gpu_check
+    python tools/gpu_check.py --preset paper --iterations 60 --out results/gpu_check
 
 What it does, on synthetic subjects of the paper's size (nothing is read from disk but the
 config), for each variant of the config:
@@ -98,7 +98,8 @@ def _peak_gib(cpu: bool) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=str(REPO / "config" / "paper.yaml"))
+    p.add_argument("--config", default=str(REPO / "config" / "config.yaml"))
+    p.add_argument("--preset", default="paper", help="the preset under --config (config/presets/)")
     p.add_argument("--iterations", type=int, default=60, help="timed training iterations per variant")
     p.add_argument("--variants", nargs="*", default=None, help="default: the config's variants")
     p.add_argument("--out", default=str(REPO / "results" / "gpu_check"))
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
     if not cpu and not torch.cuda.is_available():
         print("no CUDA GPU visible to PyTorch: nothing to check", file=sys.stderr)
         return 1
-    cfg = load_config(args.config, REPO / "workflow" / "schemas" / "config.schema.yaml")  # schema defaults filled in
+    cfg = load_config(args.config, REPO / "workflow" / "schemas" / "config.schema.yaml", args.preset)
     tcfg = dict(cfg["train"])
     variants = args.variants or cfg["variants"]
     n_test = int(cfg["splits"]["n_test"])
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     gpu = "CPU (dry run)" if cpu else torch.cuda.get_device_name(0)
-    print(f"GPU {gpu}, torch {torch.__version__}, config {args.config}", flush=True)
+    print(f"GPU {gpu}, torch {torch.__version__}, config {args.config}, preset {args.preset}", flush=True)
     torch.backends.cudnn.benchmark = True
 
     policy = PredictionPolicy.from_config(cfg["predict"], tcfg["crop"], amp=bool(tcfg.get("amp", True)))  # as the workflow
@@ -175,7 +176,7 @@ def main(argv=None) -> int:
                "study_train_hours": train_h, "study_predict_hours": predict_h}
     (out / "gpu_check.json").write_text(json.dumps(summary, indent=1))
     lines = [f"# GPU check: {gpu}, torch {torch.__version__}", "",
-             f"Config `{args.config}`; synthetic subjects of {volume} voxels; prediction: {policy.describe()}.", "",
+             f"Config `{args.config}`, preset `{args.preset}`; synthetic subjects of {volume} voxels; prediction: {policy.describe()}.", "",
              "| variant | CPU vs CUDA fp32 | vs bf16 | s/iteration | train peak GiB | predict s/volume "
              "| predict peak GiB | resume (rel. loss difference) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -21,7 +21,7 @@ baseline 3D U-Net of split 0 trained with several seeds; validation and test Dic
 ``health``: the baseline 3D U-Net on every split and seed given (the workflow's seed rule);
 per training its validation sample Dice, the health check's verdict, and a summary (failures,
 trainings below 20 % validation Dice, the seed-to-seed sd on split 0). ``paper-loss``: the
-training settings of ``config/paper.yaml`` (800 iterations, batch 4, no Dice term, constant
+training settings of ``config/presets/paper.yaml`` (800 iterations, batch 4, no Dice term, constant
 rate) at the demo's widths and crop, with the paper's class weights as printed and swapped.
 ``--set key=value`` changes a ``train:`` setting of the baseline (e.g. to measure an alternative).
 
@@ -350,7 +350,7 @@ def main(argv=None) -> int:
             + _markdown(summary) + "\n\nPer training:")
         _write(table, out, tag + "attention", header)
     elif args.what == "paper-loss":
-        paper = load_config(REPO / "config" / "paper.yaml", REPO / "workflow" / "schemas" / "config.schema.yaml")
+        paper = load_config(REPO / "config" / "config.yaml", REPO / "workflow" / "schemas" / "config.schema.yaml", preset="paper")
         demo_scale = {k: base[k] for k in ("widths", "crop", "deterministic", "device", "amp", "log_every")}
         rows = []
         for form in ("printed", "swapped"):
@@ -377,7 +377,7 @@ def main(argv=None) -> int:
             columns={"sample_dice": "val sample Dice", "voxel_dice": "val voxel Dice"})
         summary = table.groupby("class weights")["val sample Dice"].agg(["mean", "min", "max"]).round(1)
         header = (
-            f"The paper's training settings (config/paper.yaml: {paper['train']['iterations']} iterations, batch "
+            f"The paper's training settings (config/presets/paper.yaml: {paper['train']['iterations']} iterations, batch "
             f"{paper['train']['batch_size']}, lr {paper['train']['lr']} {paper['train']['lr_schedule']}, Dice term "
             f"{paper['train']['dice_weight']}, dropout {paper['train']['dropout']}, random crops, train.on_failure "
             f"{changed.get('on_failure', paper['train']['on_failure'])}: a training its health check says has not learned "

@@ -135,8 +135,9 @@ def config_reference(schema: Mapping) -> str:
     lines = ["# Configuration reference", "",
              "Generated from `workflow/schemas/config.schema.yaml` (`python tools/config_reference.py > "
              "config/README.md`); a test keeps it current. A config file needs only the keys it changes: "
-             "the workflow loads `config/config.yaml` (the CPU demo) first, your `--configfile` over it, and "
-             "the schema's defaults (below) fill in the rest. `config/paper.yaml` holds the paper's settings.",
+             "the workflow loads `config/config.yaml` first and your `--configfile` over it; what neither sets "
+             "comes from the preset (`preset:`, a file of `config/presets/`: `demo`, `paper` or `cpu`), "
+             "then from the schema's defaults (below).",
              "", "| key | type | default | description |", "|---|---|---|---|"]
 
     def walk(node: Mapping, prefix: str) -> None:
@@ -155,10 +156,63 @@ def config_reference(schema: Mapping) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_config(path: str | Path, schema_path: str | Path) -> dict:
-    """Read a workflow config file, check it against the schema and apply the schema's defaults."""
+#: The named settings a config is layered over (``preset:``): files ``config/presets/<name>.yaml``.
+PRESETS = ("demo", "paper", "cpu")
+
+
+def presets_folder(schema_path: str | Path) -> Path:
+    """``config/presets/`` of the checkout whose ``workflow/schemas/`` holds ``schema_path``."""
+    return Path(schema_path).resolve().parents[2] / "config" / "presets"
+
+
+def preset_name(config: Mapping) -> str:
+    """The preset a config runs on: its ``preset:``; ``auto`` (or none) means ``demo`` for the
+    demo cohort and ``paper`` for a user's own subjects, so a sheet alone never runs on the demo's
+    2-core shortcuts."""
+    name = config.get("preset", "auto")
+    if name == "auto":
+        return "demo" if config.get("subjects", "demo") == "demo" else "paper"
+    return name
+
+
+def _merged(base: Mapping, over: Mapping) -> dict:
+    """``over`` on top of ``base``; mappings merge key by key (Snakemake's own config layering)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) else value
+    return out
+
+
+def with_preset(config: Mapping, presets: str | Path) -> dict:
+    """``config`` layered over its preset (:func:`preset_name`); ``preset`` set to the name that ran.
+
+    A preset name that is not one of :data:`PRESETS` is left for the schema check to report.
+    """
+    name = preset_name(config)
+    if name not in PRESETS:
+        return dict(config)
+    settings = yaml.safe_load((Path(presets) / f"{name}.yaml").read_text()) or {}
+    return {**_merged(settings, config), "preset": name}
+
+
+def settings_line(config: Mapping) -> str:
+    """One line for the run's log: the preset that ran and the settings that size the study."""
+    t, r = config["train"], config["registration"]
+    return (f"rsanet: preset '{config['preset']}' (config/presets/{config['preset']}.yaml) under your config, "
+            f"subjects: {config['subjects']}; train: widths {t['widths']}, crop {t['crop']}, batch {t['batch_size']}, "
+            f"{t['iterations']} iterations; registration: {r['engine']}, search +/-{r['search_deg']} deg, "
+            f"finest level {r['finest_level_mm']} mm; job GPUs: {config['resources']['train']['gpus']}")
+
+
+def load_config(path: str | Path, schema_path: str | Path, preset: str | None = None) -> dict:
+    """Read a workflow config file, layer it over its preset (``preset`` to name another than the
+    file's), check it against the schema and apply the schema's defaults."""
     schema = yaml.safe_load(Path(schema_path).read_text())
-    config = with_defaults(yaml.safe_load(Path(path).read_text()) or {}, schema)
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    if preset is not None:
+        raw["preset"] = preset
+    raw = with_preset(raw, presets_folder(schema_path))
+    config = with_defaults(raw, schema)
     problems = config_problems(config, schema_path)
     if problems:
         raise InputCheckError(f"{path}:\n" + "\n".join(f"  - {p}" for p in problems))
@@ -166,13 +220,20 @@ def load_config(path: str | Path, schema_path: str | Path) -> dict:
 
 
 def read_sheet(path: str | Path, optional: Sequence[str] = ()) -> pd.DataFrame:
-    """Read a subject sheet (TSV) as strings; relative paths resolve against its folder.
+    """Read a subject sheet as strings; relative image paths resolve against the sheet's folder.
+
+    Tab-separated (the documented form); a comma-separated sheet (a ``.csv`` name, or a header
+    with commas and no tab) is read too, and the log says so. The sheet's own path, if relative,
+    is relative to the working directory (Snakemake's ``--directory``), as every workflow path is.
 
     ``optional``: columns that may be absent or empty (e.g. ``lesions`` of new subjects to segment).
     """
     path = Path(path)
     if not path.is_file():
-        raise InputCheckError(f"subject sheet {str(path)!r} not found; set `subjects:` in the config")
+        raise InputCheckError(
+            f"subject sheet {str(path)!r} not found: looked for {path.absolute()} (a relative `subjects:` "
+            f"path is taken from the working directory, {Path.cwd()}, not from the config file's folder); "
+            "give its absolute path, or a path relative to that directory")
     raw = path.read_bytes()
     notes = []
     if raw.startswith(b"\xef\xbb\xbf"):
@@ -182,7 +243,11 @@ def read_sheet(path: str | Path, optional: Sequence[str] = ()) -> pd.DataFrame:
     if notes:
         logging.getLogger(__name__).info("subject sheet %s: %s, accepted", path, " and ".join(notes))
     text = raw.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
-    df = pd.read_csv(io.StringIO(text), sep="\t", dtype=str, keep_default_na=False)
+    header = text.split("\n", 1)[0]
+    sep = "," if path.suffix.lower() == ".csv" or ("," in header and "\t" not in header) else "\t"
+    if sep == ",":
+        logging.getLogger(__name__).info("subject sheet %s: comma-separated, read as such", path)
+    df = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False)
     df.columns = [c.strip() for c in df.columns]
     df = df.apply(lambda col: col.str.strip())
     for col in SHEET_COLUMNS[1:]:

@@ -104,7 +104,10 @@ def deviations(config: Mapping, engines: list[str] | None = None) -> pd.DataFram
         Columns ``setting, paper, this_run, status, source``; ``status`` is ``"as in the paper"``,
         ``"deviates"`` or ``"not stated in the paper"``.
     """
-    rows = []
+    preset = _get(config, "preset")
+    rows = [{"setting": "preset", "paper": "paper", "this_run": _show(preset),
+             "status": "as in the paper" if preset == "paper" else "deviates",
+             "source": f"config/presets/{preset}.yaml under the run's own config (its keys win; rows below)"}]
     for s in PAPER_SETTINGS:
         ours = CODE_SETTINGS[s.key] if s.key in CODE_SETTINGS else _get(config, s.key)
         if s.key == "registration.engine" and engines:

@@ -380,8 +380,10 @@ def deviations_step(config: Mapping, records: Sequence[str], out_csv: str, out_m
     n_dev = int((table.status == "deviates").sum())
     note = (f"\n{n_dev} setting(s) deviate from the paper, {int((table.status == 'not stated in the paper').sum())} "
             "are not stated there (choices of this workflow).\n")
-    evaluation.write_text(evaluation.to_markdown(table) + note, out_md)
-    log.info("%d deviations from the paper's settings", n_dev)
+    head = (f"This run's settings: preset `{config['preset']}` (config/presets/{config['preset']}.yaml) "
+            "with the run's own config over it.\n\n")
+    evaluation.write_text(head + evaluation.to_markdown(table) + note, out_md)
+    log.info("preset %s; %d deviations from the paper's settings", config["preset"], n_dev)
 
 
 def validation_step(metric_csvs: Sequence[str], out_csv: str, out_md: str) -> None:

@@ -17,7 +17,7 @@ if (_CHECKOUT / "pyproject.toml").is_file():
     os.environ.setdefault("RSANET_WORKFLOW_DIR", str(_CHECKOUT))
 from rsanet.bids import bids_sheet
 from rsanet.splits import make_splits
-from rsanet.checks import config_problems, read_sheet, sheet_problems
+from rsanet.checks import InputCheckError, config_problems, read_sheet, settings_line, sheet_problems, with_preset
 
 # Found relative to this file, also where the workflow is used as a module.
 CONFIG_SCHEMA = workflow.source_path("../schemas/config.schema.yaml")
@@ -50,6 +50,9 @@ def _stop(where, problems):
     sys.exit(1)
 
 
+# --- The preset under the user's config (config/presets/<name>.yaml; `auto`: demo for the demo
+# --- cohort, paper for one's own subjects), named in the log and in deviations.md.
+config.update(with_preset(config, _CHECKOUT / "config" / "presets"))
 # --- Validate the config (every violation listed at once; the schema's defaults applied) and
 # --- the subject sheet. Rules read the validated config only: the schema is the one home of
 # --- every default.
@@ -65,8 +68,11 @@ if DEMO and not _issues:
 elif isinstance(COHORT, dict) and not _issues:
     SHEET = bids_sheet(**COHORT)  # lists every incomplete case at once
 elif isinstance(COHORT, str) and not DEMO:
-    SHEET = read_sheet(COHORT)
-    _issues += sheet_problems(SHEET, f"subject sheet {COHORT}")
+    try:
+        SHEET = read_sheet(COHORT)
+        _issues += sheet_problems(SHEET, f"subject sheet {COHORT}")
+    except InputCheckError as err:
+        _issues.append(str(err))
 # Cases of one participant (BIDS sessions, or the sheet's optional column; blank = the subject
 # itself) share a split side.
 if "participant" in SHEET:
@@ -83,6 +89,9 @@ if _issues:
 validate(SHEET, SUBJECTS_SCHEMA)
 SHEET = SHEET.set_index("subject", drop=False)
 SUBJECTS = list(SHEET.subject)
+
+if workflow.is_main_process:
+    print(settings_line(config), file=sys.stderr)
 
 VARIANT_IDS = list(config["variants"])
 try:
