@@ -6,4 +6,5 @@ from rsanet.steps import cohort_step
 
 with logged(snakemake.log[0]):
     cohort_step([str(Path(p).parent) for p in snakemake.input.summaries], snakemake.params.size_bins_mm3,
-                snakemake.output.csv, snakemake.output.figure)
+                snakemake.output.csv, snakemake.output.figure,
+                snakemake.output.columns)

@@ -19,4 +19,5 @@ with logged(snakemake.log[0]):
         out_dir=snakemake.output[0],
         health=snakemake.input.health,
         confidence={Path(p).stem: p for p in snakemake.input.confidence},
+        registration_records=list(snakemake.input.records),
     )

@@ -211,14 +211,22 @@ def test_cohort_table_one_row_per_subject_volume_by_size_class_sorted_by_load():
     table = evaluation.cohort_table(summaries, lesions, size_bins_mm3=[3, 10, 100, 500])
     assert list(table.subject) == ["c", "a", "b"]  # by total lesion volume
     a = table.set_index("subject").loc["a"]
-    assert a.lesion_count == 3 and np.isclose(a.total_volume_ml, 0.655)
-    assert np.isclose(a["volume_ml[3-10]"], 0.005) and np.isclose(a["volume_ml[10-100]"], 0.05)
-    assert np.isclose(a["volume_ml[100-500]"], 0.0) and np.isclose(a["volume_ml[>500]"], 0.6)
+    assert a.lesion_count == 3 and np.isclose(a.total_volume_mm3, 655.0)  # every volume in mm3
+    assert np.isclose(a["volume_mm3[3-10]"], 5.0) and np.isclose(a["volume_mm3[10-100]"], 50.0)
+    assert np.isclose(a["volume_mm3[100-500]"], 0.0) and np.isclose(a["volume_mm3[>500]"], 600.0)
     assert np.isclose(a.mean_agreement, 0.6) and a.seconds_prediction == 10.0 and a.warnings == ""
     b = table.set_index("subject").loc["b"]
-    assert b.lesion_count == 0 and b.total_volume_ml == 0 and np.isnan(b.mean_agreement) and b.warnings == "no lesion found"
-    bins = [c for c in table.columns if c.startswith("volume_ml[")]
-    assert np.allclose(table[bins].sum(axis=1), table.total_volume_ml)
+    assert b.lesion_count == 0 and b.total_volume_mm3 == 0 and np.isnan(b.mean_agreement) and b.warnings == "no lesion found"
+    bins = [c for c in table.columns if c.startswith("volume_mm3[")]
+    assert np.allclose(table[bins].sum(axis=1), table.total_volume_mm3)
+    # no summary says how small a kept lesion may be: the "<3" bin stays; min_lesion_mm3 3 removes it
+    assert "volume_mm3[<3]" in table
+    kept3 = {k: {**v, "settings": {"min_lesion_mm3": 3.0}} for k, v in summaries.items()}
+    assert "volume_mm3[<3]" not in evaluation.cohort_table(kept3, lesions, size_bins_mm3=[3, 10, 100, 500])
+    sidecar = evaluation.cohort_columns(table)
+    assert list(sidecar) == list(table.columns)
+    assert {sidecar[c]["Units"] for c in bins + ["total_volume_mm3"]} == {"mm^3"}
+    assert sidecar["seconds_prediction"]["Units"] == "s" and "3-10 mm^3" in sidecar["volume_mm3[3-10]"]["Description"]
 
 
 def test_lesion_confidence_ensembles_each_subject_over_the_splits_that_test_it(tmp_path):

@@ -488,3 +488,25 @@ def test_probability_maps_stored_as_uint8_come_back_within_half_a_step(tmp_path)
     assert back.shape == prob.shape and back.dtype == np.float32
     assert np.abs(back - prob).max() <= 1 / 510 + 1e-7
     assert back[0, 0, 0] == 0.0 and back[0, 0, 1] == 1.0
+
+
+def test_lesion_labels_number_the_rows_of_the_lesion_table():
+    """lesion_labels' value k is lesions.csv's row k: same volume and centroid (RAS mm), largest first."""
+    from rsanet.segment import lesion_labels, lesion_table
+
+    mask = np.zeros((12, 10, 8), bool)
+    mask[1:3, 1:3, 1:3] = True  # 8 voxels
+    mask[6:10, 5:9, 2:5] = True  # 48 voxels: lesion 1
+    mask[0, 9, 7] = True  # 1 voxel
+    mask[9, 0, 0:2] = True  # 2 voxels
+    affine = np.array([[-0.7, 0, 0, 90], [0, 0.8, 0, -120], [0, 0, 3.0, -60], [0, 0, 0, 1]])
+    labels = lesion_labels(mask, 6)
+    table = lesion_table(mask, mask.astype(np.float32), affine, 6)
+    assert labels.dtype == np.int32 and set(np.unique(labels)) == {0, 1, 2, 3, 4}
+    assert list(table.lesion) == [1, 2, 3, 4] and list(table.volume_mm3 / (0.7 * 0.8 * 3)) == pytest.approx([48, 8, 2, 1])
+    for row in table.itertuples():
+        ijk = np.argwhere(labels == row.lesion)
+        centre = affine[:3, :3] @ ijk.mean(axis=0) + affine[:3, 3]
+        assert len(ijk) * 0.7 * 0.8 * 3 == pytest.approx(row.volume_mm3)
+        assert centre == pytest.approx([row.centroid_x_mm, row.centroid_y_mm, row.centroid_z_mm])
+    assert not lesion_labels(np.zeros((3, 3, 3), bool)).any()

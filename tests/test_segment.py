@@ -20,7 +20,8 @@ from real_data import MNI_PATIENTS, open_ms_data
 from test_workflow import TEST_CONFIG, _oblique, _reorient, snakemake
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tiny_study")]
-OUTPUTS = {"lesion_prob.nii.gz", "lesion_prob_sd.nii.gz", "lesions.nii.gz", "lesions.csv", "summary.json", "qc.png"}
+OUTPUTS = {"lesion_prob.nii.gz", "lesion_prob_sd.nii.gz", "lesions.nii.gz", "lesion_labels.nii.gz", "lesions.csv",
+           "lesions.json", "summary.json", "qc.png"}
 
 
 def segment_cli(model: Path, inputs: dict, out: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -76,6 +77,13 @@ def test_export_holds_the_best_variant_its_models_and_a_model_card(study, export
     else:
         assert "Not measured for this export" in card
     assert "Not a medical device" in card.replace("**", "")
+    # the card and export.json state what ran: the engine `auto` became, the subjects fitted on
+    ran = {r["engine"] for p in (study / "registered").glob("*/registration.json")
+           for r in json.loads(p.read_text())["results"].values()}
+    assert meta["registration"]["engine"] == "auto" and meta["registration"]["engine_ran"] == "+".join(sorted(ran))
+    dev_rows = {ln.split("|")[1].strip(): ln for ln in card.splitlines() if ln.startswith("| ")}
+    assert "+".join(sorted(ran)) in dev_rows["registration.engine"] and "auto" not in dev_rows["registration.engine"]
+    assert "(3 fitted + 1 validation)" in dev_rows["splits.n_train"]
 
 
 def test_segment_a_real_patient_on_its_own_grid_lps_and_oblique_agree(export, tmp_path):
@@ -92,6 +100,7 @@ def test_segment_a_real_patient_on_its_own_grid_lps_and_oblique_agree(export, tm
     prob = np.asarray(nib.load(tmp_path / "out" / "lesion_prob.nii.gz").dataobj)
     assert prob.dtype == np.float32 and prob.min() >= 0 and prob.max() <= 1
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["settings"]["registration"]["engine_ran"] in ("simpleitk", "flirt")  # what `auto` became
     assert set(summary["seconds"]) >= {"registration", "preprocessing", "prediction", "writing"}
     lesions = pd.read_csv(tmp_path / "out" / "lesions.csv")
     assert summary["lesion_count"] == len(lesions)
@@ -99,6 +108,20 @@ def test_segment_a_real_patient_on_its_own_grid_lps_and_oblique_agree(export, tm
     assert {"mean_probability", "max_probability", "agreement"} <= set(lesions.columns)
     assert lesions.agreement.isin([0.0, 0.5, 1.0]).all()
     assert (lesions.mean_probability <= lesions.max_probability + 1e-6).all()
+    # the labelled map: row k of lesions.csv is the voxels of value k (volume and centroid, RAS mm)
+    labels_img = nib.load(tmp_path / "out" / "lesion_labels.nii.gz")
+    labels = np.asarray(labels_img.dataobj)
+    assert labels.shape == flair.shape and np.allclose(labels_img.affine, flair.affine, atol=1e-5)
+    assert np.array_equal(labels > 0, np.asarray(nib.load(tmp_path / "out" / "lesions.nii.gz").dataobj) > 0)
+    assert labels.max() == len(lesions)
+    voxel_mm3 = abs(np.linalg.det(flair.affine[:3, :3]))
+    for row in lesions.itertuples():
+        ijk = np.argwhere(labels == row.lesion)
+        assert len(ijk) * voxel_mm3 == pytest.approx(row.volume_mm3)
+        centre = flair.affine[:3, :3] @ ijk.mean(axis=0) + flair.affine[:3, 3]
+        assert centre == pytest.approx([row.centroid_x_mm, row.centroid_y_mm, row.centroid_z_mm], abs=1e-3)
+    sidecar = json.loads((tmp_path / "out" / "lesions.json").read_text())
+    assert list(sidecar) == list(lesions.columns) and sidecar["volume_mm3"]["Units"] == "mm^3"
     sd = nib.load(tmp_path / "out" / "lesion_prob_sd.nii.gz")
     assert sd.shape == flair.shape and np.asarray(sd.dataobj).min() >= 0 and np.asarray(sd.dataobj).max() <= 0.5
     # 2. the header alignment only: the input, an LPS copy and an oblique copy, voxel for voxel
@@ -214,9 +237,11 @@ def test_snakemake_segment_scores_the_real_patients_as_an_external_test_set(stud
         assert {x.name for x in (study / "segment" / p).iterdir()} == OUTPUTS
     cohort = pd.read_csv(study / "segment" / "cohort.csv")
     assert sorted(cohort.subject) == sorted([*MNI_PATIENTS, "demo-new"])
-    assert list(cohort.total_volume_ml) == sorted(cohort.total_volume_ml, reverse=True)
-    bins = [c for c in cohort.columns if c.startswith("volume_ml[")]
-    assert len(bins) >= 3 and np.allclose(cohort[bins].sum(axis=1), cohort.total_volume_ml)
+    assert list(cohort.total_volume_mm3) == sorted(cohort.total_volume_mm3, reverse=True)
+    bins = [c for c in cohort.columns if c.startswith("volume_mm3[")]
+    assert len(bins) >= 3 and np.allclose(cohort[bins].sum(axis=1), cohort.total_volume_mm3)
+    assert "volume_mm3[<3]" not in cohort  # lesions of at most 3 mm3 are removed: no column that is always 0
+    assert list(json.loads((study / "segment" / "cohort.json").read_text())) == list(cohort.columns)
     assert cohort.mean_agreement.dropna().between(0, 1).all() and (cohort.seconds_prediction > 0).all()
     for p in cohort.subject:
         lesions = pd.read_csv(study / "segment" / p / "lesions.csv")

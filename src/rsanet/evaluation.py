@@ -552,27 +552,32 @@ def detection_by_size_display(table: pd.DataFrame) -> pd.DataFrame:
 def cohort_table(summaries: Mapping[str, Mapping], lesions: Mapping[str, pd.DataFrame],
                  size_bins_mm3: Sequence[float]) -> pd.DataFrame:
     """One row per segmented subject of a cohort (``rsanet-segment``'s ``summary.json`` and
-    ``lesions.csv`` per subject, keyed by subject id).
+    ``lesions.csv`` per subject, keyed by subject id). Every volume in mm³, as in ``lesions.csv``.
 
-    Columns: ``subject``, ``variant``, ``lesion_count``, ``total_volume_ml``, ``volume_ml[<bin>]``
-    for each lesion-volume bin of ``size_bins_mm3`` (mm³; lesions below the first edge under
-    ``volume_ml[<first]``), ``mean_agreement`` and ``mean_probability`` (over the subject's
-    lesions; NaN without lesions), ``seconds_<stage>`` (the stage timings, s), ``warnings``
-    (``"; "``-joined). Sorted by total volume, largest first.
+    Columns: ``subject``, ``variant``, ``lesion_count``, ``total_volume_mm3``,
+    ``volume_mm3[<bin>]`` for each lesion-volume bin of ``size_bins_mm3`` (mm³; a ``<first edge``
+    bin only when some subject kept lesions that small: ``min_lesion_mm3`` below the first edge),
+    ``mean_agreement`` and ``mean_probability`` (over the subject's lesions; NaN without lesions),
+    ``seconds_<stage>`` (the stage timings, s), ``warnings`` (``"; "``-joined). Sorted by total
+    volume, largest first. :func:`cohort_columns` describes them.
     """
     from .metrics import size_bin_labels
 
     edges = [float(e) for e in size_bins_mm3]
+    smallest_kept = min((float(s.get("settings", {}).get("min_lesion_mm3", 0.0)) for s in summaries.values()),
+                        default=0.0)
     labels = [f"<{edges[0]:g}"] + size_bin_labels(edges)
     bounds = [-np.inf] + edges + [np.inf]
+    if smallest_kept >= edges[0]:  # lesions below the first edge were removed: no such column
+        labels, bounds = labels[1:], bounds[1:]
     rows = []
     for subject, summary in summaries.items():
         t = lesions[subject]
         row = {"subject": subject, "variant": summary.get("model", {}).get("variant"),
-               "lesion_count": int(len(t)), "total_volume_ml": float(t.volume_mm3.sum()) / 1000.0}
+               "lesion_count": int(len(t)), "total_volume_mm3": float(t.volume_mm3.sum())}
         for label, lo, hi in zip(labels, bounds[:-1], bounds[1:]):
             inside = (t.volume_mm3 >= lo) & (t.volume_mm3 < hi)
-            row[f"volume_ml[{label}]"] = float(t.volume_mm3[inside].sum()) / 1000.0
+            row[f"volume_mm3[{label}]"] = float(t.volume_mm3[inside].sum())
         row["mean_agreement"] = float(t.agreement.mean()) if "agreement" in t and len(t) else float("nan")
         row["mean_probability"] = float(t.mean_probability.mean()) if "mean_probability" in t and len(t) else float("nan")
         for stage, sec in summary.get("seconds", {}).items():
@@ -581,8 +586,33 @@ def cohort_table(summaries: Mapping[str, Mapping], lesions: Mapping[str, pd.Data
         rows.append(row)
     table = pd.DataFrame(rows)
     if len(table):
-        table = table.sort_values(["total_volume_ml", "subject"], ascending=[False, True], kind="stable")
+        table = table.sort_values(["total_volume_mm3", "subject"], ascending=[False, True], kind="stable")
     return table.reset_index(drop=True)
+
+
+def cohort_columns(table: pd.DataFrame) -> dict[str, dict[str, str]]:
+    """A BIDS-style sidecar for :func:`cohort_table`'s columns: column -> {Description, Units}."""
+    known = {
+        "subject": ("the subject (the name of its results/segment/ folder)", "n/a"),
+        "variant": ("the exported variant that segmented it", "n/a"),
+        "lesion_count": ("lesions found (connected components above segment.min_lesion_mm3)", "1"),
+        "total_volume_mm3": ("volume of all its lesions", "mm^3"),
+        "mean_agreement": ("mean over its lesions of the fraction of models that detect each lesion", "1"),
+        "mean_probability": ("mean over its lesions of the ensemble's mean lesion probability", "1"),
+        "warnings": ("rsanet-segment's warnings for it, '; '-joined", "n/a"),
+    }
+    out = {}
+    for c in table.columns:
+        if c in known:
+            desc, unit = known[c]
+        elif c.startswith("volume_mm3["):
+            desc, unit = f"volume of its lesions whose own volume lies in {c[len('volume_mm3['):-1]} mm^3", "mm^3"
+        elif c.startswith("seconds_"):
+            desc, unit = f"wall time of rsanet-segment's {c[len('seconds_'):]} stage", "s"
+        else:
+            desc, unit = c, "n/a"
+        out[c] = {"Description": desc, "Units": unit}
+    return out
 
 
 def job_time_table(benchmarks: Mapping[str, Sequence[pd.DataFrame]]) -> pd.DataFrame:

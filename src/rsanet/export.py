@@ -84,17 +84,23 @@ def best_variant(health: pd.DataFrame) -> tuple[str, str]:
 def export_step(
     choice: str, table1_csv: str, table2_csv: str, models: Mapping[str, Sequence[str]], config: Mapping,
     subjects: Sequence[str], out_dir: str, health: Sequence[str] = (), confidence: Mapping[str, str] | None = None,
+    registration_records: Sequence[str] = (),
 ) -> str:
     """Write ``out_dir/<variant>/``: that variant's models of every split, ``export.json`` and
     ``MODEL_CARD.md``. ``choice``: a variant id or ``"best"`` (:func:`best_variant` over the
     trainings' ``health`` JSON files: chosen on validation subjects, never on the test subjects
     that Table 1 scores). ``confidence``: variant -> its precision-by-agreement CSV
-    (:func:`rsanet.steps.lesion_confidence_step`), shown in the card. Returns the variant exported."""
+    (:func:`rsanet.steps.lesion_confidence_step`), shown in the card. ``registration_records``: the
+    study's ``registration.json`` files: the engine that ran goes into export.json
+    (``registration.engine_ran``) and the card's deviations. Returns the variant exported."""
     import hashlib
     import shutil
 
     from . import __version__, evaluation
     from .paper import deviations
+    from .registration import engines_that_ran
+
+    engines = engines_that_ran(registration_records)
 
     t1 = pd.read_csv(table1_csv).set_index("variant")
     t2 = pd.read_csv(table2_csv).set_index("variant")
@@ -124,7 +130,8 @@ def export_step(
     meta = {
         "format": EXPORT_FORMAT, "rsanet_version": __version__, "variant": variant,
         "chosen_by": chosen_by,
-        "models": names, "registration": dict(config["registration"]), "preprocess": dict(config["preprocess"]),
+        "models": names, "registration": {**config["registration"], "engine_ran": "+".join(engines) or None},
+        "preprocess": dict(config["preprocess"]),
         "predict": dict(config["predict"]), "train": dict(config["train"]), "evaluation": dict(config["evaluation"]),
         "training_data": {"subjects": sheet, "n_subjects": len(subjects), "subject_ids_or_sheet_sha256": sheet_hash,
                           "splits": dict(config["splits"])},
@@ -133,7 +140,7 @@ def export_step(
     if confidence and variant in confidence:
         meta["lesion_confidence"] = pd.read_csv(confidence[variant]).to_dict(orient="records")
     save_json(meta, out / "export.json")
-    dev = deviations(config)
+    dev = deviations(config, engines)
     card = _model_card(meta, dev[dev.status != "as in the paper"], evaluation)
     evaluation.write_text(card, out / "MODEL_CARD.md")
     log.info("exported %s (%d models) to %s", variant, len(names), out)

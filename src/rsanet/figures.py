@@ -226,11 +226,12 @@ def segmentation_qc(flair: np.ndarray, mask: np.ndarray, spacing: Sequence[float
 def cohort_load(table: pd.DataFrame, stem: str) -> list[Path]:
     """Lesion load of every subject of a cohort, sorted (``evaluation.cohort_table``): one bar per
     subject (total lesion volume, ml), coloured by the mean agreement of the models on its lesions."""
-    t = table.sort_values("total_volume_ml", kind="stable")
+    t = table.sort_values("total_volume_mm3", kind="stable")
     fig, ax = plt.subplots(figsize=(7, max(2.5, 0.28 * len(t) + 1.2)))
     colours = plt.cm.viridis(np.nan_to_num(t.mean_agreement.to_numpy(dtype=float), nan=0.0))
-    ax.barh(t.subject.astype(str), t.total_volume_ml, color=colours)
-    for y, (n, v) in enumerate(zip(t.lesion_count, t.total_volume_ml)):
+    ml = t.total_volume_mm3 / 1000.0
+    ax.barh(t.subject.astype(str), ml, color=colours)
+    for y, (n, v) in enumerate(zip(t.lesion_count, ml)):
         ax.text(v, y, f" {n} lesions", va="center", fontsize=8)
     ax.set_xlabel("total lesion volume (ml)")
     ax.set_title(f"Lesion load of {len(t)} subjects (colour: mean agreement of the models, 0-1)")

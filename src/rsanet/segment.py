@@ -44,7 +44,41 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-OUTPUTS = ("lesion_prob.nii.gz", "lesion_prob_sd.nii.gz", "lesions.nii.gz", "lesions.csv", "summary.json", "qc.png")
+OUTPUTS = ("lesion_prob.nii.gz", "lesion_prob_sd.nii.gz", "lesions.nii.gz", "lesion_labels.nii.gz", "lesions.csv",
+           "lesions.json", "summary.json", "qc.png")
+
+
+#: ``lesions.csv``'s columns: description and unit, written beside it as ``lesions.json``
+#: (a BIDS-style sidecar: column -> {Description, Units}).
+LESION_COLUMNS: dict[str, dict[str, str]] = {
+    "lesion": {"Description": "lesion number, 1 = largest; the voxels of lesion k have value k in "
+                              "lesion_labels.nii.gz", "Units": "1"},
+    "volume_mm3": {"Description": "lesion volume (its voxel count times the voxel volume)", "Units": "mm^3"},
+    "centroid_x_mm": {"Description": "centre of the lesion's voxels, world x (RAS: towards the patient's right = "
+                                     "negative, left = positive), the images' scanner frame", "Units": "mm"},
+    "centroid_y_mm": {"Description": "centre of the lesion's voxels, world y (RAS: anterior positive)", "Units": "mm"},
+    "centroid_z_mm": {"Description": "centre of the lesion's voxels, world z (RAS: superior positive)", "Units": "mm"},
+    "mean_probability": {"Description": "the ensemble's lesion probability (mean over the models), averaged over "
+                                        "the lesion's voxels", "Units": "1"},
+    "max_probability": {"Description": "the ensemble's highest lesion probability inside the lesion", "Units": "1"},
+    "agreement": {"Description": "fraction of the ensemble's models that detect the lesion on their own (their "
+                                 "own probability above the threshold somewhere in it); precision by agreement, "
+                                 "measured in the study: the export's MODEL_CARD.md", "Units": "1"},
+    "true_positive": {"Description": "whether the lesion overlaps a lesion of the reference mask", "Units": "bool"},
+}
+
+
+def lesion_labels(mask: np.ndarray, connectivity: int = 6) -> np.ndarray:
+    """Number the lesions (connected components) of ``mask``: ``(X, Y, Z)`` bool -> int32 of the
+    same shape, 0 outside lesions and 1..n by decreasing volume (ties in scan order): the numbers
+    of :func:`lesion_table`'s ``lesion`` column."""
+    from .metrics import _structure
+
+    labels, n = ndimage.label(mask, structure=_structure(mask.ndim, connectivity))
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    remap = np.zeros(n + 1, np.int32)
+    remap[np.argsort(-sizes, kind="stable") + 1] = np.arange(1, n + 1, dtype=np.int32)
+    return remap[labels]
 
 
 def lesion_table(mask: np.ndarray, prob: np.ndarray, affine: np.ndarray, connectivity: int = 6,
@@ -62,15 +96,13 @@ def lesion_table(mask: np.ndarray, prob: np.ndarray, affine: np.ndarray, connect
         truth: ``(X, Y, Z)`` bool, a reference lesion mask (optional).
 
     Returns:
-        Columns ``lesion`` (1..n, by decreasing volume), ``volume_mm3``, ``centroid_x_mm``,
+        Columns ``lesion`` (1..n, by decreasing volume: :func:`lesion_labels`), ``volume_mm3``, ``centroid_x_mm``,
         ``centroid_y_mm``, ``centroid_z_mm`` (world RAS mm), ``mean_probability`` and
         ``max_probability`` (the ensemble's, over the lesion's voxels), and with ``model_probs``
         ``agreement``: the fraction of the M models that detect the lesion on their own (in [0, 1]),
         and with ``truth`` ``true_positive``: whether the lesion overlaps a reference lesion.
     """
-    from .metrics import _structure
-
-    labels, n = ndimage.label(mask, structure=_structure(mask.ndim, connectivity))
+    labels = lesion_labels(mask, connectivity)
     voxel_mm3 = float(abs(np.linalg.det(affine[:3, :3])))
     columns = ["volume_mm3", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm", "mean_probability",
                "max_probability"] + (["agreement"] if model_probs is not None else []) \
@@ -90,7 +122,6 @@ def lesion_table(mask: np.ndarray, prob: np.ndarray, affine: np.ndarray, connect
             row["true_positive"] = bool(truth[box][inside].any())
         rows.append(row)
     table = pd.DataFrame(rows, columns=columns)
-    table = table.sort_values("volume_mm3", ascending=False, kind="stable").reset_index(drop=True)
     table.insert(0, "lesion", np.arange(1, len(table) + 1))
     return table
 
@@ -241,7 +272,9 @@ def segment(
         "inputs": {"t1": str(t1), "t2": str(t2), "flair": str(flair)},
         "settings": {"threshold": threshold, "min_lesion_mm3": min_lesion_mm3, "tta": tta,
                      "connectivity": connectivity, "policy": meta["predict"],
-                     "registration": meta["registration"], "reference": reg.reference},
+                     "registration": {**meta["registration"], "engine_ran": "+".join(
+                         sorted({res.engine for res in reg.results.values()}))},
+                     "reference": reg.reference},
         "versions": _versions(), "device": str(dev), "warnings": warnings,
     }
     _write_outputs(Path(out), prob_img, sd_img, mask_img, table, summary, seconds, pre, t0)
@@ -269,7 +302,12 @@ def _write_outputs(out: Path, prob_img, sd_img, mask_img, table, summary, second
         nib.save(prob_img, str(tmp / "lesion_prob.nii.gz"))
         nib.save(sd_img, str(tmp / "lesion_prob_sd.nii.gz"))
         nib.save(mask_img, str(tmp / "lesions.nii.gz"))
+        labels = lesion_labels(np.asarray(mask_img.dataobj) > 0, summary["settings"]["connectivity"])
+        labels_img = nib.Nifti1Image(labels, mask_img.affine, mask_img.header)
+        labels_img.set_data_dtype(np.int32)
+        nib.save(labels_img, str(tmp / "lesion_labels.nii.gz"))
         table.to_csv(tmp / "lesions.csv", index=False)
+        (tmp / "lesions.json").write_text(json.dumps({c: LESION_COLUMNS[c] for c in table.columns}, indent=2) + "\n")
         from .volumes import ras_to_model
 
         flair_dhw = pre.image[2]

@@ -374,8 +374,9 @@ def deviations_step(config: Mapping, records: Sequence[str], out_csv: str, out_m
     from . import evaluation
     from .paper import deviations
 
-    engines = sorted({r["engine"] for p in records for r in json.loads(Path(p).read_text())["results"].values()})
-    table = deviations(config, engines)
+    from .registration import engines_that_ran
+
+    table = deviations(config, engines_that_ran(records))
     evaluation.write_csv(table, out_csv)
     n_dev = int((table.status == "deviates").sum())
     note = (f"\n{n_dev} setting(s) deviate from the paper, {int((table.status == 'not stated in the paper').sum())} "
@@ -560,8 +561,10 @@ def provenance_step(config: Mapping, records: Sequence[str], out_json: str) -> N
     }, out_json)
 
 
-def cohort_step(folders: Sequence[str], size_bins_mm3: Sequence[float], out_csv: str, out_png: str) -> None:
-    """Segmented subjects (``results/segment/<subject>/``) -> one cohort table and its figure."""
+def cohort_step(folders: Sequence[str], size_bins_mm3: Sequence[float], out_csv: str, out_png: str,
+                out_json: str) -> None:
+    """Segmented subjects (``results/segment/<subject>/``) -> one cohort table, its column
+    sidecar (``out_json``: description and unit of each column) and its figure."""
     import pandas as pd
     from . import evaluation, figures
 
@@ -569,10 +572,11 @@ def cohort_step(folders: Sequence[str], size_bins_mm3: Sequence[float], out_csv:
     lesions = {Path(f).name: pd.read_csv(Path(f) / "lesions.csv") for f in folders}
     table = evaluation.cohort_table(summaries, lesions, size_bins_mm3)
     evaluation.write_csv(table, out_csv)
+    evaluation.write_text(json.dumps(evaluation.cohort_columns(table), indent=2) + "\n", out_json)
     figures.cohort_load(table, str(Path(out_png).with_suffix("")))
     flagged = table[table.warnings != ""] if len(table) else table
     log.info("cohort of %d subjects: %d lesions, %.1f ml in all; %d with warnings", len(table),
-             int(table.lesion_count.sum()) if len(table) else 0, float(table.total_volume_ml.sum()) if len(table) else 0.0,
+             int(table.lesion_count.sum()) if len(table) else 0, float(table.total_volume_mm3.sum()) / 1000.0 if len(table) else 0.0,
              len(flagged))
     for row in flagged.itertuples(index=False):
         log.warning("%s: %s", row.subject, row.warnings)

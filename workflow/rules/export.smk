@@ -36,6 +36,10 @@ rule export:
         # `export.variant: best` is chosen on these (validation subjects), not on Table 1
         health=health_files(),
         confidence=lesion_confidence_tables(),
+        # the engine that ran (registration.engine auto resolves per machine), for the card
+        records=expand(
+            "results/registered/{subject}/registration.json", subject=SUBJECTS
+        ),
     output:
         directory("results/export"),
     log:
@@ -62,7 +66,9 @@ rule segment_subject:
         prob="results/segment/{new_subject}/lesion_prob.nii.gz",
         prob_sd="results/segment/{new_subject}/lesion_prob_sd.nii.gz",
         lesions="results/segment/{new_subject}/lesions.nii.gz",
+        labels="results/segment/{new_subject}/lesion_labels.nii.gz",
         table="results/segment/{new_subject}/lesions.csv",
+        columns="results/segment/{new_subject}/lesions.json",
         summary="results/segment/{new_subject}/summary.json",
         qc="results/segment/{new_subject}/qc.png",
     log:
@@ -125,6 +131,7 @@ rule cohort:
             caption="../report/cohort.rst",
             category="New patients",
         ),
+        columns="results/segment/cohort.json",
         figure=report(
             "results/figures/cohort.png",
             caption="../report/cohort.rst",

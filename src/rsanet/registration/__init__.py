@@ -40,7 +40,7 @@ import tempfile
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -93,7 +93,7 @@ from .transforms import (
 __all__ = [
     "CONTRASTS", "Coregistered", "CoregistrationSettings", "coregister_contrasts", "FLIRT_COSTS", "MIN_COVERAGE", "MIN_MUTUAL_INFORMATION", "MIN_OVERLAP", "RAS_TO_LPS", "RegistrationError",
     "RegistrationResult", "SimpleITKSettings", "apply_affine", "choose_engine", "displacement_mm",
-    "downsample_grid", "field_of_view_coverage", "flirt_executable", "flirt_matrix", "foreground_mask",
+    "downsample_grid", "engines_that_ran", "field_of_view_coverage", "flirt_executable", "flirt_matrix", "foreground_mask",
     "header_alignment", "image_center_lps", "itk_to_moving_to_fixed", "itk_transform_text",
     "moving_to_fixed_to_itk", "otsu_threshold", "read_itk_transform", "register", "registration_qc_figure",
     "resample_to_fixed", "rigid_matrix", "rotation_from_euler_deg", "staged_outputs", "voxel_points_mm",
@@ -407,3 +407,11 @@ def coregister_contrasts(
             back = model_to_reference(xyz.transpose(2, 1, 0), fixed.affine)  # exactly the reference file's grid
             on_reference[c] = nib.Nifti1Image(np.asarray(back.dataobj, dtype=np.float32), fixed.affine)
     return Coregistered(images=on_reference, results=results, reference=reference)
+
+
+def engines_that_ran(records: "Sequence[str | Path]") -> list[str]:
+    """The registration engines named in subjects' ``registration.json`` records (what ``auto``
+    became, or ``none``), sorted: what deviations.md and the model card report."""
+    import json
+
+    return sorted({r["engine"] for p in records for r in json.loads(Path(p).read_text())["results"].values()})
