@@ -149,7 +149,8 @@ def test_detection_by_size_pools_subjects_per_split_then_averages_splits():
     assert t.loc[("unet3d", "3-10"), "n_true_per_split"] == 4
     assert np.isnan(t.loc[("unet3d", ">10"), "ltpr_mean"])  # no lesion of that size: undefined
     shown = evaluation.detection_by_size_display(evaluation.detection_by_size(_rows()))
-    assert shown.Method.tolist()[-1] == "true lesions per split" and "3-10 mm³" in shown.columns
+    assert shown.Method.tolist() == ["3D U-Net", "RSA-111"]  # one row per method, nothing else
+    assert "3-10 mm³ (4.0 true per split)" in shown.columns
 
 
 def test_markdown_and_latex_writers():

@@ -44,7 +44,12 @@ def test_table1_has_seven_variants_with_metrics_in_range(study):
     assert (t1.voxel_iou_mean <= t1.voxel_dice_mean + 1e-9).all()  # IoU <= Dice always
     md = (study / "tables" / "table1.md").read_text()
     assert md.count("\n|") >= 8 and "63.984" in md
+    assert "not comparable with this run's numbers" in md  # the paper's columns beside the run's
     assert r"\toprule" in (study / "tables" / "table1.tex").read_text()
+    assert "not comparable" in (study / "tables" / "table1.tex").read_text()
+    by_size = (study / "tables" / "detection_by_size.md").read_text()
+    assert "true lesions per split" not in by_size and "true per split)" in by_size  # counts in the headers
+    assert by_size.count("\n|") == 2 + 7  # header rule and the seven methods: no stray row
     tests = pd.read_csv(study / "tables" / "paired_tests.csv")
     assert len(tests) == 6 * 4 and (tests.reference == "3D U-Net").all()
     per_subject = pd.read_csv(study / "tables" / "per_subject_metrics.csv")

@@ -537,16 +537,15 @@ def detection_by_size(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def detection_by_size_display(table: pd.DataFrame) -> pd.DataFrame:
-    """Detection by size as a wide table: one row per variant, one column per bin (LTPR %)."""
+    """Detection by size as a wide table: one row per variant, one column per bin (LTPR %), the
+    bin's true lesions per split (mean) in its header."""
     bins = list(dict.fromkeys(table.bin))
+    counts = table.drop_duplicates("bin").set_index("bin").n_true_per_split
     out = {"Method": list(dict.fromkeys(table.method))}
     for b in bins:
         sub = table[table.bin == b]
-        out[f"{b} mm³"] = [_pm(a, c, 1) for a, c in zip(sub.ltpr_mean, sub.ltpr_sd)]
-    counts = table.drop_duplicates("bin").set_index("bin").n_true_per_split
-    shown = pd.DataFrame(out)
-    shown.loc[len(shown)] = ["true lesions per split"] + [f"{counts[b]:.1f}" for b in bins]
-    return shown
+        out[f"{b} mm³ ({counts[b]:.1f} true per split)"] = [_pm(a, c, 1) for a, c in zip(sub.ltpr_mean, sub.ltpr_sd)]
+    return pd.DataFrame(out)
 
 
 def cohort_table(summaries: Mapping[str, Mapping], lesions: Mapping[str, pd.DataFrame],

@@ -104,38 +104,55 @@ def figure5(
 
 
 def training_curves(logs: pd.DataFrame, stem: str, smooth: int = 10, floor: float | None = None) -> list[Path]:
-    """Every run's training loss and health-check scores, one colour per variant.
+    """Every training's loss and health-check scores, one panel per variant (row) and split
+    (column), one colour per training seed.
 
     ``logs`` has columns ``variant, split, seed, iteration, loss`` (the loss the run optimised)
     and, from the health check, ``health_score`` (NaN except at check points); ``learned``
-    (bool, optional) draws failed runs dashed. ``floor`` is drawn as the health floor.
+    (bool, optional) draws failed runs dashed. ``floor`` is drawn as the health floor. In each
+    panel the loss (smoothed over ``smooth`` iterations, log scale) is on the left axis and the
+    health check's hard Dice (points) on the right one, 0-1.
     """
-    fig, (ax, hx) = plt.subplots(1, 2, figsize=(11, 4))
+    variants = [v for v in VARIANTS if v in set(logs.variant)]
+    splits = sorted(logs.split.unique())
+    seeds = sorted(logs.seed.unique())
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for c, variant in enumerate([v for v in VARIANTS if v in set(logs.variant)]):
-        colour = colours[c % len(colours)]
-        for k, ((_, _), run) in enumerate(logs[logs.variant == variant].groupby(["split", "seed"])):
-            run = run.sort_values("iteration")
-            style = "-" if bool(run.get("learned", pd.Series([True])).iloc[0]) else "--"
-            label = VARIANTS[variant].display_name if k == 0 else None
-            ax.plot(run.iteration, run.loss.rolling(smooth, min_periods=1).mean(), style, color=colour,
-                    lw=0.7, alpha=0.6, label=label)
-            if "health_score" in run:
-                checks = run[run.health_score.notna()]
-                hx.plot(checks.iteration, checks.health_score, style + "o", color=colour, lw=0.7, ms=3,
-                        alpha=0.7, label=label)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("training loss (every run)")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8, ncol=2)
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(len(variants), len(splits), figsize=(2.5 * len(splits) + 1, 1.9 * len(variants) + 0.8),
+                             sharex=True, sharey=True, squeeze=False)
+    for r, variant in enumerate(variants):
+        for c, split in enumerate(splits):
+            ax = axes[r][c]
+            hx = ax.twinx()
+            hx.set_ylim(0, 1)
+            if floor is not None:
+                hx.axhline(floor, color="k", ls=":", lw=0.8)
+            for (seed,), run in logs[(logs.variant == variant) & (logs.split == split)].groupby(["seed"]):
+                run = run.sort_values("iteration")
+                style = "-" if bool(run.get("learned", pd.Series([True])).iloc[0]) else "--"
+                colour = colours[seeds.index(seed) % len(colours)]
+                ax.plot(run.iteration, run.loss.rolling(smooth, min_periods=1).mean(), style, color=colour, lw=0.9)
+                if "health_score" in run:
+                    checks = run[run.health_score.notna()]
+                    hx.plot(checks.iteration, checks.health_score, "o", color=colour, ms=3, alpha=0.8)
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+            if c < len(splits) - 1:
+                hx.set_yticklabels([])
+            else:
+                hx.set_ylabel("health Dice", fontsize=7)
+            if r == 0:
+                ax.set_title(f"split {split}", fontsize=9)
+            if c == 0:
+                ax.set_ylabel(f"{VARIANTS[variant].display_name}\nloss", fontsize=8)
+            if r == len(variants) - 1:
+                ax.set_xlabel("iteration", fontsize=8)
+    handles = [plt.Line2D([], [], color=colours[i % len(colours)], label=f"seed index {s}") for i, s in enumerate(seeds)]
+    handles += [plt.Line2D([], [], color="grey", ls="--", label="failed health check"),
+                plt.Line2D([], [], color="grey", marker="o", ls="", label="health check (right axis)")]
     if floor is not None:
-        hx.axhline(floor, color="k", ls="--", lw=1, label="health floor")
-    hx.set_xlabel("iteration")
-    hx.set_ylabel("health check: hard Dice")
-    hx.set_ylim(0, 1)
-    hx.legend(fontsize=7, ncol=2)
-    hx.grid(alpha=0.3)
+        handles.append(plt.Line2D([], [], color="k", ls=":", label=f"health floor {floor:g}"))
+    fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
     return save_figure(fig, stem)
 
 

@@ -337,7 +337,7 @@ def aggregate_step(metric_csvs: Sequence[str], health_jsons: Sequence[str], spli
             "Table 1 (its private 43-patient cohort, other settings: not comparable with this run's numbers). The sd is descriptive: the splits' test sets overlap, so "
             "it is not the standard error of an independent sample (see paired_tests.md for the corrected test).\n")
     evaluation.write_text(evaluation.to_markdown(d1) + note, outputs["table1_md"])
-    evaluation.write_text(evaluation.to_latex(d1, "Segmentation results (mean ± sd over splits), with the paper's Table 1.", "tab:table1"), outputs["table1_tex"])
+    evaluation.write_text(evaluation.to_latex(d1, "Segmentation results (mean ± sd over splits), beside the paper's Table 1 (its private cohort and settings: not comparable).", "tab:table1"), outputs["table1_tex"])
     evaluation.write_csv(t2, outputs["table2_csv"])
     t2_note = ("\nMean ± sd over splits of the per-split means over test subjects. Lesion-wise numbers follow the "
                "config's evaluation conventions (README, Metrics); HD95/ASSD leave out subjects where exactly one "
