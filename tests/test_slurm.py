@@ -83,15 +83,15 @@ def workflow_rules() -> tuple[set[str], set[str]]:
 # ------------------------------------------------------------------------------------------
 # the profiles (fast, no cluster)
 # ------------------------------------------------------------------------------------------
-def test_slurm_profile_requests_gpus_for_train_and_predict():
+def test_slurm_profile_takes_gpus_from_the_config():
+    """train and predict request the config's `resources.*.gpus` (the rules' `gpu` resource): the
+    profile sets no GPU of its own, so a CPU-only cluster (gpus 0) can use it as written."""
     prof = load_profile(SLURM_PROFILE)
     assert prof["executor"] == "slurm"
     for rule in GPU_RULES:
         res = prof["set-resources"][rule]
-        gpus = res.get("gpu") or (
-            int(str(res["gres"]).split(":")[-1]) if "gpu" in str(res.get("gres", "")) else 0)
-        assert int(gpus) == 1, f"{rule} must request one GPU through the plugin's gpu/gres"
-        assert "FILL_IN" in str(res["slurm_partition"])  # the user's GPU partition
+        assert not {"gpu", "gres", "gpus"} & set(res), f"{rule}: GPUs come from the config, not the profile"
+        assert "FILL_IN" in str(res["slurm_partition"])  # the user's GPU (or CPU) partition
     # partition and account are the user's to fill in: clearly marked placeholders
     dr = prof["default-resources"]
     assert "FILL_IN" in str(dr["slurm_partition"]) and "FILL_IN" in str(dr["slurm_account"])
@@ -217,8 +217,7 @@ def filled_in_resources(cluster: SlurmCluster) -> tuple[list[str], list[str]]:
     """The SLURM profile's resources with the user's placeholders filled in for the test cluster.
 
     ``FILL_IN`` partitions -> the test partition; no account (the run adds
-    ``--slurm-no-account``). Everything else -- above all the GPU requests of train/predict --
-    is passed on unchanged. Given on the command line these lists replace the profile's two keys
+    ``--slurm-no-account``). Everything else is passed on unchanged. Given on the command line these lists replace the profile's two keys
     as a whole, hence the full copy.
     """
     prof = load_profile(SLURM_PROFILE)
@@ -232,8 +231,6 @@ def filled_in_resources(cluster: SlurmCluster) -> tuple[list[str], list[str]]:
     defaults = [f"{k}={v}" for k, v in fill(prof["default-resources"]).items()]
     per_rule = [f"{rule}:{k}={v}" for rule, res in prof["set-resources"].items()
                 for k, v in fill(res).items()]
-    for rule in GPU_RULES:
-        assert f"{rule}:gpu=1" in per_rule
     return defaults, per_rule
 
 
@@ -279,8 +276,10 @@ def test_tiny_study_runs_through_slurm(slurm_cluster: SlurmCluster, tmp_path):
     workdir.mkdir()
     defaults, per_rule = filled_in_resources(slurm_cluster)
     too_small = tmp_path / "predict_too_small.yaml"  # merged over config/test.yaml
+    # a GPU cluster's configuration: one GPU per training and prediction job, from the config
     too_small.write_text(yaml.safe_dump(
-        {"resources": {"predict": {"mem_mb": PREDICT_FIRST_MB}, "retries": PREDICT_RETRIES}}))
+        {"resources": {"predict": {"mem_mb": PREDICT_FIRST_MB, "gpus": 1}, "train": {"gpus": 1},
+                       "retries": PREDICT_RETRIES}}))
     cmd = [sys.executable, "-m", "snakemake",
            "--snakefile", str(sf), "--directory", str(workdir),
            # the SLURM profile as users run it (replaces the workstation profile)
@@ -353,6 +352,26 @@ def test_tiny_study_runs_through_slurm(slurm_cluster: SlurmCluster, tmp_path):
             assert "gpu:1" in job.get("TresPerJob", "") + job.get("TresPerNode", ""), job
     _, local = workflow_rules()
     assert not local & set(by_rule), f"local rules were submitted: {local & set(by_rule)}"
+
+    # the same profile on a CPU-only cluster: gpus 0 in the config -> a training job without a GPU
+    cpu_only = tmp_path / "cpu_only.yaml"
+    cpu_only.write_text(yaml.safe_dump({"resources": {"train": {"gpus": 0}, "predict": {"gpus": 0}}}))
+    model = "results/models/unet3d/split0/seed0/model.pt"
+    cpu_cmd = [*cmd[:cmd.index("--configfile") + 2], str(cpu_only), *cmd[cmd.index("--configfile") + 3:],
+               model, "--forcerun", "train"]  # the target first: --forcerun takes every word after it
+    recorder = JobRecorder()
+    recorder.start()
+    try:
+        rc, _ = run_bounded(cpu_cmd, workdir, tmp_path / "snakemake_cpu.log", 5 * 60)
+    finally:
+        recorder.stop()
+    cpu_log = (tmp_path / "snakemake_cpu.log").read_text(errors="replace")
+    assert rc == 0, "\n".join(cpu_log.splitlines()[-60:])
+    cpu_jobs = re.findall(r"Job \d+ has been submitted with SLURM jobid (\d+)", cpu_log)
+    assert len(cpu_jobs) == 1, cpu_log[-3000:]
+    job = recorder.jobs[cpu_jobs[0]]
+    assert job["Comment"].startswith("rule_train") and job["JobState"] == "COMPLETED", job
+    assert "gpu" not in job.get("TresPerJob", "") + job.get("TresPerNode", ""), job
 
     # where the time went (printed; see docs/scaling.md)
     def seconds(job: dict[str, str]) -> float:
