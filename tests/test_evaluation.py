@@ -277,3 +277,21 @@ def test_best_variant_is_chosen_on_the_health_check_not_on_the_test_subjects():
     assert variant == "rsa-111" and "validation patches" in how and "not the test subjects" in how
     # a tie goes to the variant met first (Table 1's order in the workflow)
     assert best_variant(health.assign(score=0.5))[0] == "unet3d"
+
+
+def test_the_reports_opening_paragraph_is_the_runs_findings(tmp_path):
+    """ReportOpening reads findings.md when the report is rendered: its headline bullets and the
+    main comparison as one paragraph; nothing while the run has not written it."""
+    md = ("# What this run found\n\n- Table 1, sample Dice: 60.00–63.20 %.\n- Trainings that failed their health "
+          "check: 0 of 65.\n- Attention inert: 8 of 45.\n  Variants whose attention is inert compare the 3D U-Net "
+          "with itself.\n\n## Each variant against the 3D U-Net\n\n- **RSA-111**: +0.15 points, p = 0.940; no "
+          "significant difference.\n- **NCL-010**: -1.00 points.\n")
+    text = evaluation.findings_paragraph(md)
+    assert text.startswith("Table 1, sample Dice: 60.00–63.20 %. Trainings that failed")
+    assert "8 of 45" in text and "compare the 3D U-Net with itself" in text
+    assert text.endswith("Main comparison against the 3D U-Net: RSA-111: +0.15 points, p = 0.940; no significant difference.")
+    assert "NCL-010" not in text and "**" not in text
+    opening = evaluation.ReportOpening(tmp_path / "findings.md")
+    assert str(opening) == ""
+    (tmp_path / "findings.md").write_text(md)
+    assert str(opening) == text

@@ -179,6 +179,9 @@ def test_rerun_has_nothing_to_do_and_report_builds(study):
     assert report.returncode == 0, report.stderr[-3000:]
     html = (work / "report.html").read_text(errors="replace")
     assert len(html) > 10_000 and "table1" in html and "fig5" in html
+    # its opening paragraph: the run's findings, generated from its tables (findings.md)
+    assert "What this run found" in html and "Trainings that failed their health check" in html
+    assert "Main comparison against the 3D U-Net: RSA-111" in html
     # the shareable form: a zip of the report and its files (the single HTML holds everything inline)
     packed = snakemake(work, "--configfile", str(TEST_CONFIG), "--report", "report.zip", timeout=600)
     assert packed.returncode == 0, packed.stderr[-3000:]

@@ -188,6 +188,31 @@ def findings(t1: pd.DataFrame, tests: pd.DataFrame, attention: pd.DataFrame, n_f
     return "\n".join(lines) + "\n"
 
 
+def findings_paragraph(markdown: str) -> str:
+    """The opening paragraph of a run's report from its :func:`findings` (Markdown): the headline
+    bullets and the main comparison (the first one listed), as one paragraph of sentences."""
+    head, _, rest = markdown.partition("\n## ")
+    bullets = [ln[2:].strip() for ln in head.splitlines() if ln.startswith("- ")]
+    bullets += [ln.strip() for ln in head.splitlines() if ln.startswith("  ") and ln.strip()]
+    main = next((ln[2:].strip() for ln in rest.splitlines() if ln.startswith("- ")), None)
+    if main:
+        bullets.append("Main comparison against the 3D U-Net: " + main.replace("**", ""))
+    return " ".join(bullets)
+
+
+class ReportOpening:
+    """The report's opening paragraph (:func:`findings_paragraph` of ``path``), read when the
+    report is rendered (``str()``), so a report built right after the run states what it found;
+    empty while ``path`` does not exist."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+
+    def __str__(self) -> str:
+        p = Path(self.path)
+        return findings_paragraph(p.read_text()) if p.is_file() else ""
+
+
 def markdown_to_html(text: str) -> str:
     """The small Markdown subset of :func:`findings` (headings, bullets, bold) as an HTML page."""
     import html

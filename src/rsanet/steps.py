@@ -550,7 +550,9 @@ def provenance_step(config: Mapping, records: Sequence[str], out_json: str) -> N
                                 cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = None
-    engines = sorted({r["engine"] for p in records for r in json.loads(Path(p).read_text())["results"].values()})
+    from .registration import engines_that_ran
+
+    engines = engines_that_ran(records)
     versions = library_versions()
     save_json({
         "rsanet_version": __version__, "git_commit": commit, "python": platform.python_version(),

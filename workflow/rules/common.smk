@@ -16,6 +16,7 @@ _CHECKOUT = Path(workflow.current_basedir.get_path_or_uri(secret_free=False)).pa
 if (_CHECKOUT / "pyproject.toml").is_file():
     os.environ.setdefault("RSANET_WORKFLOW_DIR", str(_CHECKOUT))
 from rsanet.bids import bids_sheet
+from rsanet.evaluation import ReportOpening
 from rsanet.splits import make_splits
 from rsanet.checks import InputCheckError, config_problems, read_sheet, settings_line, sheet_problems, with_preset
 
@@ -92,6 +93,9 @@ SUBJECTS = list(SHEET.subject)
 
 if workflow.is_main_process:
     print(settings_line(config), file=sys.stderr)
+# The report's opening paragraph (workflow/report/workflow.rst): the run's findings, read from
+# results/tables/findings.md when the report is rendered. Not a setting: no job's params hold it.
+config["report_opening"] = ReportOpening("results/tables/findings.md")
 
 VARIANT_IDS = list(config["variants"])
 try:
@@ -249,7 +253,7 @@ def study_config():
         {
             k: v
             for k, v in config.items()
-            if k not in ("resources", "segment_subjects", "segment")
+            if k not in ("resources", "segment_subjects", "segment", "report_opening")
         }
     )
 
