@@ -11,7 +11,6 @@ import pytest
 from rsanet.volumes import (
     InputError,
     Preprocessed,
-    atomic_path,
     bounding_box,
     binarise_mask,
     load_checked,
@@ -145,18 +144,6 @@ def test_non_finite_scaling_reads_unscaled_and_disagreeing_qform_sform_is_a_clea
     nib.save(nan_slope, tmp_path / "nan.nii.gz")
     assert np.isnan(float(nib.load(tmp_path / "nan.nii.gz").header["scl_slope"]))
     assert np.array_equal(np.asarray(load_checked(tmp_path / "nan.nii.gz", "s1", "T1").dataobj), data)
-
-
-def test_atomic_path_leaves_nothing_on_failure(tmp_path):
-    target = tmp_path / "out.csv"
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("crash")
-    assert list(tmp_path.iterdir()) == []
-    with atomic_path(target) as tmp:
-        tmp.write_text("whole")
-    assert target.read_text() == "whole" and len(list(tmp_path.iterdir())) == 1
 
 
 def _three_contrasts(seed: int, affine: np.ndarray, shape=(12, 14, 10)) -> list[nib.Nifti1Image]:

@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from .volumes import InputError, atomic_path, binarise_mask, load_checked, require_same_grid
+from .files import staged
+from .volumes import InputError, binarise_mask, load_checked, require_same_grid
 
 log = logging.getLogger(__name__)
 
@@ -335,12 +336,12 @@ def check_cohort(
     n_err = int((table.level == "error").sum())
     if n_err:
         failed = Path(report).with_suffix(".failed.tsv")
-        with atomic_path(failed) as tmp:
+        with staged([failed]) as (tmp,):
             table.to_csv(tmp, sep="\t", index=False)
         raise InputCheckError(
             f"{n_err} problem(s) in the input data (all listed in {failed}):\n"
             + "\n".join(f"  - {m}" for m in table[table.level == "error"].message)
         )
-    with atomic_path(report) as tmp:
+    with staged([report]) as (tmp,):
         table.to_csv(tmp, sep="\t", index=False)
     log.info("all %d subjects passed the input checks (%d warnings)", len(subjects), len(table))

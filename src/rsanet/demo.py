@@ -55,7 +55,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
-from .volumes import CONTRASTS, atomic_path
+from .files import staged
+from .volumes import CONTRASTS
 
 if TYPE_CHECKING:
     import pandas as pd  # the cohort sheet; imported where used, so one subject's job skips it
@@ -826,7 +827,7 @@ def write_subject(subject: dict[str, Any], subject_dir: str | os.PathLike) -> di
     paths: dict[str, Path] = {}
     for key, name in SUBJECT_FILES.items():
         path = subject_dir / name
-        with atomic_path(path) as tmp:
+        with staged([path]) as (tmp,):
             if key == "truth":
                 tmp.write_text(json.dumps(subject[key], indent=2) + "\n")
             else:
@@ -856,7 +857,7 @@ def subject_sheet(config: DemoConfig, root: str | os.PathLike = ".",
 def write_subject_sheet(sheet: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write ``sheet`` as a tab-separated file (atomically)."""
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with staged([path]) as (tmp,):
         sheet.to_csv(tmp, sep="\t", index=False)
     return path
 
@@ -896,7 +897,7 @@ def write_attribution(out_dir: str | os.PathLike) -> Path:
         "Licence text: `rsanet/data/lesion_masks_mni/LICENSE.txt` in the installed package.\n"
     )
     path = Path(out_dir) / "ATTRIBUTION.md"
-    with atomic_path(path) as tmp:
+    with staged([path]) as (tmp,):
         tmp.write_text(text, encoding="utf-8")
     return path
 

@@ -23,7 +23,7 @@ from scipy import stats
 
 from .metrics import dice_from_counts, iou_from_counts
 from .models import VARIANTS
-from .volumes import atomic_path
+from .files import staged
 
 #: The paper's Table 1 (their private 43-patient data), in percent.
 PAPER_TABLE1: dict[str, tuple[float, float, float, float]] = {
@@ -697,10 +697,10 @@ def _fmt(v: object) -> str:
 
 
 def write_text(text: str, path: str | os.PathLike) -> None:
-    with atomic_path(path) as tmp:
+    with staged([path]) as (tmp,):
         tmp.write_text(text)
 
 
 def write_csv(df: pd.DataFrame, path: str | os.PathLike) -> None:
-    with atomic_path(path) as tmp:
+    with staged([path]) as (tmp,):
         df.to_csv(tmp, index=False)

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .models import VARIANTS  # noqa: E402
-from .volumes import atomic_path  # noqa: E402
+from .files import staged  # noqa: E402
 
 LESION_RED = (1.0, 0.1, 0.1)
 
@@ -31,7 +31,7 @@ def save_figure(fig: plt.Figure, stem: str | os.PathLike) -> list[Path]:
     paths = []
     for ext in ("png", "pdf"):
         path = Path(f"{stem}.{ext}")
-        with atomic_path(path) as tmp:
+        with staged([path]) as (tmp,):
             fig.savefig(tmp, dpi=150, bbox_inches="tight")
         paths.append(path)
     plt.close(fig)

@@ -22,9 +22,7 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -287,18 +285,18 @@ def _sha256(path: Path) -> str | None:
 
 def _versions() -> dict:
     from . import __version__
-    from .volumes import library_versions
+    from .files import library_versions
 
     return {"rsanet": __version__, **library_versions(("torch", "numpy", "nibabel", "SimpleITK"))}
 
 
 def _write_outputs(out: Path, prob_img, sd_img, mask_img, table, summary, seconds, pre, t0) -> None:
-    """Write the outputs (:data:`OUTPUTS`) into a temporary folder beside ``out``, then rename it to ``out``."""
+    """Write the outputs (:data:`OUTPUTS`) into a temporary folder beside ``out``, then move it to
+    ``out`` (:func:`rsanet.files.staged`): an error leaves nothing in ``out``."""
     from . import figures
+    from .files import staged
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged([out], folders=True) as (tmp,):
         nib.save(prob_img, str(tmp / "lesion_prob.nii.gz"))
         nib.save(sd_img, str(tmp / "lesion_prob_sd.nii.gz"))
         nib.save(mask_img, str(tmp / "lesions.nii.gz"))
@@ -317,12 +315,6 @@ def _write_outputs(out: Path, prob_img, sd_img, mask_img, table, summary, second
         seconds["writing"] = time.perf_counter() - t0
         summary["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -543,7 +543,7 @@ def provenance_step(config: Mapping, records: Sequence[str], out_json: str) -> N
 
     from . import __version__
     from .devices import precision, resolve_device
-    from .volumes import library_versions
+    from .files import library_versions
 
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,

@@ -26,7 +26,8 @@ from .metrics import dice_from_counts
 from .models import (PAPER_ORDER, PAPER_WIDTHS, attention_off, attention_scale_summary, attention_scales,
                      build_model, count_parameters)
 from .devices import bf16_native, memory_layout, precision, resolve_device
-from .volumes import Preprocessed, atomic_path
+from .files import staged
+from .volumes import Preprocessed
 
 log = logging.getLogger(__name__)
 
@@ -371,7 +372,7 @@ def deterministic_kernels() -> None:
 
 
 def _save_checkpoint(path: Path, payload: dict) -> None:
-    with atomic_path(path) as tmp:
+    with staged([path]) as (tmp,):
         torch.save(payload, tmp)
 
 
@@ -596,7 +597,7 @@ def _score_patches(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bat
 def save_model(result: TrainResult, config: TrainConfig, path: str | os.PathLike) -> None:
     """Write the trained weights with the config needed to rebuild the network (atomic)."""
     payload = {"config": dataclasses.asdict(config), "model": result.state_dict, "r": result.r, "health": result.health}
-    with atomic_path(path) as tmp:
+    with staged([path]) as (tmp,):
         torch.save(payload, tmp)
 
 
@@ -618,7 +619,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
 
 def write_log_csv(rows: Sequence[dict], path: str | os.PathLike) -> None:
     """Write the per-iteration log atomically."""
-    with atomic_path(path) as tmp:
+    with staged([path]) as (tmp,):
         with open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=LOG_COLUMNS, restval="")
             writer.writeheader()

@@ -1,4 +1,4 @@
-"""Loading, checking, reorienting, cropping and normalising volumes; atomic file writes.
+"""Loading, checking, reorienting, cropping and normalising volumes (written through :func:`rsanet.files.staged`).
 
 The one place where the array layout is fixed: NIfTI images are reoriented to RAS+ (nibabel's
 closest canonical orientation) and their ``(x, y, z)`` voxel arrays are transposed to
@@ -8,71 +8,28 @@ Spacings that go with such arrays are ``(dz, dy, dx)`` in millimetres.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import nibabel as nib
 import numpy as np
 
+from .files import staged
+
 #: The three MR contrasts of a subject, in the model's channel order.
 CONTRASTS: tuple[str, ...] = ("T1", "T2", "FLAIR")
-
-
-#: The libraries whose versions are recorded with results (provenance.json, summary.json).
-LIBRARIES: tuple[str, ...] = ("torch", "numpy", "scipy", "nibabel", "SimpleITK", "fslpy", "nilearn", "pandas",
-                              "matplotlib", "snakemake")
-
-
-def library_versions(packages: tuple[str, ...] = LIBRARIES) -> dict[str, str | None]:
-    """Installed version of each package (``None`` where it is not installed)."""
-    from importlib import metadata
-
-    out: dict[str, str | None] = {}
-    for pkg in packages:
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
 
 
 class InputError(ValueError):
     """A problem with a user's input file; the message names the subject and the file."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Atomic writes: a crash never leaves a half-written file that a later step would trust
-# ---------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success.
-
-    The temporary name keeps the suffix(es) of ``path`` so writers that infer the format from
-    the extension (nibabel, matplotlib, numpy) behave the same.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
 def save_nifti(img: nib.Nifti1Image, path: str | os.PathLike) -> None:
     """Write a NIfTI image atomically."""
-    with atomic_path(path) as tmp:
+    with staged([path]) as (tmp,):
         nib.save(img, tmp)
 
 
@@ -84,7 +41,7 @@ def save_probability_u8(prob: np.ndarray, path: str | os.PathLike) -> None:
     import zipfile
 
     q = np.rint(np.clip(prob, 0.0, 1.0) * 255.0).astype(np.uint8)
-    with atomic_path(path) as tmp:
+    with staged([path]) as (tmp,):
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
             with zf.open("prob.npy", "w") as fh:
                 np.lib.format.write_array(fh, q, allow_pickle=False)
@@ -98,7 +55,7 @@ def load_probability_u8(path: str | os.PathLike) -> np.ndarray:
 
 def save_json(obj: object, path: str | os.PathLike) -> None:
     """Write JSON atomically (indented, keys in insertion order)."""
-    with atomic_path(path) as tmp:
+    with staged([path]) as (tmp,):
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
@@ -316,7 +273,7 @@ class Preprocessed:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write an uncompressed ``.npz`` (fast to load for random crops), atomically."""
-        with atomic_path(path) as tmp:
+        with staged([path]) as (tmp,):
             with open(tmp, "wb") as fh:
                 np.savez(
                     fh, image=self.image, lesions=self.lesions, brain=self.brain,

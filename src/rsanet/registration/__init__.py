@@ -86,7 +86,6 @@ from .transforms import (
     read_itk_transform,
     rigid_matrix,
     rotation_from_euler_deg,
-    staged_outputs,
     write_transforms,
 )
 
@@ -96,7 +95,7 @@ __all__ = [
     "downsample_grid", "engines_that_ran", "field_of_view_coverage", "flirt_executable", "flirt_matrix", "foreground_mask",
     "header_alignment", "image_center_lps", "itk_to_moving_to_fixed", "itk_transform_text",
     "moving_to_fixed_to_itk", "otsu_threshold", "read_itk_transform", "register", "registration_qc_figure",
-    "resample_to_fixed", "rigid_matrix", "rotation_from_euler_deg", "staged_outputs", "voxel_points_mm",
+    "resample_to_fixed", "rigid_matrix", "rotation_from_euler_deg", "voxel_points_mm",
     "write_transforms",
 ]
 

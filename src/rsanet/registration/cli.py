@@ -13,6 +13,7 @@ import nibabel as nib
 import numpy as np
 
 from . import register
+from ..files import staged
 from .core import (
     FLIRT_COSTS,
     RegistrationError,
@@ -22,7 +23,6 @@ from .images import (
 )
 from .transforms import (
     _transform_files,
-    staged_outputs,
 )
 
 log = logging.getLogger("rsanet.registration")
@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     args.interpolation)
         mat, itk_text = _transform_files(result.moving_to_fixed, args.moving, args.fixed)
         outputs = [args.out_image, args.out_mat, args.out_itk] + ([args.out_json] if args.out_json else [])
-        with staged_outputs(outputs) as temps:
+        with staged(outputs) as temps:
             nib.save(out_img, str(temps[0]))
             np.savetxt(temps[1], mat, fmt="%1.15g")
             temps[2].write_text(itk_text)

@@ -10,14 +10,12 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from ..files import staged
 from .core import (
     PathLike,
 )
 from .images import (
     foreground_mask,
-)
-from .transforms import (
-    staged_outputs,
 )
 
 log = logging.getLogger("rsanet.registration")
@@ -87,7 +85,7 @@ def registration_qc_figure(
         fig.suptitle(title, color="white", fontsize=10)
     fig.tight_layout()
     out = Path(out_png)
-    with staged_outputs([out]) as (tmp,):
+    with staged([out]) as (tmp,):
         fig.savefig(tmp, dpi=110, facecolor="black")
     return out
 

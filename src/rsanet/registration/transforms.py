@@ -4,18 +4,15 @@ The conventions are fixed in the package docstring (:mod:`rsanet.registration`).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
-import tempfile
-from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+from ..files import staged
 from .core import (
     RAS_TO_LPS,
     PathLike,
@@ -129,26 +126,6 @@ def flirt_matrix(moving_to_fixed: np.ndarray, moving: PathLike, fixed: PathLike)
     return np.asarray(toFlirt(np.asarray(moving_to_fixed, float), src, ref, from_="world", to="world"))
 
 
-@contextlib.contextmanager
-def staged_outputs(paths: Sequence[PathLike]) -> Iterator[list[Path]]:
-    """Yield temporary paths (same folder and suffixes) for ``paths``; move them all into place only
-    if the block succeeds, so a failure leaves none of the outputs behind."""
-    final = [Path(p) for p in paths]
-    temps: list[Path] = []
-    try:
-        for p in final:
-            p.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix="".join(p.suffixes), dir=p.parent)
-            os.close(fd)
-            temps.append(Path(tmp))
-        yield temps
-        for tmp, p in zip(temps, final):
-            os.replace(tmp, p)
-    finally:
-        for tmp in temps:
-            tmp.unlink(missing_ok=True)
-
-
 def image_center_lps(img: nib.Nifti1Image) -> np.ndarray:
     """Physical (LPS, mm) centre of an image's voxel grid: the centre written into ITK files."""
     center_vox = (np.array(img.shape[:3], dtype=float) - 1.0) / 2.0
@@ -167,7 +144,7 @@ def write_transforms(
     LPS -> moving LPS, centred at the fixed grid's centre); both or neither are written."""
     m2f = result.moving_to_fixed if isinstance(result, RegistrationResult) else np.asarray(result, float)
     mat, itk_text = _transform_files(m2f, moving, fixed)
-    with staged_outputs([flirt_mat_path, itk_path]) as (tmp_mat, tmp_itk):
+    with staged([flirt_mat_path, itk_path]) as (tmp_mat, tmp_itk):
         np.savetxt(tmp_mat, mat, fmt="%1.15g")
         tmp_itk.write_text(itk_text)
 
