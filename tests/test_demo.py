@@ -142,7 +142,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.mark.slow
 def test_no_collage_is_closer_to_another_subject_than_two_real_patients() -> None:
-    """Issues 22 and 35: no subject built from a collage is more alike (Dice of the template-space
+    """docs/demo_cohort.md: no subject built from a collage is more alike (Dice of the template-space
     masks; plain, or mirrored where the other is a real mask) to any other demo subject, collage
     or real, than the two most alike different real patients are to each other. Every pair is
     checked, so it holds in any split: a collage in the test part is never a near copy of a
@@ -175,7 +175,7 @@ def test_no_collage_is_closer_to_another_subject_than_two_real_patients() -> Non
 
 @pytest.mark.slow
 def test_no_demo_subject_carries_an_external_test_lesion() -> None:
-    """Issue 35: the lesion masks of the external test patients (open_ms_data 07, 19, 26) enter the
+    """docs/external_test.md: the lesion masks of the external test patients (open_ms_data 07, 19, 26) enter the
     demo cohort neither whole nor as collage pieces: no subject's sources name them, and no
     subject's mask is more alike to theirs (plain or mirrored) than real patients are to each other."""
     assert set(demo.EXTERNAL_TEST_PATIENTS) == {7, 19, 26}

@@ -11,6 +11,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
+from workflow_rules import workflow_rules
 
 try:
     import tomllib
@@ -48,39 +49,6 @@ def conda_python_version(env: dict) -> str | None:
     return None
 
 
-def workflow_files() -> list[Path]:
-    return [p for p in (ROOT / "Snakefile", ROOT / "workflow" / "Snakefile") if p.is_file()] + \
-        sorted((ROOT / "workflow" / "rules").glob("*.smk"))
-
-
-def rule_blocks() -> list[tuple[Path, str, str]]:
-    """(file, rule name, rule body) for every rule in the workflow files (text parse)."""
-    blocks = []
-    for f in workflow_files():
-        for m in re.finditer(r"^rule\s+(\w+)\s*:[^\n]*\n(.*?)(?=^\S|\Z)", f.read_text(),
-                             flags=re.M | re.S):
-            blocks.append((f, m.group(1), m.group(2)))
-    return blocks
-
-
-def string_constants() -> dict[str, str]:
-    """Module-level ``NAME = "literal"`` assignments in the workflow (e.g. ``ENV = "..."``)."""
-    consts = {}
-    for f in workflow_files():
-        consts.update(re.findall(r"^([A-Za-z_]\w*)\s*=\s*[\"']([^\"']+)[\"']\s*$", f.read_text(),
-                                 flags=re.M))
-    return consts
-
-
-def conda_directive(body: str) -> str | None:
-    """The value of a rule's ``conda:`` directive (a string literal or a constant's name)."""
-    m = re.search(r"^\s+conda\s*:\s*\n?\s*(?:[\"']([^\"']+)[\"']|([A-Za-z_]\w*))", body,
-                  flags=re.M)
-    if not m:
-        return None
-    return m.group(1) if m.group(1) is not None else "$" + m.group(2)
-
-
 def test_there_is_an_env_for_the_python_rules():
     assert MAIN_ENV.is_file()
 
@@ -103,28 +71,19 @@ def test_env_file_is_valid(path):
 
 
 def test_rules_with_scripts_or_shell_use_existing_env_files():
-    blocks = rule_blocks()
-    assert blocks, "no rules found in workflow/rules"
-    consts = string_constants()
+    """Every rule that runs code names an env of envs/ (as Snakemake resolves its ``conda:``)."""
+    rules = workflow_rules()
+    assert rules, "no rules found"
     problems = []
-    for f, name, body in blocks:
-        runs_code = re.search(r"^\s+(script|shell|notebook|wrapper)\s*:", body, flags=re.M)
-        value = conda_directive(body)
-        if value is None:
-            if runs_code:
-                problems.append(f"rule {name} ({f.name}) has no conda: directive")
+    for name, rule in rules.items():
+        if not (rule["script"] or rule["shell"]):
             continue
-        if value.startswith("$"):
-            if value[1:] not in consts:
-                problems.append(f"rule {name}: conda: {value[1:]} is not a string constant")
-                continue
-            value = consts[value[1:]]
-        # Snakemake resolves conda: paths relative to the file that holds the rule
-        target = (f.parent / value).resolve()
-        if not target.is_file():
-            problems.append(f"rule {name} ({f.name}): conda env {value} -> {target} missing")
-        elif target.parent != (ROOT / "envs").resolve():
-            problems.append(f"rule {name}: env {target} is not in envs/")
+        if rule["conda"] is None:
+            problems.append(f"rule {name} has no conda: directive")
+        elif not Path(rule["conda"]).is_file():
+            problems.append(f"rule {name}: conda env {rule['conda']} missing")
+        elif Path(rule["conda"]).parent != (ROOT / "envs").resolve():
+            problems.append(f"rule {name}: env {rule['conda']} is not in envs/")
     assert not problems, "\n".join(problems)
 
 

@@ -75,7 +75,7 @@ def test_corrected_resampled_ttest_by_hand():
 
 
 def test_power_and_detectable_difference_by_hand():
-    """Issue 35: the power of the corrected test. With no correction term (n_test = 0) it is the
+    """docs/metrics.md, "What a comparison could have seen": the power of the corrected test. With no correction term (n_test = 0) it is the
     one-sample t-test, whose power tables give 0.4014 for n = 5 and 0.8031 for n = 10 at an effect
     of one sd (two-sided, alpha 0.05; Cohen 1988, G*Power)."""
     assert evaluation.corrected_ttest_power(1.0, 1.0, 5, 10**9, 0) == pytest.approx(0.4014, abs=2e-4)
@@ -162,7 +162,7 @@ def test_markdown_and_latex_writers():
 
 
 def test_table1_counts_the_failed_trainings_per_variant():
-    """Issue 22: a failed training is never averaged in silently: Table 1 says how many failed."""
+    """A failed training is never averaged in silently: Table 1 says how many failed."""
     health = pd.DataFrame({"variant": ["unet3d", "unet3d", "rsa-111", "rsa-111"], "split": [0, 1, 0, 1],
                            "seed": [0, 0, 0, 0], "learned": [True, False, True, True]})
     failed = evaluation.failed_trainings(health).set_index("variant")

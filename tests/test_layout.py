@@ -7,16 +7,15 @@ import ast
 import re
 from pathlib import Path
 
+from workflow_rules import workflow_rules
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "rsanet"
 
 
 def rule_scripts() -> set[str]:
-    """File names given to a rule's ``script:`` in the workflow."""
-    names = set()
-    for smk in [ROOT / "Snakefile", *sorted((ROOT / "workflow" / "rules").glob("*.smk"))]:
-        names |= set(re.findall(r"script:\s*\n\s*\"[./]*scripts/([\w.]+)\"", smk.read_text()))
-    return names
+    """File names of the rules' ``script:``, as Snakemake parses the workflow."""
+    return {Path(r["script"]).name for r in workflow_rules().values() if r["script"]}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -75,3 +74,17 @@ def test_ruff_finds_nothing_in_the_package_the_tools_and_the_tests():
     run = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "src", "tools", "tests"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+
+
+def test_no_file_explains_itself_by_an_issue_number():
+    """A reader of the repository has no tracker: choices are explained in words and by their
+    docs/ section, never as "issue N"."""
+    pattern = re.compile(r"\bissues? #?\d+", re.IGNORECASE)
+    found = []
+    for folder in ("src", "workflow", "scripts", "tests", "docs", "tools", "config"):
+        for path in sorted((ROOT / folder).rglob("*")):
+            if path.is_file() and path.suffix in {".py", ".md", ".smk", ".rst", ".yaml", ".csv", ".txt", ""}:
+                text = path.read_text(errors="replace")
+                found += [f"{path.relative_to(ROOT)}: {m.group(0)}" for m in pattern.finditer(text)]
+    found += [f"README.md: {m.group(0)}" for m in pattern.finditer((ROOT / "README.md").read_text())]
+    assert not found, "\n".join(found)

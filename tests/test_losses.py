@@ -185,7 +185,7 @@ def test_dice_weight_adds_the_dice_term_to_training():
 
 
 def test_printed_and_swapped_class_weights_by_name():
-    """config/presets/paper.yaml's choice between the paper's weights as printed and swapped (issue 22)."""
+    """config/presets/paper.yaml's choice between the paper's weights as printed and swapped (docs/models.md)."""
     from rsanet.losses import ExpWeightedCrossEntropy, class_weights
 
     printed, swapped = class_weights(5.15e-4, "printed"), class_weights(5.15e-4, "swapped")

@@ -256,7 +256,7 @@ def test_paper_backbone_parameter_counts():
     """The authors' backbone: 23.77 M for the U-Net, 24.55 M for RSA-010 (method notes)."""
     unet = count_parameters(build_model("unet3d"))
     assert abs(unet / 1e6 - 23.77) <= 0.01
-    assert unet == 23_766_368 + 2  # the authors' network plus the output bias (issue 22)
+    assert unet == 23_766_368 + 2  # the authors' network plus the output bias (docs/models.md, "The output bias")
     rsa_block = 3 * (512 * 512 + 512) + 3  # ~0.79 M, as the method notes say
     assert count_parameters(build_model("rsa-010")) - unet == rsa_block
     assert abs(count_parameters(build_model("rsa-010")) / 1e6 - 24.55) <= 0.01
@@ -272,7 +272,7 @@ def test_backbone_widens_in_the_level_block_not_in_the_down_convolution():
         assert m.encoders[i + 1][0].in_channels == PAPER_WIDTHS[i]
         assert m.encoders[i + 1][0].out_channels == PAPER_WIDTHS[i + 1]
     assert all(up.reduce.bias is None for up in m.ups)
-    assert m.head[0].bias is None and m.head[1].bias is not None  # the output bias: issue 22
+    assert m.head[0].bias is None and m.head[1].bias is not None  # the output bias (docs/models.md)
 
 
 @pytest.mark.parametrize("widths", [(4, 8), SMALL, (4, 8, 8, 8)])
@@ -319,7 +319,7 @@ def test_group_norm_under_bf16_autocast_returns_the_inputs_dtype():
 
 
 def test_the_output_can_exceed_p_half_where_every_feature_is_off():
-    """Issue 22: the head used to be bias-free on ReLU features (>= 0), so a voxel with all
+    """docs/models.md, "The output bias": the head used to be bias-free on ReLU features (>= 0), so a voxel with all
     features off had p = 0.5 exactly and short trainings marked lesions that way (an empty mask
     at p > 0.5). The output conv has a bias now, starting at the lesion prior: "all off" means
     background (p = 0.01), and the head alone, on an all-zero feature map, can learn p > 0.5."""

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from workflow_rules import workflow_rules
 from slurm_cluster import MIN_JOB_AGE_S, PLUGIN_INIT_WAIT_S, SlurmCluster, slurm_cluster, tool
 
 __all__ = ["slurm_cluster"]  # the fixture, re-exported so pytest finds it in this module
@@ -62,22 +63,10 @@ def load_profile(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def workflow_files() -> list[Path]:
-    sf = snakefile()
-    return ([sf] if sf else []) + sorted((ROOT / "workflow" / "rules").glob("*.smk"))
-
-
-def workflow_rules() -> tuple[set[str], set[str]]:
-    """(rule names, localrules) declared in the Snakefile and workflow/rules/*.smk (text parse)."""
-    rules: set[str] = set()
-    local: set[str] = set()
-    for f in workflow_files():
-        text = f.read_text()
-        rules |= set(re.findall(r"^rule\s+(\w+)\s*:", text, flags=re.M))
-        for m in re.finditer(r"^localrules\s*:\s*((?:[^\n]*\\?\n?)+?)(?=^\S|\Z)", text,
-                             flags=re.M):
-            local |= set(re.findall(r"\w+", m.group(1).split("#")[0]))
-    return rules, local
+def rules_and_localrules() -> tuple[set[str], set[str]]:
+    """(rule names, localrules) of the workflow, as Snakemake parses it."""
+    rules = workflow_rules()
+    return set(rules), {name for name, r in rules.items() if r["local"]}
 
 
 # ------------------------------------------------------------------------------------------
@@ -134,7 +123,7 @@ def test_workstation_profile_is_picked_up_by_default(tmp_path):
 
 
 def test_profiles_name_existing_rules_and_light_rules_run_locally():
-    rules, local = workflow_rules()
+    rules, local = rules_and_localrules()
     assert rules, "no rules found in workflow/rules"
     for path in (SLURM_PROFILE, DEFAULT_PROFILE):
         unknown = set(load_profile(path).get("set-resources", {})) - rules
@@ -350,7 +339,7 @@ def test_tiny_study_runs_through_slurm(slurm_cluster: SlurmCluster, tmp_path):
         assert rule in by_rule, f"no {rule} job went through SLURM: {sorted(by_rule)}"
         for job in by_rule[rule]:
             assert "gpu:1" in job.get("TresPerJob", "") + job.get("TresPerNode", ""), job
-    _, local = workflow_rules()
+    _, local = rules_and_localrules()
     assert not local & set(by_rule), f"local rules were submitted: {local & set(by_rule)}"
 
     # the same profile on a CPU-only cluster: gpus 0 in the config -> a training job without a GPU

@@ -321,7 +321,7 @@ def test_a_retried_job_logs_its_attempt_and_on_the_last_one_what_to_set(caplog):
 
 
 def test_deviations_state_how_many_subjects_the_models_were_fitted_on():
-    """Issue 38: with a validation part, splits.n_train's subjects are not all fitted on; the
+    """With a validation part, splits.n_train's subjects are not all fitted on; the
     deviations table says so (16 fitted + 4 validation) instead of 'as in the paper'. The attention
     settings and the per-variant seeds of the demo are deviations too."""
     from rsanet.paper import deviations

@@ -317,7 +317,7 @@ def test_cuda_request_without_gpu_is_a_clear_error():
 
 
 # ---------------------------------------------------------------------------------------------
-# Issue 22: trainings that learn, and a study that knows when one did not
+# Trainings that learn (docs/models.md, "The output bias"), and a study that knows when one did not
 # ---------------------------------------------------------------------------------------------
 def test_every_batch_holds_a_lesion_crop_with_min_lesion_crops():
     subjects = _subjects(shape=(16, 40, 40))
@@ -394,7 +394,7 @@ def test_health_without_validation_scores_lesion_bearing_training_batches():
 
 
 def test_attention_check_reports_inert_attention_and_attention_that_acts():
-    """Issue 35: the attention check of every attention training. A model whose attention scales
+    """docs/models.md, "Attention that learns": the attention check of every attention training. A model whose attention scales
     are 0 (its blocks the identity) is 'attention inert': switching it off changes no voxel. The
     same model with scales set to non-zero values changes its prediction when switched off, and
     the check is not inert. Both restore the model's weights exactly."""

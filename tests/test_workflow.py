@@ -63,7 +63,7 @@ def test_table1_has_seven_variants_with_metrics_in_range(study):
     # variants x splits x test subjects, and the 3D U-Net's second seed (train.seeds_by_variant)
     assert len(per_subject) == (7 + 1) * 2 * 2
     assert per_subject.groupby("variant").seed.nunique().to_dict() == {v: 2 if v == "unet3d" else 1 for v in t1.variant}
-    # what each comparison could have seen, beside each test (issue 35)
+    # what each comparison could have seen, beside each test (docs/metrics.md, "What a comparison could have seen")
     assert tests[["sd_pp", "detectable_pp", "paper_difference_pp", "power_for_paper"]].notna().all().all()
     shown = (study / "tables" / "paired_tests.md").read_text()
     assert "detectable Δ, 80 % power" in shown and "power for paper's Δ" in shown
@@ -71,7 +71,7 @@ def test_table1_has_seven_variants_with_metrics_in_range(study):
 
 
 def test_attention_check_reaches_health_table1_and_findings(study):
-    """Issue 35: every attention training records its attention check; training_health.md and
+    """docs/models.md, "Attention that learns": every attention training records its attention check; training_health.md and
     Table 1 count the inert ones; findings.md states what the run found, generated from its tables."""
     health = pd.read_csv(study / "tables" / "training_health.csv")
     att = health[health.variant != "unet3d"]

@@ -1,4 +1,4 @@
-"""Inspect a trained model for the "p <= 0.5" trap of a bias-free head (issue 22).
+"""Inspect a trained model for the "p <= 0.5" trap of a bias-free head (docs/models.md, "The output bias").
 
     python tools/head_trap.py results/models/unet3d/split4/seed0/model.pt results/preprocessed/demo-0{01,02}.npz
 

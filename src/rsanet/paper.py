@@ -61,7 +61,7 @@ PAPER_SETTINGS: tuple[PaperSetting, ...] = (
 #: Settings fixed in the code rather than the config, and why (docs/models.md has the measurements).
 CODE_SETTINGS: dict[str, Any] = {
     # Without it a voxel whose decoder features are all off sits at p = 0.5 and short trainings
-    # marked lesions that way: an empty mask at p > 0.5 (issue 22, docs/models.md "The output bias").
+    # marked lesions that way: an empty mask at p > 0.5 (docs/models.md, "The output bias").
     "model.output_bias": "trainable, starts at lesion p = 0.01 (rsanet.models.LESION_PRIOR)",
 }
 

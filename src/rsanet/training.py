@@ -608,7 +608,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     config = TrainConfig.from_dict(payload["config"])
     model = build_model(config.variant, widths=config.widths, dropout=config.dropout, rsa_order=config.rsa_order)
     weights = dict(payload["model"])
-    if "head.1.bias" not in weights:  # trained before the output bias (issue 22): the same network
+    if "head.1.bias" not in weights:  # trained before the output bias (docs/models.md, "The output bias"): the same network
         weights["head.1.bias"] = torch.zeros_like(model.head[1].bias)
     model.load_state_dict(weights)
     device = torch.device(device)
