@@ -346,7 +346,7 @@ def test_remove_small_components():
     truth = np.zeros((4, 8, 8), bool)
     truth[0:2, 0:2, 0:2] = True
     truth[3, 7, 7] = True
-    kept = remove_small_components(truth, 2)
+    kept = remove_small_components(truth, 2, 26)
     assert kept.sum() == 8 and not kept[3, 7, 7]
 
 

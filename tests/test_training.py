@@ -127,7 +127,7 @@ def test_saved_model_reloads_and_predicts(tmp_path):
     save_model(res, cfg, tmp_path / "m.pt")
     model, cfg2 = load_model(tmp_path / "m.pt")
     assert cfg2 == cfg
-    prob = predict_volume(model, _subjects(1)[0].image, tile=None)
+    prob = predict_volume(model, _subjects(1)[0].image, tile=None, overlap=0.25)
     assert prob.shape == (12, 20, 18) and (prob >= 0).all() and (prob <= 1).all()
 
 
@@ -135,7 +135,7 @@ def test_tiled_prediction_matches_whole_volume_for_a_pointwise_model():
     torch.manual_seed(0)
     model = torch.nn.Conv3d(3, 2, 1).eval()
     img = np.random.default_rng(0).normal(size=(3, 11, 17, 13)).astype(np.float32)
-    whole = predict_volume(model, img, tile=None)
+    whole = predict_volume(model, img, tile=None, overlap=0.25)
     tiled = predict_volume(model, img, tile=(4, 8, 6), overlap=0.5)
     assert np.allclose(whole, tiled, atol=1e-6)
 

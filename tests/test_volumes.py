@@ -44,7 +44,7 @@ def test_model_layout_is_axial_coronal_sagittal_from_any_orientation():
 def test_bounding_box_and_margin_clip_at_edges():
     m = np.zeros((10, 10, 10), bool)
     m[2:4, 5, 8:10] = True
-    assert bounding_box(m) == (slice(2, 4), slice(5, 6), slice(8, 10))
+    assert bounding_box(m, 0) == (slice(2, 4), slice(5, 6), slice(8, 10))
     assert bounding_box(m, margin=3) == (slice(0, 7), slice(2, 9), slice(5, 10))
 
 

@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     print(f"GPU {gpu}, torch {torch.__version__}, config {args.config}, preset {args.preset}", flush=True)
     torch.backends.cudnn.benchmark = True
 
-    policy = PredictionPolicy.from_config(cfg["predict"], tcfg["crop"], amp=bool(tcfg.get("amp", True)))  # as the workflow
+    policy = PredictionPolicy.from_config(cfg["predict"], tcfg["crop"], amp=bool(tcfg["amp"]))  # as the workflow
     volume = tuple(args.volume)
     subjects = [synthetic_subject(volume, seed) for seed in range(4)]
     rows = []

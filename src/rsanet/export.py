@@ -180,7 +180,7 @@ def _model_card(meta: Mapping, dev: pd.DataFrame, evaluation) -> str:
         "- Trained on the cohort above only; scanners, resolutions and populations unlike it (and the synthetic demo "
         "cohort above all) can give much worse results: check the QC figure of every patient.",
         "- Inputs must be skull-stripped like the training data; the other contrasts are registered (linearly) onto "
-        f"the {meta['registration'].get('reference', 'FLAIR')}, as in the study.",
+        f"the {meta['registration']['reference']}, as in the study.",
         "- Every training's health verdict is in the study's results/tables/training_health.md; a Table 1 with "
         "failed trainings measures those failures, not the variants.",
         f"- Exported by rsanet {meta['rsanet_version']}; the export format is {meta['format']}.", "",

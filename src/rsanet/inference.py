@@ -124,8 +124,8 @@ def attention_map_bytes(variant: str, widths: Sequence[int], size: Sequence[int]
 def predict_volume(
     model: torch.nn.Module,
     image: np.ndarray,
-    tile: Sequence[int] | None = None,
-    overlap: float = 0.5,
+    tile: Sequence[int] | None,
+    overlap: float,
     device: str | torch.device = "cpu",
     amp: bool = True,
     blending: Blending = "gaussian",

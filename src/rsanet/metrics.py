@@ -208,7 +208,7 @@ def _structure(ndim: int, connectivity: int) -> np.ndarray:
 
 
 def remove_small_components(
-    mask: np.ndarray, min_voxels: int, connectivity: int = 26
+    mask: np.ndarray, min_voxels: int, connectivity: int
 ) -> np.ndarray:
     """Drop connected components with fewer than ``min_voxels`` voxels.
 

@@ -237,7 +237,7 @@ def segment(
     fixed = reg.images[reg.reference]
 
     t0 = time.perf_counter()
-    policy = PredictionPolicy.from_config(meta["predict"], meta["train"]["crop"], amp=meta["train"].get("amp", True),
+    policy = PredictionPolicy.from_config(meta["predict"], meta["train"]["crop"], amp=meta["train"]["amp"],
                                           mirror=tta)
     log.info("predicting with %d models (%s)", len(models), policy.describe())
     per_model = _ensemble(models, pre.image, policy, dev)  # (M, D, H, W)

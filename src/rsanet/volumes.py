@@ -223,7 +223,7 @@ def model_to_reference(array_dhw: np.ndarray, reference_affine: np.ndarray) -> n
 # ---------------------------------------------------------------------------------------------
 # Brain crop and normalisation (pure functions)
 # ---------------------------------------------------------------------------------------------
-def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
+def bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
     """Slices of the smallest box holding all non-zero voxels of ``mask``, grown by ``margin``."""
     coords = np.nonzero(mask)
     if coords[0].size == 0:

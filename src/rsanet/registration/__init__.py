@@ -160,7 +160,7 @@ def register(
     engine: EngineName = "auto",
     cost: str = "corratio",
     search_deg: float = 30.0,
-    max_displacement_mm: float = 60.0,
+    max_displacement_mm: float = 40.0,
     threads: int = 2,
     settings: SimpleITKSettings | None = None,
 ) -> RegistrationResult:
