@@ -52,7 +52,7 @@ def test_the_runtime_imports_nothing_from_the_benchmark_code():
 
 
 def test_no_file_of_the_workflow_or_package_edits_sys_path():
-    files = [ROOT / "Snakefile", *(ROOT / "workflow").rglob("*.smk"), *(ROOT / "scripts").glob("*.py"),
+    files = [ROOT / "Snakefile", ROOT / "workflow" / "Snakefile", *(ROOT / "workflow").rglob("*.smk"), *(ROOT / "scripts").glob("*.py"),
              *PACKAGE.rglob("*.py"), *(ROOT / "tools").glob("*.py")]
     assert not [str(p.relative_to(ROOT)) for p in files if "sys.path" in p.read_text() and p.name != "test_layout.py"]
 

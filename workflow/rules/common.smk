@@ -18,7 +18,14 @@ if (_CHECKOUT / "pyproject.toml").is_file():
 from rsanet.bids import bids_sheet
 from rsanet.evaluation import ReportOpening
 from rsanet.splits import make_splits
-from rsanet.checks import InputCheckError, config_problems, read_sheet, settings_line, sheet_problems, with_preset
+from rsanet.checks import (
+    InputCheckError,
+    config_problems,
+    read_sheet,
+    settings_line,
+    sheet_problems,
+    with_preset,
+)
 
 # Found relative to this file, also where the workflow is used as a module.
 CONFIG_SCHEMA = workflow.source_path("../schemas/config.schema.yaml")
