@@ -2,7 +2,7 @@
 from pathlib import Path
 
 from rsanet.logs import logged
-from rsanet.steps import cohort_step
+from rsanet.stages.export import cohort_step
 
 with logged(snakemake.log[0]):
     cohort_step([str(Path(p).parent) for p in snakemake.input.summaries], snakemake.params.size_bins_mm3,

@@ -1,7 +1,7 @@
 """Snakemake script: co-register one subject's contrasts onto the reference contrast, with a QC figure."""
 from rsanet.logs import logged
 from rsanet.registration import CoregistrationSettings
-from rsanet.steps import coregister_step
+from rsanet.stages.coregister import coregister_step
 
 with logged(snakemake.log[0]):
     coregister_step(

@@ -2,7 +2,7 @@
 from pathlib import Path
 
 from rsanet.logs import logged
-from rsanet.steps import external_test_step
+from rsanet.stages.export import external_test_step
 
 with logged(snakemake.log[0]):
     external_test_step(dict(snakemake.params.masks), [str(Path(f).parent) for f in snakemake.input.segmented], dict(snakemake.params.evaluation),

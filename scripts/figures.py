@@ -2,7 +2,7 @@
 from pathlib import Path
 
 from rsanet.logs import logged
-from rsanet.steps import figures_step
+from rsanet.stages.report import figures_step
 
 with logged(snakemake.log[0]):
     p = snakemake.params

@@ -3,7 +3,7 @@ import re
 from pathlib import Path
 
 from rsanet.logs import logged
-from rsanet.steps import lesion_confidence_step
+from rsanet.stages.export import lesion_confidence_step
 
 with logged(snakemake.log[0]):
     predictions = {}

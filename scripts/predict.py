@@ -2,7 +2,7 @@
 from pathlib import Path
 
 from rsanet.logs import log_attempt, logged
-from rsanet.steps import predict_step
+from rsanet.stages.train import predict_step
 
 with logged(snakemake.log[0]):
     log_attempt("predict", snakemake.resources, snakemake.config["resources"])

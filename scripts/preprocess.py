@@ -1,6 +1,6 @@
 """Snakemake script: reorient, crop to the brain and normalise one co-registered subject."""
 from rsanet.logs import logged
-from rsanet.steps import preprocess_step
+from rsanet.stages.preprocess import preprocess_step
 
 with logged(snakemake.log[0]):
     preprocess_step(

@@ -1,6 +1,6 @@
 """Snakemake script: registration error against the demo cohort's known transforms."""
 from rsanet.logs import logged
-from rsanet.steps import registration_accuracy_step
+from rsanet.stages.coregister import registration_accuracy_step
 
 with logged(snakemake.log[0]):
     registration_accuracy_step(

@@ -177,7 +177,7 @@ def test_table1_counts_the_failed_trainings_per_variant():
 
 def test_job_time_table_sums_each_stage_from_snakemake_benchmark_files(tmp_path):
     """The time table is computed from the jobs' benchmark files (Snakemake's TSV columns)."""
-    from rsanet.steps import job_times_step
+    from rsanet.stages.report import job_times_step
 
     header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
     files = {}
@@ -235,7 +235,7 @@ def test_lesion_confidence_ensembles_each_subject_over_the_splits_that_test_it(t
     by those two models' stored probabilities; a subject tested once is left out."""
     import json
 
-    from rsanet.steps import lesion_confidence_step
+    from rsanet.stages.export import lesion_confidence_step
     from rsanet.volumes import Preprocessed, save_probability_u8
 
     shape = (6, 8, 8)

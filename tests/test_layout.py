@@ -59,11 +59,11 @@ def test_no_file_of_the_workflow_or_package_edits_sys_path():
 
 def test_registration_is_a_subpackage_with_register_where_it_was():
     from rsanet.registration import register
-    from rsanet.registration.cli import main
+    from rsanet.stages.coregister import main
 
     assert (PACKAGE / "registration" / "__init__.py").is_file()
-    assert {p.stem for p in (PACKAGE / "registration").glob("*.py")} >= {"flirt", "simpleitk", "transforms", "qc", "cli"}
-    assert register.__module__ == "rsanet.registration" and main.__module__ == "rsanet.registration.cli"
+    assert {p.stem for p in (PACKAGE / "registration").glob("*.py")} >= {"flirt", "simpleitk", "transforms", "qc"}
+    assert register.__module__ == "rsanet.registration" and main.__module__ == "rsanet.stages.coregister"
 
 
 def test_ruff_finds_nothing_in_the_package_the_tools_and_the_tests():

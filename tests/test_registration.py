@@ -24,7 +24,7 @@ from fsl.data.image import Image as FslImage
 from fsl.transform.flirt import fromFlirt, readFlirt, toFlirt
 
 from rsanet import registration as reg
-from rsanet.registration.cli import main as register_cli
+from rsanet.stages.coregister import main as register_cli
 from rsanet.registration import (
     RegistrationError,
     RegistrationResult,
@@ -360,39 +360,60 @@ def test_a_result_beyond_the_displacement_limit_is_rejected(pair, tmp_path, monk
 
 
 # ----------------------------------------------------------------------------- CLI and QC
-def test_cli_writes_image_transforms_and_record(pair, tmp_path, monkeypatch):
-    """rsanet-register with --engine auto (a FLIRT stand-in present): every output, engine recorded."""
+def test_cli_coregisters_a_subject_as_the_study_does(pair, tmp_path):
+    """rsanet-register runs the study's coregister step (SimpleITK here): the contrasts on the
+    reference grid, their transforms, the record and the QC figure."""
     moving, fixed, truth = pair
-    install_flirt_stand_in(tmp_path / "fsl", flirt_matrix_of(truth, moving, fixed), fixed)
-    monkeypatch.setenv("FSLDIR", str(tmp_path / "fsl"))
     out = tmp_path / "sub-01"
-    code = register_cli([str(moving), str(fixed), "--out-image", str(out / "t2_in_flair.nii.gz"),
-                     "--out-mat", str(out / "t2_to_flair.mat"), "--out-itk", str(out / "t2_to_flair.itk.txt"),
-                     "--out-json", str(out / "t2_to_flair.json"), "--engine", "auto", "-q"])
+    code = register_cli(["--t1", str(moving), "--t2", str(moving), "--flair", str(fixed), "--out", str(out),
+                         "--engine", "simpleitk", "--threads", "2"])
     assert code == 0
-    record = json.loads((out / "t2_to_flair.json").read_text())
-    assert record["engine"] == "flirt" and record["dof"] == 6
-    np.testing.assert_allclose(record["moving_to_fixed"], truth, atol=1e-6)
-    np.testing.assert_allclose(read_itk_transform(out / "t2_to_flair.itk.txt"), truth, atol=1e-6)
-    np.testing.assert_allclose(np.loadtxt(out / "t2_to_flair.mat"), flirt_matrix_of(truth, moving, fixed), atol=1e-6)
-    img = nib.load(str(out / "t2_in_flair.nii.gz"))
+    record = json.loads((out / "registration.json").read_text())
+    assert record["subject"] == "sub-01" and record["reference"] == "FLAIR" and set(record["results"]) == {"T1", "T2"}
+    for contrast in ("T1", "T2"):
+        res = record["results"][contrast]
+        assert res["engine"] == "simpleitk" and res["dof"] == 6
+        np.testing.assert_allclose(read_itk_transform(out / "transforms" / f"{contrast}_to_FLAIR.itk.txt"),
+                                   res["moving_to_fixed"], atol=1e-6)
     fixed_img = nib.load(str(fixed))
+    img = nib.load(str(out / "T2.nii.gz"))
     assert img.shape == fixed_img.shape
     np.testing.assert_allclose(img.affine, fixed_img.affine, atol=1e-6)
     # the resampled T2 matches the T2 phantom drawn directly on the fixed grid
     expected = np.asarray(sample_phantom(fixed_img.shape, fixed_img.affine, "t2").dataobj)
     inside = np.asarray(fixed_img.dataobj) > 100
     assert np.abs(np.asarray(img.dataobj) - expected)[inside].mean() < 0.05 * expected[inside].mean()
-    assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["t2_in_flair.nii.gz", "t2_to_flair.mat", "t2_to_flair.itk.txt", "t2_to_flair.json"])
+    assert sorted(p.name for p in out.iterdir()) == ["FLAIR.nii.gz", "T1.nii.gz", "T2.nii.gz", "qc.png",
+                                                     "registration.json", "transforms"]
+
+
+def test_cli_defaults_are_the_studys(monkeypatch, tmp_path):
+    """No default of its own: rsanet-register's options default to the schema's registration section."""
+    import yaml
+
+    from rsanet.checks import with_defaults
+    from rsanet.stages import coregister
+
+    seen = {}
+
+    def step(subject, images, lesions, outputs, settings, threads):  # records what the step would be given
+        seen.update(settings=settings)
+        Path(outputs["record"]).parent.mkdir(parents=True)
+        Path(outputs["record"]).write_text('{"results": {}}')
+
+    monkeypatch.setattr(coregister, "coregister_step", step)
+    assert register_cli(["--t1", "a", "--t2", "b", "--flair", "c", "--out", str(tmp_path / "o")]) == 0
+    schema = yaml.safe_load((Path(__file__).parents[1] / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    section = with_defaults({"subjects": "demo", "registration": {}}, schema)["registration"]
+    assert {k: v for k, v in vars(seen["settings"]).items()} == {k: section[k] for k in vars(seen["settings"])}
 
 
 def test_cli_bad_input_exits_2_and_writes_nothing(pair, tmp_path, capsys):
     _, fixed, _ = pair
     empty = _save(tmp_path, "empty.nii.gz", np.zeros((20, 20, 20), np.float32))
     out = tmp_path / "out"
-    code = register_cli([str(empty), str(fixed), "--out-image", str(out / "a.nii.gz"), "--out-mat", str(out / "a.mat"),
-                     "--out-itk", str(out / "a.txt"), "--engine", "simpleitk", "-q"])
+    code = register_cli(["--t1", str(empty), "--t2", str(empty), "--flair", str(fixed), "--out", str(out),
+                         "--engine", "simpleitk"])
     assert code == 2
     assert str(empty) in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())
@@ -460,7 +481,8 @@ def test_the_study_and_segment_prepare_a_real_patient_identically(tmp_path):
 
     from real_data import open_ms_data
     from rsanet.segment import prepare_patient
-    from rsanet.steps import coregister_step, preprocess_step
+    from rsanet.stages.coregister import coregister_step
+    from rsanet.stages.preprocess import preprocess_step
     from rsanet.volumes import Preprocessed
 
     folder = open_ms_data() / "patients_mni" / "patient07"

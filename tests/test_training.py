@@ -363,7 +363,7 @@ def test_a_training_that_cannot_learn_stops_early_with_on_failure_fail(tmp_path)
     """lr 0: the network never changes. With on_failure: fail the run stops at the first check from
     half-way on (iteration 20 of 40) with a message naming variant, split, seed and what to change;
     with flag it runs to the end and records the failure."""
-    from rsanet.steps import train_step
+    from rsanet.stages.train import train_step
     from rsanet.training import TrainingFailed
 
     cfg = {**CFG, "iterations": 40, "lr": 0.0, "lesion_weight": 0.9, "dice_weight": 1.0}

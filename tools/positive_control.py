@@ -7,8 +7,8 @@ per-subject test metrics ``results/metrics/unet3d/split*/seed0.csv``):
     python tools/positive_control.py --fraction 0.25    # a larger known difference
 
 On every split it trains the 3D U-Net again with the study's own settings, seed rule and code
-(``rsanet.steps.train_step``), but for ``--fraction`` of ``train.iterations``, predicts and scores
-the split's test subjects with the study's own prediction step (``rsanet.steps.predict_step``),
+(``rsanet.stages.train.train_step``), but for ``--fraction`` of ``train.iterations``, predicts and scores
+the split's test subjects with the study's own prediction step (``rsanet.stages.train.predict_step``),
 and compares the two arms with the study's own comparison (``rsanet.evaluation.compare_arms``:
 the corrected resampled t-test over splits, its detectable difference and power) on every
 Table 1 metric. ``--seeds 1`` (seed index 0 of both arms) is the single-seed design of most
@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _arm(job: dict) -> str:
     """Train and predict one split of the shortened arm (one process, one thread)."""
-    from rsanet.steps import predict_step, train_step
+    from rsanet.stages.train import predict_step, train_step
 
     out = Path(job["scratch"]) / f"split{job['split']}" / f"seed{job['seed_index']}"
     model = out / "model.pt"

@@ -90,7 +90,7 @@ def export_step(
     ``MODEL_CARD.md``. ``choice``: a variant id or ``"best"`` (:func:`best_variant` over the
     trainings' ``health`` JSON files: chosen on validation subjects, never on the test subjects
     that Table 1 scores). ``confidence``: variant -> its precision-by-agreement CSV
-    (:func:`rsanet.steps.lesion_confidence_step`), shown in the card. ``registration_records``: the
+    (:func:`rsanet.stages.export.lesion_confidence_step`), shown in the card. ``registration_records``: the
     study's ``registration.json`` files: the engine that ran goes into export.json
     (``registration.engine_ran``) and the card's deviations. Returns the variant exported."""
     import hashlib

@@ -36,7 +36,7 @@ Averages (paper, Section 3.2)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -525,6 +525,11 @@ class EvaluationSettings:
     beta: float = MSSEG_BETA
     gamma: float = MSSEG_GAMMA
     size_bins_mm3: tuple[float, ...] = DEFAULT_SIZE_BINS_MM3
+
+    @classmethod
+    def from_config(cls, section: Mapping) -> "EvaluationSettings":
+        """From the validated ``evaluation:`` config section (lists become tuples)."""
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in section.items()})
 
 
 def evaluate_case(

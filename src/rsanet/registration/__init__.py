@@ -17,7 +17,7 @@ Conventions (the one place they are fixed)
 
 Modules: :mod:`.core` (types, limits, the result), :mod:`.transforms` (matrices and transform
 files), :mod:`.images` (foreground, resampling), :mod:`.simpleitk` and :mod:`.flirt` (the engines),
-:mod:`.qc` (the QC figure), :mod:`.cli` (``rsanet-register``). :func:`register` is here.
+:mod:`.qc` (the QC figure); ``rsanet-register`` is :func:`rsanet.stages.coregister.main`. :func:`register` is here.
 
 Engines
 -------
