@@ -88,3 +88,17 @@ def test_no_file_explains_itself_by_an_issue_number():
                 found += [f"{path.relative_to(ROOT)}: {m.group(0)}" for m in pattern.finditer(text)]
     found += [f"README.md: {m.group(0)}" for m in pattern.finditer((ROOT / "README.md").read_text())]
     assert not found, "\n".join(found)
+
+
+def test_the_readme_and_the_report_captions_state_no_result_of_a_run():
+    """Figures of a run live in the pages generated from it (docs/demo_results.md, the report's
+    tables): the README types none (no durations, no scores), and a report caption describes
+    its figure or table, never what a run found (a caption once said "Small lesions are where
+    methods differ most" of a run in which every variant scored the same on them)."""
+    readme = (ROOT / "README.md").read_text()
+    assert not re.findall(r"\b\d+(?:\.\d+)?\s*(?:min|s|h|ms)\b", readme)
+    assert not re.findall(r"\d+(?:\.\d+)?\s*%\s*(?:sample |voxel )?Dice", readme)
+    claims = re.compile(r"differ most|outperform|better than|worse than|is best|the best variant", re.IGNORECASE)
+    found = [f"{p.name}: {m.group(0)}" for p in sorted((ROOT / "workflow" / "report").glob("*.rst"))
+             for m in claims.finditer(p.read_text())]
+    assert not found, found
