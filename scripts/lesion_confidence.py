@@ -16,6 +16,7 @@ with logged(snakemake.log[0]):
         predictions=predictions,
         preprocessed={Path(p).stem: p for p in snakemake.input.preprocessed},
         segment_options=snakemake.params.segment,
+        threshold=snakemake.params.threshold,
         connectivity=snakemake.params.connectivity,
         out_lesions=snakemake.output.lesions,
         out_table=snakemake.output.table,

@@ -10,5 +10,5 @@ with logged(snakemake.log[0]):
     o = snakemake.params.options
     segment(exports[0], snakemake.input.t1, snakemake.input.t2, snakemake.input.flair,
             Path(snakemake.output.summary).parent,
-            device="auto", threshold=o["threshold"], min_lesion_mm3=o["min_lesion_mm3"], tta=o["tta"],
+            device="auto", min_lesion_mm3=o["min_lesion_mm3"], tta=o["tta"],
             threads=snakemake.threads)

@@ -258,7 +258,7 @@ def test_lesion_confidence_ensembles_each_subject_over_the_splits_that_test_it(t
         save_probability_u8(prob, d / "b_prob_u8.npz")
         predictions[(split, 0)] = str(d)
     table = lesion_confidence_step("unet3d", str(tmp_path / "splits.json"), predictions, pre,
-                                   {"threshold": 0.5, "min_lesion_mm3": 3.0}, 6, str(tmp_path / "lesions.csv"),
+                                   {"min_lesion_mm3": 3.0}, 0.5, 6, str(tmp_path / "lesions.csv"),
                                    str(tmp_path / "table.csv")).set_index("agreement")
     found = pd.read_csv(tmp_path / "lesions.csv")
     assert list(found.subject) == ["a", "a"] and set(found.n_models) == {2}

@@ -443,3 +443,40 @@ def test_attention_scales_get_their_own_learning_rate():
         assert "attention" in res.health and "scales" in res.health["attention"]
     assert moved[None] <= 10 * 1e-3 * 1.01  # at most ~lr per step
     assert moved[0.05] > 5 * moved[None]
+
+
+def test_the_study_and_rsanet_segment_predict_identically(tmp_path):
+    """One Predictor: the study's predict step (a study's model.pt) and rsanet-segment (the same
+    network in an export) give identical probabilities for the same image, and the study's
+    masks are that Predictor's lesions at predict.threshold."""
+    import json
+    from pathlib import Path
+
+    import nibabel as nib
+
+    from rsanet.checks import load_config
+    from rsanet.export import load_predictor
+    from rsanet.inference import Predictor
+    from rsanet.stages.train import predict_step
+
+    root = Path(__file__).resolve().parents[1]
+    config = load_config(root / "config" / "config.yaml", root / "workflow" / "schemas" / "config.schema.yaml")
+    cfg = TrainConfig(variant="rsa-111", **{**CFG, "iterations": 2})
+    (tmp_path / "export").mkdir()
+    save_model(train(cfg, _subjects(), threads=1), cfg, tmp_path / "export" / "model_split0_seed0.pt")
+    study = Predictor.from_model_files([tmp_path / "export" / "model_split0_seed0.pt"], config["predict"], "cpu")
+    meta = {"models": ["model_split0_seed0.pt"], "predict": config["predict"]}  # as export.json records them
+    exported = load_predictor(tmp_path / "export", meta, "cpu")
+    subject = _subjects(1, seed=3)[0]
+    assert np.array_equal(study.probability(subject.image), exported.probability(subject.image))
+    assert study.threshold == exported.threshold == config["predict"]["threshold"]
+    assert study.policy == exported.policy
+    # the study's predict step writes exactly that Predictor's lesions
+    subject.save(tmp_path / "s1.npz")
+    (tmp_path / "splits.json").write_text(json.dumps({"splits": [{"train": [], "val": [], "test": ["s1"]}]}))
+    predict_step(str(tmp_path / "export" / "model_split0_seed0.pt"), 0, str(tmp_path / "splits.json"),
+                 {"s1": str(tmp_path / "s1.npz")}, str(tmp_path / "pred"), str(tmp_path / "m.csv"),
+                 config["predict"], config["evaluation"], device="cpu")
+    written = np.asarray(nib.load(tmp_path / "pred" / "s1.nii.gz").dataobj)
+    expected = study.lesions(study.probability(subject.image)).astype(np.uint8)
+    assert np.array_equal(written, np.asarray(subject.uncrop(expected).dataobj))

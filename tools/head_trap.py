@@ -13,19 +13,24 @@ Gaussian blending (the study's policy).
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from rsanet.inference import PredictionPolicy
+from rsanet.checks import load_config
+from rsanet.inference import Predictor
 from rsanet.metrics import dice_from_counts
-from rsanet.training import load_model
 from rsanet.volumes import Preprocessed
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def main(model_path: str, volumes: list[str]) -> None:
     torch.set_num_threads(1)
-    model, cfg = load_model(model_path, "cpu")
+    predict = load_config(REPO / "config" / "config.yaml", REPO / "workflow" / "schemas" / "config.schema.yaml")["predict"]
+    predictor = Predictor.from_model_files([model_path], predict, "cpu")  # the study's policy
+    model = predictor.models[0]
     conv, last = model.head[0].weight.detach(), model.head[1].weight.detach().flatten(1)  # (C, C, 3,3,3), (2, C)
     net = (last[1] - last[0]) @ conv.sum(dim=(2, 3, 4))  # (C,): lesion - background per input channel
     bias = None if model.head[1].bias is None else model.head[1].bias.detach().tolist()
@@ -33,7 +38,7 @@ def main(model_path: str, volumes: list[str]) -> None:
           f"{int((net > 0).sum())} of {len(net)} positive; output bias {bias}")
     for path in volumes:
         pre = Preprocessed.load(path)
-        prob = PredictionPolicy(tile=tuple(cfg.crop), overlap=0.25, blending="gaussian", amp=False).predict(model, pre.image)
+        prob = predictor.probability(pre.image)
         truth = pre.lesions > 0
         half = np.isclose(prob, 0.5, atol=1e-6)
 

@@ -77,24 +77,22 @@ def _score(model_path: str, files: list[str], policy: dict, attention_switched_o
 
     import torch
 
-    from rsanet.inference import PredictionPolicy
+    from rsanet.inference import Predictor
     from rsanet.metrics import dice_from_counts, evaluate_case
     from rsanet.models import attention_off
-    from rsanet.training import load_model
     from rsanet.volumes import Preprocessed
 
     torch.set_num_threads(1)
-    model, cfg = load_model(model_path, "cpu")
-    chosen = PredictionPolicy.from_config(policy, cfg.crop, amp=cfg.amp)
+    predictor = Predictor.from_model_files([model_path], policy, "cpu")  # as the study's predict rule
     dices, tp, fp, fn, seconds, tiles = [], 0, 0, 0, [], 0
-    with attention_off(model) if attention_switched_off else contextlib.nullcontext():
+    with attention_off(predictor.models[0]) if attention_switched_off else contextlib.nullcontext():
         for f in files:
             pre = Preprocessed.load(f)
-            tiles += chosen.tiles(pre.image.shape[1:])
+            tiles += predictor.policy.tiles(pre.image.shape[1:])
             t0 = time.perf_counter()
-            prob = chosen.predict(model, pre.image)
+            prob = predictor.probability(pre.image)
             seconds.append(time.perf_counter() - t0)
-            s = evaluate_case(prob > 0.5, pre.lesions > 0, pre.spacing)
+            s = evaluate_case(predictor.lesions(prob), pre.lesions > 0, pre.spacing)
             dices.append(s["dice"])
             tp, fp, fn = tp + s["tp"], fp + s["fp"], fn + s["fn"]
     return {"sample_dice": float(np.mean(dices)), "voxel_dice": dice_from_counts(tp, fp, fn),

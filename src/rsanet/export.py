@@ -5,7 +5,7 @@ An export (``results/export/<variant>/``) holds the weights of one variant's mod
 split, ``export.json`` (the registration, preprocessing, inference and evaluation settings the
 models were trained and scored with, versions, the training cohort's size and sheet hash, the
 variant's Table 1 and Table 2 rows) and ``MODEL_CARD.md``. This module is the one place that
-knows the layout: :func:`export_step` writes it, :func:`read_export` and :func:`load_models` read it.
+knows the layout: :func:`export_step` writes it, :func:`read_export` and :func:`load_predictor` read it.
 """
 
 from __future__ import annotations
@@ -14,9 +14,12 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import pandas as pd
+
+if TYPE_CHECKING:
+    from .inference import Predictor
 
 from .volumes import save_json
 
@@ -52,20 +55,23 @@ def read_export(model_dir: str | os.PathLike) -> dict:
     return meta
 
 
-def load_models(folder: Path, meta: dict, device) -> list:
-    """The export's networks (in eval mode, on ``device``), in the order ``export.json`` lists them."""
+def load_predictor(folder: Path, meta: dict, device, mirror: bool = False) -> "Predictor":
+    """The export's networks (in the order ``export.json`` lists them) as one
+    :class:`rsanet.inference.Predictor`: the study's prediction policy and threshold (its
+    ``predict:`` section, recorded in the export), on ``device``; ``mirror``: test-time mirroring."""
     import torch
 
-    from .training import load_model
+    from .inference import Predictor
 
-    models = []
-    for name in meta["models"]:
-        try:
-            models.append(load_model(folder / name, device)[0])
-        except (RuntimeError, KeyError, ValueError, OSError, EOFError, torch.serialization.pickle.UnpicklingError) as err:
-            raise ExportError(f"{folder / name}: cannot be loaded ({type(err).__name__}: {err}); the file is "
-                              "corrupted or from an incompatible version: export the model again") from err
-    return models
+    if "threshold" not in meta["predict"]:
+        raise ExportError(f"{folder / 'export.json'}: no predict.threshold (an export of an older version): export "
+                          "the model again")
+    try:
+        return Predictor.from_model_files([folder / name for name in meta["models"]], meta["predict"], device,
+                                          mirror=mirror)
+    except (RuntimeError, KeyError, ValueError, OSError, EOFError, torch.serialization.pickle.UnpicklingError) as err:
+        raise ExportError(f"{folder}: a network cannot be loaded ({type(err).__name__}: {err}); the file is "
+                          "corrupted or from an incompatible version: export the model again") from err
 
 
 def best_variant(health: pd.DataFrame) -> tuple[str, str]:

@@ -252,3 +252,55 @@ class PredictionPolicy:
             p = np.flip(p, tuple(a - 1 for a in axes)) if axes else p
             total = p.astype(np.float64) if total is None else total + p
         return p if len(flips) == 1 else (total / len(flips)).astype(np.float32)
+
+
+def ensemble_probability(per_model: np.ndarray) -> np.ndarray:
+    """The ensemble's lesion probability: the mean over the models' ``(M, ...)`` probabilities,
+    accumulated in float64, float32 out (one model: its own probability, bit for bit)."""
+    return per_model.astype(np.float64).mean(axis=0).astype(np.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class Predictor:
+    """A variant's networks ensembled under one prediction policy on one device, with the
+    threshold that turns the ensemble's probability into lesion voxels: the one way the project
+    predicts (the study's predict and validation rules with one network each, the lesion-confidence
+    rule, ``rsanet-segment`` and the tools with their ensembles).
+
+    ``models``: networks in eval mode on ``device``; ``policy``: :class:`PredictionPolicy`;
+    ``threshold``: a voxel is lesion where the ensemble's probability exceeds it (the validated
+    ``predict.threshold``); ``config``: the first network's training config
+    (:class:`rsanet.training.TrainConfig`: variant, widths, crop, precision). Build it with
+    :meth:`from_model_files` (a study's ``model.pt`` files, or an export's).
+    """
+
+    models: tuple[torch.nn.Module, ...]
+    policy: PredictionPolicy
+    device: torch.device
+    threshold: float
+    config: object
+
+    @classmethod
+    def from_model_files(cls, paths: Sequence[str], predict: Mapping, device: str | torch.device,
+                         mirror: bool = False) -> "Predictor":
+        """From saved networks of one variant (:func:`rsanet.training.save_model` files) and the
+        validated ``predict:`` section; the tile size and precision come from the networks' own
+        training config (``train.crop``, ``train.amp``)."""
+        from .training import load_model
+
+        loaded = [load_model(p, device) for p in paths]
+        cfg = loaded[0][1]
+        policy = PredictionPolicy.from_config(predict, cfg.crop, amp=cfg.amp, mirror=mirror)
+        return cls(tuple(m for m, _ in loaded), policy, torch.device(device), float(predict["threshold"]), cfg)
+
+    def per_model(self, image: np.ndarray) -> np.ndarray:
+        """``(M, D, H, W)`` float32: each network's lesion probability of ``image`` ``(3, D, H, W)``."""
+        return np.stack([self.policy.predict(m, image, self.device) for m in self.models])
+
+    def probability(self, image: np.ndarray) -> np.ndarray:
+        """``(D, H, W)`` float32: the ensemble's lesion probability (:func:`ensemble_probability`)."""
+        return ensemble_probability(self.per_model(image))
+
+    def lesions(self, probability: np.ndarray) -> np.ndarray:
+        """Lesion voxels (bool, same shape) of an ensemble probability: ``probability > threshold``."""
+        return probability > self.threshold

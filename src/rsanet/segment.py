@@ -32,11 +32,10 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from .export import ExportError, load_models, read_export
+from .export import ExportError, load_predictor, read_export
 from .volumes import InputError, preprocess_subject
 
 if TYPE_CHECKING:
-    from .inference import PredictionPolicy
     from .registration import Coregistered
     from .volumes import Preprocessed
 
@@ -80,7 +79,7 @@ def lesion_labels(mask: np.ndarray, connectivity: int = 6) -> np.ndarray:
 
 
 def lesion_table(mask: np.ndarray, prob: np.ndarray, affine: np.ndarray, connectivity: int = 6,
-                 model_probs: np.ndarray | None = None, threshold: float = 0.5,
+                 model_probs: np.ndarray | None = None, threshold: float | None = None,
                  truth: np.ndarray | None = None) -> pd.DataFrame:
     """One row per lesion (connected component) of ``mask`` (voxel arrays of the same grid).
 
@@ -90,7 +89,8 @@ def lesion_table(mask: np.ndarray, prob: np.ndarray, affine: np.ndarray, connect
         affine: the grid's voxel -> world (RAS mm) affine.
         connectivity: 6, 18 or 26 (what makes a lesion one component).
         model_probs: ``(M, X, Y, Z)``, each model's own probability (optional).
-        threshold: a model detects a lesion when its own ``p > threshold`` somewhere in it.
+        threshold: a model detects a lesion when its own ``p > threshold`` somewhere in it (needed
+            with ``model_probs``).
         truth: ``(X, Y, Z)`` bool, a reference lesion mask (optional).
 
     Returns:
@@ -125,8 +125,8 @@ def lesion_table(mask: np.ndarray, prob: np.ndarray, affine: np.ndarray, connect
 
 
 def ensemble_lesions(
-    model_probs: np.ndarray, affine: np.ndarray, connectivity: int = 6, threshold: float = 0.5,
-    min_lesion_mm3: float = 3.0, truth: np.ndarray | None = None,
+    model_probs: np.ndarray, affine: np.ndarray, connectivity: int, threshold: float,
+    min_lesion_mm3: float, truth: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     """The ensemble's lesions, as ``rsanet-segment`` finds them.
 
@@ -144,7 +144,9 @@ def ensemble_lesions(
     """
     from .metrics import remove_small_components
 
-    prob = model_probs.astype(np.float64).mean(axis=0).astype(np.float32)
+    from .inference import ensemble_probability
+
+    prob = ensemble_probability(model_probs)
     voxel_mm3 = float(abs(np.linalg.det(affine[:3, :3])))
     min_voxels = int(np.floor(min_lesion_mm3 / voxel_mm3)) + 1 if min_lesion_mm3 > 0 else 0
     mask = remove_small_components(prob > threshold, min_voxels, connectivity)
@@ -170,11 +172,6 @@ def precision_by_agreement(lesions: pd.DataFrame) -> pd.DataFrame:
         rows.append({"agreement": label, "lesions": len(sel), "true_positives": tp,
                      "precision_pct": 100.0 * tp / len(sel) if len(sel) else float("nan")})
     return pd.DataFrame(rows)
-
-
-def _ensemble(models, image: np.ndarray, policy: "PredictionPolicy", device) -> np.ndarray:
-    """Each model's lesion probability under the study's ``policy``: ``(M, D, H, W)`` float32."""
-    return np.stack([policy.predict(model, image, device) for model in models])
 
 
 def prepare_patient(meta: dict, t1: str, t2: str, flair: str, threads: int = 1, subject: str = "new patient",
@@ -206,13 +203,14 @@ def prepare_patient(meta: dict, t1: str, t2: str, flair: str, threads: int = 1, 
 
 def segment(
     model_dir: str | os.PathLike, t1: str, t2: str, flair: str, out: str | os.PathLike, device: str = "auto",
-    threshold: float = 0.5, min_lesion_mm3: float = 3.0, tta: bool = False, threads: int = 1,
+    threshold: float | None = None, min_lesion_mm3: float = 3.0, tta: bool = False, threads: int = 1,
 ) -> dict:
     """Segment one patient; returns the summary written to ``out/summary.json``.
 
     The outputs lie on the grid of the study's registration reference (the FLAIR unless the study
     set ``registration.reference``), in the voxel order of that file. ``threads``: CPU threads
-    for registration and prediction.
+    for registration and prediction. ``threshold``: ``None`` = the study's (``predict.threshold``
+    in the export).
 
     Raises:
         InputError: a missing, 4D, empty or non-overlapping input (the message names the file).
@@ -220,7 +218,6 @@ def segment(
     """
     import torch
 
-    from .inference import PredictionPolicy
     from .devices import resolve_device
 
     seconds: dict[str, float] = {}
@@ -230,17 +227,16 @@ def segment(
     dev = resolve_device(device)
     if dev.type == "cpu":
         torch.set_num_threads(max(int(threads), 1))
-    models = load_models(folder, meta, dev)
+    predictor = load_predictor(folder, meta, dev, mirror=tta)
+    threshold = predictor.threshold if threshold is None else float(threshold)
     seconds["load_models"] = time.perf_counter() - t0
 
     reg, pre = prepare_patient(meta, t1, t2, flair, threads=threads, seconds=seconds)
     fixed = reg.images[reg.reference]
 
     t0 = time.perf_counter()
-    policy = PredictionPolicy.from_config(meta["predict"], meta["train"]["crop"], amp=meta["train"]["amp"],
-                                          mirror=tta)
-    log.info("predicting with %d models (%s)", len(models), policy.describe())
-    per_model = _ensemble(models, pre.image, policy, dev)  # (M, D, H, W)
+    log.info("predicting with %d models (%s)", len(predictor.models), predictor.policy.describe())
+    per_model = predictor.per_model(pre.image)  # (M, D, H, W)
     spread = per_model.std(axis=0).astype(np.float32)  # the models' disagreement, voxel-wise
     seconds["prediction"] = time.perf_counter() - t0
 
@@ -255,7 +251,7 @@ def segment(
     warnings = []
     if not len(table):
         warnings.append("no lesion found")
-    elif len(models) > 1 and table.agreement.mean() < 0.5:
+    elif len(predictor.models) > 1 and table.agreement.mean() < 0.5:
         warnings.append(f"the models disagree: mean lesion agreement {table.agreement.mean():.2f} (below 0.5)")
     for contrast, res in reg.results.items():
         if res.engine != "none" and res.details.get("kept") == "header":
@@ -265,7 +261,7 @@ def segment(
     summary = {
         "lesion_count": int(len(table)), "total_lesion_volume_ml": float(table.volume_mm3.sum() / 1000.0),
         "mean_lesion_agreement": float(table.agreement.mean()) if len(table) else None,
-        "model": {"variant": meta["variant"], "export": str(folder.resolve()), "n_models": len(models),
+        "model": {"variant": meta["variant"], "export": str(folder.resolve()), "n_models": len(predictor.models),
                   "model_card_sha256": _sha256(folder / "MODEL_CARD.md")},
         "inputs": {"t1": str(t1), "t2": str(t2), "flair": str(flair)},
         "settings": {"threshold": threshold, "min_lesion_mm3": min_lesion_mm3, "tta": tta,
@@ -327,7 +323,8 @@ def _parser() -> argparse.ArgumentParser:
                    "study registered onto that contrast: registration.reference)")
     p.add_argument("--out", required=True, help="output folder (replaced if it exists)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--threshold", type=float, default=None,
+                   help="lesion where the ensemble's probability exceeds it (default: the study's predict.threshold)")
     p.add_argument("--min-lesion-mm3", type=float, default=3.0)
     p.add_argument("--tta", action="store_true", help="also average mirrored copies along each axis")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for registration and prediction")

@@ -23,6 +23,7 @@ rule lesion_confidence:
         runtime=10,
     params:
         segment=section("segment"),
+        threshold=config["predict"]["threshold"],
         connectivity=config["evaluation"]["connectivity"],
     script:
         "../../scripts/lesion_confidence.py"

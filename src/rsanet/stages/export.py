@@ -37,13 +37,14 @@ log = logging.getLogger(__name__)
 
 def lesion_confidence_step(
     variant: str, splits_json: str, predictions: Mapping[tuple[int, int], str], preprocessed: Mapping[str, str],
-    segment_options: Mapping, connectivity: int, out_lesions: str, out_table: str,
+    segment_options: Mapping, threshold: float, connectivity: int, out_lesions: str, out_table: str,
 ) -> pd.DataFrame:
     """Is the ensemble's per-lesion agreement informative? Lesion-wise precision by agreement,
     measured on subjects the models never trained on.
 
     Each subject is segmented as ``rsanet-segment`` would (:func:`rsanet.segment.ensemble_lesions`,
-    ``segment_options``' threshold and ``min_lesion_mm3``, no test-time mirroring) by the ensemble
+    the study's ``threshold`` (``predict.threshold``), ``segment_options``' ``min_lesion_mm3``, no
+    test-time mirroring) by the ensemble
     of the models (``predictions``: ``(split, seed)`` -> prediction folder of ``variant``) of the
     splits in whose *test* part it lies; subjects with fewer than two such models are left out. A
     predicted lesion is a true positive when it overlaps a true lesion. Writes every lesion to
@@ -63,7 +64,7 @@ def lesion_confidence_step(
         truth, spacing = Preprocessed.load_lesions(preprocessed[subject])
         probs = np.stack([load_probability_u8(Path(d) / f"{subject}_prob_u8.npz") for d in folders])
         _, _, table = ensemble_lesions(probs, np.diag([*spacing, 1.0]), connectivity,
-                                       float(segment_options["threshold"]), float(segment_options["min_lesion_mm3"]),
+                                       float(threshold), float(segment_options["min_lesion_mm3"]),
                                        truth=truth > 0)
         table.insert(0, "subject", subject)
         table.insert(1, "n_models", len(folders))

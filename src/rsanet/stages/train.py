@@ -87,7 +87,7 @@ def predict_step(
     Scoring happens here, on the mask just written, so the volumes are loaded once.
 
     ``predict``: the validated ``predict:`` section, the inference policy
-    (:meth:`rsanet.inference.PredictionPolicy.from_config`: tile, overlap, blending, batch size).
+    (:class:`rsanet.inference.Predictor`: tile, overlap, blending, batch size, threshold).
     ``evaluation``: the validated ``evaluation:`` section, the lesion-wise conventions
     (:class:`rsanet.metrics.EvaluationSettings` fields). ``memory_limit_mb``: the job's memory; a
     pass whose attention maps alone would exceed it is refused with a message naming what to set.
@@ -110,12 +110,11 @@ def predict_step(
 
 def _predict_all(model_path, split, splits_json, preprocessed, out_dir, predict, dev, memory_limit_mb, part, seed,
                  save_probabilities, settings) -> list[dict]:
-    from ..inference import PredictionPolicy
+    from ..inference import Predictor
     from ..devices import precision
-    from ..training import load_model
 
-    model, cfg = load_model(model_path, dev)
-    policy = PredictionPolicy.from_config(predict, cfg.crop, amp=cfg.amp)
+    predictor = Predictor.from_model_files([model_path], predict, dev)
+    policy, cfg = predictor.policy, predictor.config
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = read_split(splits_json, split)[part]
@@ -134,13 +133,13 @@ def _predict_all(model_path, split, splits_json, preprocessed, out_dir, predict,
                 f"job's {memory_limit_mb:,.0f} MiB; {hint}"
             )
         try:
-            prob = policy.predict(model, pre.image, dev)
+            prob = predictor.probability(pre.image)
         except (MemoryError, RuntimeError) as err:
             if isinstance(err, MemoryError) or "out of memory" in str(err).lower():
                 log.error("%s split %d, subject %s: out of memory while predicting (attention maps ~%.0f MiB "
                           "per pass); %s", cfg.variant, split, subject, need_mb, hint)
             raise
-        mask = (prob > 0.5).astype(np.uint8)
+        mask = predictor.lesions(prob).astype(np.uint8)
         save_nifti(pre.uncrop(mask), out / f"{subject}.nii.gz")
         # for the ensemble's per-lesion confidence (lesion_confidence_step): on the cropped grid, 1/255 steps
         save_probability_u8(prob, out / f"{subject}_prob_u8.npz")
