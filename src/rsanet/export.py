@@ -59,8 +59,6 @@ def load_predictor(folder: Path, meta: dict, device, mirror: bool = False) -> "P
     """The export's networks (in the order ``export.json`` lists them) as one
     :class:`rsanet.inference.Predictor`: the study's prediction policy and threshold (its
     ``predict:`` section, recorded in the export), on ``device``; ``mirror``: test-time mirroring."""
-    import torch
-
     from .inference import Predictor
 
     if "threshold" not in meta["predict"]:
@@ -69,7 +67,7 @@ def load_predictor(folder: Path, meta: dict, device, mirror: bool = False) -> "P
     try:
         return Predictor.from_model_files([folder / name for name in meta["models"]], meta["predict"], device,
                                           mirror=mirror)
-    except (RuntimeError, KeyError, ValueError, OSError, EOFError, torch.serialization.pickle.UnpicklingError) as err:
+    except (RuntimeError, KeyError, ValueError) as err:
         raise ExportError(f"{folder}: a network cannot be loaded ({type(err).__name__}: {err}); the file is "
                           "corrupted or from an incompatible version: export the model again") from err
 

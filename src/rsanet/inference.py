@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import pickle
 from dataclasses import dataclass
 from typing import Literal, Mapping, Sequence
 
@@ -288,7 +289,12 @@ class Predictor:
         training config (``train.crop``, ``train.amp``)."""
         from .training import load_model
 
-        loaded = [load_model(p, device) for p in paths]
+        loaded = []
+        for path in paths:
+            try:
+                loaded.append(load_model(path, device))
+            except (RuntimeError, KeyError, ValueError, OSError, EOFError, pickle.UnpicklingError) as err:
+                raise RuntimeError(f"{path}: {type(err).__name__}: {err}") from err
         cfg = loaded[0][1]
         policy = PredictionPolicy.from_config(predict, cfg.crop, amp=cfg.amp, mirror=mirror)
         return cls(tuple(m for m, _ in loaded), policy, torch.device(device), float(predict["threshold"]), cfg)
