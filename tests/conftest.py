@@ -9,6 +9,8 @@ stream still seed their own generators.
 from __future__ import annotations
 
 import random
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,3 +37,13 @@ def study(tmp_path_factory):
     run = snakemake(work, "--configfile", str(TEST_CONFIG))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     return work / "results"
+
+
+@pytest.fixture(scope="module")
+def export(study, tmp_path_factory) -> Path:
+    """The tiny study's export, copied to a folder of its own (as on a machine that never ran the study)."""
+    folders = [p for p in (study / "export").iterdir() if p.is_dir()]
+    assert len(folders) == 1
+    dest = tmp_path_factory.mktemp("elsewhere") / folders[0].name
+    shutil.copytree(folders[0], dest)
+    return dest

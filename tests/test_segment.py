@@ -30,16 +30,6 @@ def segment_cli(model: Path, inputs: dict, out: Path, cwd: Path, *extra: str) ->
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=900)
 
 
-@pytest.fixture(scope="module")
-def export(study, tmp_path_factory) -> Path:
-    """The tiny study's export, copied to a folder of its own (as on a machine that never ran the study)."""
-    folders = [p for p in (study / "export").iterdir() if p.is_dir()]
-    assert len(folders) == 1
-    dest = tmp_path_factory.mktemp("elsewhere") / folders[0].name
-    shutil.copytree(folders[0], dest)
-    return dest
-
-
 def _no_registration(export: Path, tmp_path: Path) -> Path:
     """A copy of the export that trusts the headers (registration.engine none): the MNI patients are
     co-registered already, and without a registration every orientation gives identical inputs."""

@@ -204,13 +204,14 @@ def prepare_patient(meta: dict, t1: str, t2: str, flair: str, threads: int = 1, 
 def segment(
     model_dir: str | os.PathLike, t1: str, t2: str, flair: str, out: str | os.PathLike, device: str = "auto",
     threshold: float | None = None, min_lesion_mm3: float = 3.0, tta: bool = False, threads: int = 1,
+    subject: str = "new patient",
 ) -> dict:
     """Segment one patient; returns the summary written to ``out/summary.json``.
 
     The outputs lie on the grid of the study's registration reference (the FLAIR unless the study
     set ``registration.reference``), in the voxel order of that file. ``threads``: CPU threads
     for registration and prediction. ``threshold``: ``None`` = the study's (``predict.threshold``
-    in the export).
+    in the export). ``subject``: its name in error messages.
 
     Raises:
         InputError: a missing, 4D, empty or non-overlapping input (the message names the file).
@@ -231,7 +232,7 @@ def segment(
     threshold = predictor.threshold if threshold is None else float(threshold)
     seconds["load_models"] = time.perf_counter() - t0
 
-    reg, pre = prepare_patient(meta, t1, t2, flair, threads=threads, seconds=seconds)
+    reg, pre = prepare_patient(meta, t1, t2, flair, threads=threads, subject=subject, seconds=seconds)
     fixed = reg.images[reg.reference]
 
     t0 = time.perf_counter()
