@@ -1,6 +1,7 @@
 """rsanet-bids, the BIDS App of a study's export: a BIDS dataset (a real patient, demo subjects with
 two sessions, and four cases that cannot be segmented) through the participant and group levels
-into a BIDS-Derivatives dataset that pybids reads back, every mask on its own FLAIR's grid."""
+into a BIDS-Derivatives dataset that pybids reads back, every mask on its own FLAIR's grid; the
+workflow's `snakemake segment` with `segment_subjects: {bids: ...}` writes the same files."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import yaml
+
 from real_data import MNI_PATIENTS, open_ms_data
+from test_workflow import TEST_CONFIG, snakemake
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tiny_study")]
 
@@ -117,3 +121,28 @@ def test_participant_then_group_write_derivatives_pybids_reads_and_refuse_bad_ca
     assert run.returncode == 0, run.stderr[-3000:]
     assert [p.relative_to(one).as_posix() for p in one.rglob("*_mask.nii.gz")] == [
         "sub-01/ses-2/anat/sub-01_ses-2_label-lesion_mask.nii.gz"]
+
+    # the same cases through the workflow (segment_subjects: {bids: ...}): the same files
+    labels = sorted({sub for sub, _ in good})
+    (tmp_path / "bids.yaml").write_text(yaml.safe_dump({"segment_subjects": {"bids": str(root),
+                                                                             "participant_label": labels}}))
+    run = snakemake(study.parent, "segment", "--configfile", str(TEST_CONFIG), str(tmp_path / "bids.yaml"))
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    workflow_out = study / "derivatives" / "rsanet"
+    app_files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert app_files == sorted(p.relative_to(workflow_out) for p in workflow_out.rglob("*") if p.is_file())
+    for rel in app_files:
+        a, b = out / rel, workflow_out / rel
+        if rel.name.endswith(".nii.gz"):
+            ia, ib = nib.load(a), nib.load(b)
+            assert np.array_equal(ia.dataobj, ib.dataobj) and np.array_equal(ia.affine, ib.affine), rel
+        elif rel.suffix == ".json":
+            ja, jb = (json.loads(p.read_text()) for p in (a, b))
+            for j in (ja, jb):  # run-specific: the stage timings and where the export lay
+                j.pop("seconds", None)
+                for key in ("model", "Model"):
+                    j.get(key, {}).pop("export", None)
+            assert ja == jb, rel
+        elif rel.suffix == ".tsv":
+            ta, tb = (pd.read_csv(p, sep="\t").filter(regex="^(?!seconds_)") for p in (a, b))
+            pd.testing.assert_frame_equal(ta, tb)

@@ -77,8 +77,8 @@ def write_dataset_description(out: Path, bids_dir: Path, export: Path, meta: dic
         "BIDSVersion": BIDS_VERSION,
         "DatasetType": "derivative",
         "GeneratedBy": [{"Name": "rsanet", "Version": __version__,
-                         "Description": f"rsanet-bids with the export {export.resolve()} (variant {meta['variant']}); "
-                                        "research use, not a medical device"}],
+                         "Description": f"rsanet-bids with an export of variant {meta['variant']} (ExportSHA256 "
+                                        f"{export_sha256(export, meta)}); research use, not a medical device"}],
         "SourceDatasets": [{"URL": bids_dir.resolve().as_uri()}],
         "DatasetLinks": {"raw": bids_dir.resolve().as_uri()},
     }
@@ -128,22 +128,73 @@ def write_case(seg: Path, case_dir: Path, row: dict, bids_dir: Path, summary: di
     (anat / f"{stem}_lesions.json").write_text(json.dumps(columns, indent=2) + "\n")
 
 
+def case_folder(row: dict) -> str:
+    """The case's folder in the derivatives: ``sub-<s>`` or ``sub-<s>/ses-<t>``."""
+    return row["participant"] + (f"/ses-{row['session']}" if row["session"] else "")
+
+
+def segment_case(row: dict, bids_dir: str | os.PathLike, out: str | os.PathLike, model: str | os.PathLike,
+                 device: str = "auto", threads: int = 1, tta: bool = False, threshold: float | None = None,
+                 min_lesion_mm3: float = 3.0) -> dict:
+    """Segment one case (a row of :func:`rsanet.bids.find_cases`) of ``bids_dir`` into its folder of
+    the derivatives ``out`` (:func:`case_folder`), written as a whole or not at all; returns
+    rsanet-segment's summary. Raises :class:`InputError` naming the case and the file."""
+    folder = Path(model)
+    meta = read_export(folder)
+    case_dir = Path(out) / case_folder(row)
+    try:
+        with staged([case_dir], folders=True) as (tmp,):
+            seg = tmp.parent / f".{tmp.name}.segment"
+            try:
+                summary = segment(folder, row["t1"], row["t2"], row["flair"], seg, device=device,
+                                  threshold=threshold, min_lesion_mm3=min_lesion_mm3, tta=tta, threads=threads,
+                                  subject=row["subject"])
+                write_case(seg, tmp, row, Path(bids_dir).resolve(), summary, export_sha256(folder, meta))
+            finally:
+                shutil.rmtree(seg, ignore_errors=True)
+    except InputError:
+        if row["session"] and case_dir.parent.is_dir() and not any(case_dir.parent.iterdir()):
+            case_dir.parent.rmdir()  # a participant folder left empty by its only, failed session
+        raise
+    return summary
+
+
 def participant(bids_dir: str | os.PathLike, out: str | os.PathLike, model: str | os.PathLike,
                 participants: Sequence[str] | None = None, sessions: Sequence[str] | None = None,
-                device: str = "auto", threads: int = 1, tta: bool = False, threshold: float | None = None,
-                min_lesion_mm3: float = 3.0) -> list[str]:
-    """Segment every selected case of ``bids_dir`` into the derivatives dataset ``out``.
+                **options) -> list[str]:
+    """Segment every selected case of ``bids_dir`` into the derivatives dataset ``out``
+    (:func:`segment_case`; ``options``: its device, threads, tta, threshold, min_lesion_mm3).
 
-    Returns one message per case that failed (``"<case>: <file>: <reason>"``); every other case
-    is written, each case folder as a whole (:func:`rsanet.files.staged`): a failed case leaves
-    nothing. Raises :class:`ExportError` for an unusable export and :class:`InputCheckError`
+    Returns one message per case that failed (naming the case and the file); every other case
+    is written. Raises :class:`ExportError` for an unusable export and :class:`InputCheckError`
     for a folder pybids cannot read or one without a selected case.
+    """
+    root, out, folder = Path(bids_dir).resolve(), Path(out).resolve(), Path(model)
+    meta = read_export(folder)
+    rows, problems = bids_cases(root, participants, sessions)
+    failed = [f"{case}: {message}" for case, message in problems]
+    out.mkdir(parents=True, exist_ok=True)
+    write_dataset_description(out, root, folder, meta)
+    for i, row in enumerate(rows, 1):
+        log.info("case %d/%d: %s", i, len(rows), row["subject"])
+        try:
+            segment_case(row, root, out, folder, **options)
+        except InputError as err:
+            failed.append(str(err))  # names the case (the subject) and the file
+            log.error("%s", err)
+    return failed
+
+
+def bids_cases(bids_dir: str | os.PathLike, participants: Sequence[str] | None = None,
+               sessions: Sequence[str] | None = None) -> tuple[list[dict], list[tuple[str, str]]]:
+    """The cases of a raw BIDS dataset with their T1w, T2w and FLAIR (:func:`rsanet.bids.find_cases`).
+
+    Raises:
+        InputCheckError: not a BIDS dataset, unreadable by pybids, or no case selected.
     """
     from bids import BIDSLayout
 
-    root, out, folder = Path(bids_dir).resolve(), Path(out).resolve(), Path(model)
-    meta = read_export(folder)
-    export_hash = export_sha256(folder, meta)
+    root = Path(bids_dir).resolve()
     if not (root / "dataset_description.json").is_file():
         raise InputCheckError(f"{root}: not a BIDS dataset (no dataset_description.json)")
     try:
@@ -154,28 +205,7 @@ def participant(bids_dir: str | os.PathLike, out: str | os.PathLike, model: str 
     if not rows and not problems:
         raise InputCheckError(f"{root}: no case (subject/session) matches participant label(s) {participants or 'any'}"
                               f" and session label(s) {sessions or 'any'}")
-    failed = [f"{case}: {message}" for case, message in problems]
-    out.mkdir(parents=True, exist_ok=True)
-    write_dataset_description(out, root, folder, meta)
-    for i, row in enumerate(rows, 1):
-        case_dir = out / row["participant"] / (f"ses-{row['session']}" if row["session"] else "")
-        log.info("case %d/%d: %s", i, len(rows), row["subject"])
-        try:
-            with staged([case_dir], folders=True) as (tmp,):
-                seg = tmp.parent / f".{tmp.name}.segment"
-                try:
-                    summary = segment(folder, row["t1"], row["t2"], row["flair"], seg, device=device,
-                                      threshold=threshold, min_lesion_mm3=min_lesion_mm3, tta=tta, threads=threads,
-                                      subject=row["subject"])
-                    write_case(seg, tmp, row, root, summary, export_hash)
-                finally:
-                    shutil.rmtree(seg, ignore_errors=True)
-        except InputError as err:
-            failed.append(str(err))  # names the case (the subject) and the file
-            log.error("%s", err)
-            if row["session"] and not any(case_dir.parent.iterdir()):
-                case_dir.parent.rmdir()  # a participant folder left empty by its only, failed session
-    return failed
+    return rows, problems
 
 
 def case_outputs(out: Path) -> dict[str, tuple[dict, pd.DataFrame]]:
@@ -214,6 +244,16 @@ def group(out: str | os.PathLike, size_bins_mm3: Sequence[float]) -> pd.DataFram
     figures.cohort_load(table, str(out / "figures" / "cohort"))
     (out / "figures" / "cohort.pdf").unlink(missing_ok=True)
     return table
+
+
+def group_step(bids_dir: str | os.PathLike, out: str | os.PathLike, model: str | os.PathLike,
+               size_bins_mm3: Sequence[float]) -> None:
+    """The workflow's ``bids_group`` rule: the derivatives' ``dataset_description.json`` (as the
+    participant level writes it) and the group level (:func:`group`)."""
+    folder = Path(model)
+    write_dataset_description(Path(out), Path(bids_dir), folder, read_export(folder))
+    table = group(out, size_bins_mm3)
+    log.info("cohort of %d cases -> %s", len(table), Path(out) / "cohort.tsv")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -16,6 +16,7 @@ _CHECKOUT = Path(workflow.current_basedir.get_path_or_uri(secret_free=False)).pa
 if (_CHECKOUT / "pyproject.toml").is_file():
     os.environ.setdefault("RSANET_WORKFLOW_DIR", str(_CHECKOUT))
 from rsanet.bids import bids_sheet
+from rsanet.bids_app import bids_cases, case_folder
 from rsanet.evaluation import ReportOpening
 from rsanet.splits import make_splits
 from rsanet.checks import (
@@ -142,14 +143,31 @@ REFERENCE = config["registration"]["reference"]
 MOVING = [c for c in ("T1", "T2", "FLAIR") if c != REFERENCE]
 
 
-# New subjects to segment with the exported model (`snakemake segment`; sheet: subject, t1, t2,
-# flair, optional lesions). Their ids have their own wildcard, apart from the study's subjects.
+# New subjects to segment with the exported model (`snakemake segment`): a sheet (subject, t1, t2,
+# flair, optional lesions; their ids have their own wildcard, apart from the study's subjects), or
+# a BIDS dataset ({bids: <root>}), segmented into BIDS-Derivatives as rsanet-bids does.
+_SEGMENT = config["segment_subjects"]
+BIDS_CASES = {}
+if isinstance(_SEGMENT, dict):
+    try:
+        _rows, _problems = bids_cases(
+            _SEGMENT["bids"],
+            _SEGMENT.get("participant_label"),  # the schema's default: null, all
+            _SEGMENT.get("session_label"),
+        )
+    except InputCheckError as err:
+        _rows, _problems = [], [("segment_subjects.bids", str(err))]
+    if _problems:
+        _stop(
+            "in the segment_subjects BIDS dataset", [f"{c}: {m}" for c, m in _problems]
+        )
+    BIDS_CASES = {r["subject"]: r for r in _rows}
 NEW_SHEET = (
-    read_sheet(config["segment_subjects"], optional=("lesions",))
-    if config["segment_subjects"]
+    read_sheet(_SEGMENT, optional=("lesions",))
+    if isinstance(_SEGMENT, str)
     else pd.DataFrame(columns=["subject", "t1", "t2", "flair", "lesions"])
 )
-if config["segment_subjects"]:
+if isinstance(_SEGMENT, str):
     _new_issues = sheet_problems(
         NEW_SHEET,
         f"segment_subjects sheet {config['segment_subjects']}",
@@ -167,6 +185,8 @@ wildcard_constraints:
     split=r"\d+",
     seed=r"\d+",
     new_subject="|".join(re.escape(s) for s in NEW_SUBJECTS) or "(?!)",
+    bids_case="|".join(re.escape(s) for s in BIDS_CASES) or "(?!)",
+    bids_folder=r"sub-[^/_]+(/ses-[^/_]+)?",
     contrast="T1|T2|FLAIR",
 
 
@@ -193,8 +213,23 @@ def new_subject_masks():
     }
 
 
+def bids_case_images(wildcards):
+    row = BIDS_CASES[wildcards.bids_case]
+    return {"t1": row["t1"], "t2": row["t2"], "flair": row["flair"]}
+
+
+def bids_case_outputs(pattern):
+    """``pattern`` (with {bids_folder} and {bids_case}) for every BIDS case to segment."""
+    return [
+        pattern.format(bids_folder=case_folder(r), bids_case=c)
+        for c, r in BIDS_CASES.items()
+    ]
+
+
 def segment_outputs():
     out = expand("results/segment/{new_subject}/summary.json", new_subject=NEW_SUBJECTS)
+    if BIDS_CASES:
+        out += ["results/derivatives/rsanet/cohort.tsv"]
     if NEW_SUBJECTS:
         out += ["results/segment/cohort.csv", "results/figures/cohort.png"]
     if new_subject_masks():

@@ -152,6 +152,71 @@ rule cohort:
         "../../scripts/cohort.py"
 
 
+# A BIDS dataset of new subjects (segment_subjects: {bids: ...}) into BIDS-Derivatives, one job per
+# subject and session: the files rsanet-bids writes (rsanet.bids_app).
+rule bids_segment_case:
+    input:
+        unpack(bids_case_images),
+        export="results/export",
+    output:
+        prob="results/derivatives/rsanet/{bids_folder}/anat/{bids_case}_label-lesion_probseg.nii.gz",
+        prob_json="results/derivatives/rsanet/{bids_folder}/anat/{bids_case}_label-lesion_probseg.json",
+        mask="results/derivatives/rsanet/{bids_folder}/anat/{bids_case}_label-lesion_mask.nii.gz",
+        mask_json="results/derivatives/rsanet/{bids_folder}/anat/{bids_case}_label-lesion_mask.json",
+        dseg="results/derivatives/rsanet/{bids_folder}/anat/{bids_case}_desc-lesions_dseg.nii.gz",
+        dseg_json="results/derivatives/rsanet/{bids_folder}/anat/{bids_case}_desc-lesions_dseg.json",
+        table="results/derivatives/rsanet/{bids_folder}/anat/{bids_case}_lesions.tsv",
+        table_json="results/derivatives/rsanet/{bids_folder}/anat/{bids_case}_lesions.json",
+        qc="results/derivatives/rsanet/{bids_folder}/figures/{bids_case}_qc.png",
+    log:
+        "logs/derivatives/{bids_folder}/{bids_case}.log",
+    benchmark:
+        "results/benchmarks/jobs/derivatives/{bids_folder}/{bids_case}.tsv"
+    retries: job_retries()
+    conda:
+        ENV
+    threads: job_resources("predict")["threads"]
+    resources:
+        mem_mb=attempt_scaled("predict", "mem_mb"),
+        runtime=attempt_scaled("predict", "runtime"),
+        gpu=job_resources("predict")["gpus"],
+    params:
+        case=lambda wildcards: BIDS_CASES[wildcards.bids_case],
+        bids=lambda wildcards: config["segment_subjects"]["bids"],
+        options=section("segment"),
+    script:
+        "../../scripts/bids_segment_case.py"
+
+
+rule bids_group:
+    input:
+        masks=bids_case_outputs(
+            "results/derivatives/rsanet/{bids_folder}/anat/{bids_case}_label-lesion_mask.json"
+        ),
+        tables=bids_case_outputs(
+            "results/derivatives/rsanet/{bids_folder}/anat/{bids_case}_lesions.tsv"
+        ),
+        export="results/export",
+    output:
+        table="results/derivatives/rsanet/cohort.tsv",
+        columns="results/derivatives/rsanet/cohort.json",
+        figure="results/derivatives/rsanet/figures/cohort.png",
+        description="results/derivatives/rsanet/dataset_description.json",
+    log:
+        "logs/derivatives/group.log",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    params:
+        bids=lambda wildcards: config["segment_subjects"]["bids"],
+        size_bins_mm3=config["evaluation"]["size_bins_mm3"],
+    script:
+        "../../scripts/bids_group.py"
+
+
 rule segment:
     default_target: False
     input:
