@@ -20,4 +20,5 @@ with logged(snakemake.log[0]):
         health=snakemake.input.health,
         confidence={Path(p).stem: p for p in snakemake.input.confidence},
         registration_records=list(snakemake.input.records),
+        preprocessed=list(snakemake.input.preprocessed),
     )

@@ -51,6 +51,10 @@ def test_export_holds_the_best_variant_its_models_and_a_model_card(study, export
     n_models = int(health[health.variant == export.name].shape[0])  # one per split and seed (train.seeds_by_variant)
     assert n_models in (2, 4) and meta["variant"] == export.name and len(meta["models"]) == n_models
     assert meta["training_data"]["n_subjects"] == 6 and len(meta["training_data"]["subject_ids_or_sheet_sha256"]) == 64
+    # the study's spacing for new patients: the median voxel size of its preprocessed subjects
+    spacings = np.array([np.load(p)["spacing"] for p in sorted((study / "preprocessed").glob("*.npz"))])
+    assert np.allclose(meta["training_data"]["spacing_mm"], np.median(spacings, axis=0))
+    assert meta["predict"]["spacing"] == "study"
     card = (export / "MODEL_CARD.md").read_text()
     for heading in ("## Intended use", "## Training data", "## Evaluation", "## Per-lesion confidence",
                     "## Deviations from the paper", "## Limitations"):

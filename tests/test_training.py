@@ -465,10 +465,13 @@ def test_the_study_and_rsanet_segment_predict_identically(tmp_path):
     (tmp_path / "export").mkdir()
     save_model(train(cfg, _subjects(), threads=1), cfg, tmp_path / "export" / "model_split0_seed0.pt")
     study = Predictor.from_model_files([tmp_path / "export" / "model_split0_seed0.pt"], config["predict"], "cpu")
-    meta = {"models": ["model_split0_seed0.pt"], "predict": config["predict"]}  # as export.json records them
-    exported = load_predictor(tmp_path / "export", meta, "cpu")
     subject = _subjects(1, seed=3)[0]
-    assert np.array_equal(study.probability(subject.image), exported.probability(subject.image))
+    meta = {"models": ["model_split0_seed0.pt"], "predict": config["predict"],  # as export.json records them
+            "training_data": {"spacing_mm": list(subject.spacing)}}
+    exported = load_predictor(tmp_path / "export", meta, "cpu")
+    assert config["predict"]["spacing"] == "study" and exported.spacing_mm == tuple(subject.spacing)
+    # rsanet-segment passes the scan's spacing: a scan at the study's spacing is predicted as the study does
+    assert np.array_equal(study.probability(subject.image), exported.probability(subject.image, subject.spacing))
     assert study.threshold == exported.threshold == config["predict"]["threshold"]
     assert study.policy == exported.policy
     # the study's predict step writes exactly that Predictor's lesions
@@ -480,3 +483,32 @@ def test_the_study_and_rsanet_segment_predict_identically(tmp_path):
     written = np.asarray(nib.load(tmp_path / "pred" / "s1.nii.gz").dataobj)
     expected = study.lesions(study.probability(subject.image)).astype(np.uint8)
     assert np.array_equal(written, np.asarray(subject.uncrop(expected).dataobj))
+
+
+def test_a_scan_on_another_grid_is_predicted_at_the_study_spacing_and_mapped_back():
+    """predict.spacing study: the image resampled to the study's voxel size, the probabilities
+    back onto its own grid (same shape, in [0, 1]); for a voxel-wise network and a smooth image,
+    close to predicting on the scan's grid; at the study's own spacing, nothing is resampled."""
+    from pathlib import Path
+
+    from rsanet.checks import load_config
+    from rsanet.inference import PredictionPolicy, Predictor, grid_shape_at, resample_to_shape
+
+    assert grid_shape_at((10, 40, 41), (3.0, 0.7, 0.7), (3.0, 1.4, 1.4)) == (10, 20, 20)
+    ramp = np.broadcast_to(np.linspace(0, 1, 16, dtype=np.float32), (1, 8, 12, 16))
+    back = resample_to_shape(resample_to_shape(ramp, (8, 12, 32)), (8, 12, 16))
+    assert np.allclose(back[..., 1:-1], ramp[..., 1:-1], atol=1e-5)  # a linear ramp survives, but at the edges
+    root = Path(__file__).resolve().parents[1]
+    predict = load_config(root / "config" / "config.yaml", root / "workflow" / "schemas" / "config.schema.yaml")["predict"]
+    torch.manual_seed(0)
+    model = torch.nn.Conv3d(3, 2, 1).eval()
+    policy = PredictionPolicy.from_config(predict, (8, 16, 16), amp=False)
+    z, y, x = np.meshgrid(*(np.linspace(0, np.pi, n) for n in (10, 40, 36)), indexing="ij")
+    image = np.stack([np.sin(z) * np.cos(y), np.cos(x), np.sin(y + x)]).astype(np.float32)  # (3, 10, 40, 36)
+    own = Predictor((model,), policy, torch.device("cpu"), 0.5, None)
+    study = Predictor((model,), policy, torch.device("cpu"), 0.5, None, spacing_mm=(3.0, 1.4, 1.4))
+    p_own = own.per_model(image, (3.0, 0.7, 0.7))
+    p_study = study.per_model(image, (3.0, 0.7, 0.7))
+    assert p_study.shape == p_own.shape == (1, 10, 40, 36) and p_study.min() >= 0 and p_study.max() <= 1
+    assert np.abs(p_study - p_own)[:, :, 2:-2, 2:-2].max() < 0.02 and not np.array_equal(p_study, p_own)
+    assert np.array_equal(study.per_model(image, (3.0, 1.4, 1.4)), own.per_model(image, (3.0, 1.4, 1.4)))

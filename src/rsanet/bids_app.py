@@ -135,7 +135,7 @@ def case_folder(row: dict) -> str:
 
 def segment_case(row: dict, bids_dir: str | os.PathLike, out: str | os.PathLike, model: str | os.PathLike,
                  device: str = "auto", threads: int = 1, tta: bool = False, threshold: float | None = None,
-                 min_lesion_mm3: float = 3.0) -> dict:
+                 min_lesion_mm3: float = 3.0, spacing: str | None = None) -> dict:
     """Segment one case (a row of :func:`rsanet.bids.find_cases`) of ``bids_dir`` into its folder of
     the derivatives ``out`` (:func:`case_folder`), written as a whole or not at all; returns
     rsanet-segment's summary. Raises :class:`InputError` naming the case and the file."""
@@ -148,7 +148,7 @@ def segment_case(row: dict, bids_dir: str | os.PathLike, out: str | os.PathLike,
             try:
                 summary = segment(folder, row["t1"], row["t2"], row["flair"], seg, device=device,
                                   threshold=threshold, min_lesion_mm3=min_lesion_mm3, tta=tta, threads=threads,
-                                  subject=row["subject"])
+                                  subject=row["subject"], spacing=spacing)
                 write_case(seg, tmp, row, Path(bids_dir).resolve(), summary, export_sha256(folder, meta))
             finally:
                 shutil.rmtree(seg, ignore_errors=True)
@@ -272,6 +272,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None,
                    help="lesion where the ensemble's probability exceeds it (default: the study's predict.threshold)")
     p.add_argument("--min-lesion-mm3", type=float, default=3.0)
+    p.add_argument("--spacing", choices=["study", "own"], default=None, help="predict at the study's voxel size "
+                   "(mapped back onto each scan's grid) or on the scan's own grid (default: the export's predict.spacing)")
     return p
 
 
@@ -291,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         failed = participant(args.bids_dir, args.output_dir, args.model, args.participant_label, args.session_label,
                              device=args.device, threads=args.threads, tta=args.tta, threshold=args.threshold,
-                             min_lesion_mm3=args.min_lesion_mm3)
+                             min_lesion_mm3=args.min_lesion_mm3, spacing=args.spacing)
     except (ExportError, InputCheckError) as err:
         print(f"rsanet-bids: error: {err}", file=sys.stderr)
         return 2

@@ -55,21 +55,42 @@ def read_export(model_dir: str | os.PathLike) -> dict:
     return meta
 
 
-def load_predictor(folder: Path, meta: dict, device, mirror: bool = False) -> "Predictor":
+def load_predictor(folder: Path, meta: dict, device, mirror: bool = False, spacing: str | None = None) -> "Predictor":
     """The export's networks (in the order ``export.json`` lists them) as one
     :class:`rsanet.inference.Predictor`: the study's prediction policy and threshold (its
-    ``predict:`` section, recorded in the export), on ``device``; ``mirror``: test-time mirroring."""
+    ``predict:`` section, recorded in the export), on ``device``; ``mirror``: test-time mirroring;
+    ``spacing``: ``"study"`` (predict at the training cohort's spacing) or ``"own"`` (each scan's
+    grid); ``None``: the export's ``predict.spacing``."""
     from .inference import Predictor
 
-    if "threshold" not in meta["predict"]:
-        raise ExportError(f"{folder / 'export.json'}: no predict.threshold (an export of an older version): export "
+    for key in ("threshold",) if spacing else ("threshold", "spacing"):
+        if key not in meta["predict"]:
+            raise ExportError(f"{folder / 'export.json'}: no predict.{key} (an export of an older version): export "
+                              "the model again")
+    spacing = meta["predict"]["spacing"] if spacing is None else spacing
+    target = meta["training_data"].get("spacing_mm") if spacing == "study" else None
+    if spacing == "study" and not target:
+        raise ExportError(f"{folder / 'export.json'}: predict.spacing study, but no training_data.spacing_mm: export "
                           "the model again")
     try:
         return Predictor.from_model_files([folder / name for name in meta["models"]], meta["predict"], device,
-                                          mirror=mirror)
+                                          mirror=mirror, spacing_mm=target)
     except (RuntimeError, KeyError, ValueError) as err:
         raise ExportError(f"{folder}: a network cannot be loaded ({type(err).__name__}: {err}); the file is "
                           "corrupted or from an incompatible version: export the model again") from err
+
+
+def study_spacing(preprocessed: Sequence[str]) -> list[float] | None:
+    """The median ``(dz, dy, dx)`` mm voxel size of the study's preprocessed subjects (``None``
+    without any)."""
+    import numpy as np
+
+    from .volumes import Preprocessed
+
+    if not preprocessed:
+        return None
+    spacings = np.array([Preprocessed.load_lesions(p)[1] for p in preprocessed])
+    return [float(s) for s in np.median(spacings, axis=0)]
 
 
 def best_variant(health: pd.DataFrame) -> tuple[str, str]:
@@ -88,7 +109,7 @@ def best_variant(health: pd.DataFrame) -> tuple[str, str]:
 def export_step(
     choice: str, table1_csv: str, table2_csv: str, models: Mapping[str, Sequence[str]], config: Mapping,
     subjects: Sequence[str], out_dir: str, health: Sequence[str] = (), confidence: Mapping[str, str] | None = None,
-    registration_records: Sequence[str] = (),
+    registration_records: Sequence[str] = (), preprocessed: Sequence[str] = (),
 ) -> str:
     """Write ``out_dir/<variant>/``: that variant's models of every split, ``export.json`` and
     ``MODEL_CARD.md``. ``choice``: a variant id or ``"best"`` (:func:`best_variant` over the
@@ -96,7 +117,9 @@ def export_step(
     that Table 1 scores). ``confidence``: variant -> its precision-by-agreement CSV
     (:func:`rsanet.stages.export.lesion_confidence_step`), shown in the card. ``registration_records``: the
     study's ``registration.json`` files: the engine that ran goes into export.json
-    (``registration.engine_ran``) and the card's deviations. Returns the variant exported."""
+    (``registration.engine_ran``) and the card's deviations. ``preprocessed``: the study's
+    preprocessed subjects (``.npz``): their median voxel size is the study's spacing
+    (``training_data.spacing_mm``, ``(dz, dy, dx)`` mm; ``predict.spacing``). Returns the variant exported."""
     import hashlib
     import shutil
 
@@ -138,7 +161,7 @@ def export_step(
         "preprocess": dict(config["preprocess"]),
         "predict": dict(config["predict"]), "train": dict(config["train"]), "evaluation": dict(config["evaluation"]),
         "training_data": {"subjects": sheet, "n_subjects": len(subjects), "subject_ids_or_sheet_sha256": sheet_hash,
-                          "splits": dict(config["splits"])},
+                          "splits": dict(config["splits"]), "spacing_mm": study_spacing(preprocessed)},
         "table1": row1, "table2": row2,
     }
     if confidence and variant in confidence:
@@ -165,7 +188,7 @@ def _model_card(meta: Mapping, dev: pd.DataFrame, evaluation) -> str:
         f"{meta['variant']} of the paper's Table 1 (Zhang et al., MICCAI 2019), an ensemble of {len(meta['models'])} "
         f"networks (one per random split and seed), widths {meta['train']['widths']}, trained on {meta['train']['crop']} "
         f"crops for {meta['train']['iterations']} iterations; chosen by: {meta['chosen_by']}. Inference: "
-        f"{meta['predict']}; the lesion probabilities of the networks are averaged.", "",
+        f"{meta['predict']}; the lesion probabilities of the networks are averaged. " + _spacing_sentence(meta), "",
         "## Training data",
         f"Cohort: `{tr['subjects']}` ({tr['n_subjects']} subjects; {'the synthetic demo cohort built from 30 real lesion masks, CC-BY' if tr['subjects'] == 'demo' else 'the user sheet'}); "
         f"sha256 of the subject ids / sheet: `{tr['subject_ids_or_sheet_sha256']}`; splits {tr['splits']}.", "",
@@ -190,6 +213,16 @@ def _model_card(meta: Mapping, dev: pd.DataFrame, evaluation) -> str:
         f"- Exported by rsanet {meta['rsanet_version']}; the export format is {meta['format']}.", "",
     ]
     return "\n".join(lines)
+
+
+def _spacing_sentence(meta: Mapping) -> str:
+    """The card's statement of where a new patient is predicted (``predict.spacing``)."""
+    target = meta["training_data"].get("spacing_mm")
+    if meta["predict"].get("spacing") == "study" and target:
+        return ("A new patient is predicted at the training cohort's voxel size, " + " x ".join(f"{s:g}" for s in target)
+                + " mm (dz, dy, dx: the median of its subjects), and the probabilities mapped back onto the patient's "
+                "own grid (`predict.spacing: study`; `rsanet-segment --spacing own` predicts on the patient's grid).")
+    return "A new patient is predicted on its own grid (`predict.spacing: own`)."
 
 
 def _confidence_section(meta: Mapping, evaluation) -> list[str]:

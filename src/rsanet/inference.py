@@ -261,6 +261,20 @@ def ensemble_probability(per_model: np.ndarray) -> np.ndarray:
     return per_model.astype(np.float64).mean(axis=0).astype(np.float32)
 
 
+def grid_shape_at(shape: Sequence[int], spacing_mm: Sequence[float], target_mm: Sequence[float]) -> tuple[int, ...]:
+    """The ``(D, H, W)`` shape covering the same extent as ``shape`` voxels of ``spacing_mm`` at
+    ``target_mm`` (both ``(dz, dy, dx)`` mm), at least one voxel per axis."""
+    return tuple(max(int(round(n * s / t)), 1) for n, s, t in zip(shape, spacing_mm, target_mm))
+
+
+def resample_to_shape(volume: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """``(C, D, H, W)`` -> ``(C, *shape)`` float32, trilinear, voxel centres of both grids spread
+    over the same extent (torch's ``align_corners=False``): a channel image to another spacing and
+    back, or probabilities back onto the image's own grid."""
+    x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None]
+    return torch.nn.functional.interpolate(x, size=tuple(shape), mode="trilinear", align_corners=False)[0].numpy()
+
+
 @dataclass(frozen=True, eq=False)
 class Predictor:
     """A variant's networks ensembled under one prediction policy on one device, with the
@@ -280,13 +294,17 @@ class Predictor:
     device: torch.device
     threshold: float
     config: object
+    #: ``(dz, dy, dx)`` mm the networks predict at (the training cohort's spacing: an image on
+    #: another grid is resampled to it and the probabilities mapped back), or ``None``: every
+    #: image on its own grid (``predict.spacing``, docs/inference.md, "Predicting at the study's spacing").
+    spacing_mm: tuple[float, float, float] | None = None
 
     @classmethod
     def from_model_files(cls, paths: Sequence[str], predict: Mapping, device: str | torch.device,
-                         mirror: bool = False) -> "Predictor":
+                         mirror: bool = False, spacing_mm: Sequence[float] | None = None) -> "Predictor":
         """From saved networks of one variant (:func:`rsanet.training.save_model` files) and the
         validated ``predict:`` section; the tile size and precision come from the networks' own
-        training config (``train.crop``, ``train.amp``)."""
+        training config (``train.crop``, ``train.amp``). ``spacing_mm``: :attr:`spacing_mm`."""
         from .training import load_model
 
         loaded = []
@@ -297,15 +315,25 @@ class Predictor:
                 raise RuntimeError(f"{path}: {type(err).__name__}: {err}") from err
         cfg = loaded[0][1]
         policy = PredictionPolicy.from_config(predict, cfg.crop, amp=cfg.amp, mirror=mirror)
-        return cls(tuple(m for m, _ in loaded), policy, torch.device(device), float(predict["threshold"]), cfg)
+        return cls(tuple(m for m, _ in loaded), policy, torch.device(device), float(predict["threshold"]), cfg,
+                   tuple(float(s) for s in spacing_mm) if spacing_mm else None)
 
-    def per_model(self, image: np.ndarray) -> np.ndarray:
-        """``(M, D, H, W)`` float32: each network's lesion probability of ``image`` ``(3, D, H, W)``."""
-        return np.stack([self.policy.predict(m, image, self.device) for m in self.models])
+    def per_model(self, image: np.ndarray, spacing_mm: Sequence[float] | None = None) -> np.ndarray:
+        """``(M, D, H, W)`` float32: each network's lesion probability of ``image`` ``(3, D, H, W)``
+        of voxel size ``spacing_mm`` ``(dz, dy, dx)``; predicted at :attr:`spacing_mm` when both are
+        set and differ by more than 1 % (the image resampled there, the probabilities back)."""
+        if self.spacing_mm is None or spacing_mm is None or np.allclose(spacing_mm, self.spacing_mm, rtol=0.01):
+            return np.stack([self.policy.predict(m, image, self.device) for m in self.models])
+        shape = grid_shape_at(image.shape[1:], spacing_mm, self.spacing_mm)
+        log.info("predicting at the study's spacing %s mm: %s -> %s voxels and back", self.spacing_mm,
+                 image.shape[1:], shape)
+        at = resample_to_shape(image, shape)
+        probs = np.stack([self.policy.predict(m, at, self.device) for m in self.models])
+        return np.clip(resample_to_shape(probs, image.shape[1:]), 0.0, 1.0)
 
-    def probability(self, image: np.ndarray) -> np.ndarray:
+    def probability(self, image: np.ndarray, spacing_mm: Sequence[float] | None = None) -> np.ndarray:
         """``(D, H, W)`` float32: the ensemble's lesion probability (:func:`ensemble_probability`)."""
-        return ensemble_probability(self.per_model(image))
+        return ensemble_probability(self.per_model(image, spacing_mm))
 
     def lesions(self, probability: np.ndarray) -> np.ndarray:
         """Lesion voxels (bool, same shape) of an ensemble probability: ``probability > threshold``."""

@@ -204,14 +204,16 @@ def prepare_patient(meta: dict, t1: str, t2: str, flair: str, threads: int = 1, 
 def segment(
     model_dir: str | os.PathLike, t1: str, t2: str, flair: str, out: str | os.PathLike, device: str = "auto",
     threshold: float | None = None, min_lesion_mm3: float = 3.0, tta: bool = False, threads: int = 1,
-    subject: str = "new patient",
+    subject: str = "new patient", spacing: str | None = None,
 ) -> dict:
     """Segment one patient; returns the summary written to ``out/summary.json``.
 
     The outputs lie on the grid of the study's registration reference (the FLAIR unless the study
     set ``registration.reference``), in the voxel order of that file. ``threads``: CPU threads
     for registration and prediction. ``threshold``: ``None`` = the study's (``predict.threshold``
-    in the export). ``subject``: its name in error messages.
+    in the export). ``subject``: its name in error messages. ``spacing``: ``"study"`` = predict at
+    the training cohort's voxel size, the probabilities mapped back; ``"own"`` = on the scan's
+    grid; ``None`` = the export's ``predict.spacing``.
 
     Raises:
         InputError: a missing, 4D, empty or non-overlapping input (the message names the file).
@@ -228,7 +230,7 @@ def segment(
     dev = resolve_device(device)
     if dev.type == "cpu":
         torch.set_num_threads(max(int(threads), 1))
-    predictor = load_predictor(folder, meta, dev, mirror=tta)
+    predictor = load_predictor(folder, meta, dev, mirror=tta, spacing=spacing)
     threshold = predictor.threshold if threshold is None else float(threshold)
     seconds["load_models"] = time.perf_counter() - t0
 
@@ -237,7 +239,7 @@ def segment(
 
     t0 = time.perf_counter()
     log.info("predicting with %d models (%s)", len(predictor.models), predictor.policy.describe())
-    per_model = predictor.per_model(pre.image)  # (M, D, H, W)
+    per_model = predictor.per_model(pre.image, pre.spacing)  # (M, D, H, W), on the scan's grid
     spread = per_model.std(axis=0).astype(np.float32)  # the models' disagreement, voxel-wise
     seconds["prediction"] = time.perf_counter() - t0
 
@@ -269,7 +271,9 @@ def segment(
                      "connectivity": connectivity, "policy": meta["predict"],
                      "registration": {**meta["registration"], "engine_ran": "+".join(
                          sorted({res.engine for res in reg.results.values()}))},
-                     "reference": reg.reference},
+                     "reference": reg.reference,
+                     "prediction_spacing_mm": list(predictor.spacing_mm) if predictor.spacing_mm else "own grid",
+                     "scan_spacing_mm": [float(x) for x in pre.spacing]},
         "versions": _versions(), "device": str(dev), "warnings": warnings,
     }
     _write_outputs(Path(out), prob_img, sd_img, mask_img, table, summary, seconds, pre, t0)
@@ -329,6 +333,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-lesion-mm3", type=float, default=3.0)
     p.add_argument("--tta", action="store_true", help="also average mirrored copies along each axis")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for registration and prediction")
+    p.add_argument("--spacing", choices=["study", "own"], default=None, help="predict at the study's voxel size "
+                   "(mapped back onto the scan's grid) or on the scan's own grid (default: the export's predict.spacing)")
     return p
 
 
@@ -339,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = segment(args.model, args.t1, args.t2, args.flair, args.out, device=args.device,
                           threshold=args.threshold, min_lesion_mm3=args.min_lesion_mm3, tta=args.tta,
-                          threads=args.threads)
+                          threads=args.threads, spacing=args.spacing)
     except (InputError, ExportError) as err:
         print(f"rsanet-segment: error: {err}", file=sys.stderr)
         return 2

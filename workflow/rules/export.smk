@@ -41,6 +41,8 @@ rule export:
         records=expand(
             "results/registered/{subject}/registration.json", subject=SUBJECTS
         ),
+        # the study's spacing (their median voxel size), for predict.spacing: study
+        preprocessed=expand("results/preprocessed/{subject}.npz", subject=SUBJECTS),
     output:
         directory("results/export"),
     log:
