@@ -55,7 +55,6 @@ DERIVATIVES = {
     "lesion_prob.nii.gz": "label-lesion_probseg.nii.gz",
     "lesions.nii.gz": "label-lesion_mask.nii.gz",
     "lesion_labels.nii.gz": "desc-lesions_dseg.nii.gz",
-    "lesions.csv": "lesions.tsv",
 }
 
 
@@ -97,14 +96,13 @@ def write_case(seg: Path, case_dir: Path, row: dict, bids_dir: Path, summary: di
     anat.mkdir(parents=True)
     (case_dir / "figures").mkdir()
     stem = row["subject"]
-    relative = f"{row['participant']}/" + (f"ses-{row['session']}/" if row["session"] else "") + "anat"
+    relative = f"{case_folder(row)}/anat"
     sources = _sources(bids_dir, row)
     threshold = summary["settings"]["threshold"]
     for name, suffix in DERIVATIVES.items():
         shutil.move(seg / name, anat / f"{stem}_{suffix}")
     # the table as TSV (BIDS tables), its columns described beside it
-    table = pd.read_csv(anat / f"{stem}_lesions.tsv")
-    table.to_csv(anat / f"{stem}_lesions.tsv", sep="\t", index=False, na_rep="n/a")
+    pd.read_csv(seg / "lesions.csv").to_csv(anat / f"{stem}_lesions.tsv", sep="\t", index=False, na_rep="n/a")
     shutil.move(seg / "qc.png", case_dir / "figures" / f"{stem}_qc.png")
     sidecars = {
         "label-lesion_probseg": {
