@@ -19,6 +19,7 @@ with logged(snakemake.log[0]):
         out_dir=snakemake.output[0],
         health=snakemake.input.health,
         confidence={Path(p).stem: p for p in snakemake.input.confidence},
+        calibration={Path(p).stem: p for p in snakemake.input.calibration},
         registration_records=list(snakemake.input.records),
         preprocessed=list(snakemake.input.preprocessed),
     )

@@ -93,6 +93,32 @@ def study_spacing(preprocessed: Sequence[str]) -> list[float] | None:
     return [float(s) for s in np.median(spacings, axis=0)]
 
 
+def run_key(path: str | os.PathLike) -> tuple[int, int]:
+    """``(split, seed)`` of a training's path: ``.../split<k>/seed<s>`` (a prediction folder) or
+    ``.../split<k>/seed<s>/model.pt``."""
+    import re
+
+    parts = [p for p in Path(path).parts if re.fullmatch(r"(split|seed)\d+", p)]
+    split, seed = (int(re.sub(r"\D", "", p)) for p in parts[-2:])
+    return split, seed
+
+
+def ensemble_models(paths: Sequence[str], kind: str | None) -> list[str]:
+    """The model files (``.../split<k>/seed<s>/model.pt``) of an ensemble kind
+    (:data:`rsanet.stages.export.ENSEMBLE_KINDS`): ``"split"``: the first seed of every split;
+    ``"seed"``: every seed of the first split trained with two or more; ``None``: all of them."""
+    key = run_key
+    ordered = sorted(paths, key=key)
+    if kind == "split":
+        return [p for i, p in enumerate(ordered) if i == 0 or key(ordered[i - 1])[0] != key(p)[0]]
+    if kind == "seed":
+        by_split: dict[int, list[str]] = {}
+        for p in ordered:
+            by_split.setdefault(key(p)[0], []).append(p)
+        return next(group for group in by_split.values() if len(group) >= 2)
+    return ordered
+
+
 def best_variant(health: pd.DataFrame) -> tuple[str, str]:
     """The variant to export under ``export.variant: best``, chosen without the test subjects: the
     highest mean final health-check score over the variant's trainings (hard Dice of the splits'
@@ -110,6 +136,7 @@ def export_step(
     choice: str, table1_csv: str, table2_csv: str, models: Mapping[str, Sequence[str]], config: Mapping,
     subjects: Sequence[str], out_dir: str, health: Sequence[str] = (), confidence: Mapping[str, str] | None = None,
     registration_records: Sequence[str] = (), preprocessed: Sequence[str] = (),
+    calibration: Mapping[str, str] | None = None,
 ) -> str:
     """Write ``out_dir/<variant>/``: that variant's models of every split, ``export.json`` and
     ``MODEL_CARD.md``. ``choice``: a variant id or ``"best"`` (:func:`best_variant` over the
@@ -119,7 +146,11 @@ def export_step(
     study's ``registration.json`` files: the engine that ran goes into export.json
     (``registration.engine_ran``) and the card's deviations. ``preprocessed``: the study's
     preprocessed subjects (``.npz``): their median voxel size is the study's spacing
-    (``training_data.spacing_mm``, ``(dz, dy, dx)`` mm; ``predict.spacing``). Returns the variant exported."""
+    (``training_data.spacing_mm``, ``(dz, dy, dx)`` mm; ``predict.spacing``). ``calibration``:
+    variant -> its lesion-calibration record (:func:`rsanet.stages.export.lesion_calibration_step`):
+    the export holds the ensemble kind chosen there (:func:`ensemble_models`) and its calibrator,
+    which gives every lesion of ``rsanet-segment`` its ``probability_real``; without a calibrated
+    kind, every model of the variant and no calibrator. Returns the variant exported."""
     import hashlib
     import shutil
 
@@ -139,10 +170,12 @@ def export_step(
         variant, chosen_by = choice, "export.variant"
     if variant not in models:
         raise ValueError(f"export.variant {choice!r}: no trained models of {variant!r} (variants: {', '.join(models)})")
+    record = json.loads(Path(calibration[variant]).read_text()) if calibration and variant in calibration else None
+    kind = record["chosen"] if record else None
     out = Path(out_dir) / variant
     out.mkdir(parents=True, exist_ok=True)
     names = []
-    for path in models[variant]:
+    for path in ensemble_models(models[variant], kind):
         p = Path(path)  # results/models/<variant>/split<k>/seed<s>/model.pt
         name = f"model_{p.parent.parent.name}_{p.parent.name}.pt"
         shutil.copyfile(p, out / name)
@@ -166,6 +199,12 @@ def export_step(
     }
     if confidence and variant in confidence:
         meta["lesion_confidence"] = pd.read_csv(confidence[variant]).to_dict(orient="records")
+    if kind:
+        meta["lesion_calibration"] = {
+            "ensemble": kind, "chosen_by": record["chosen_by"], "features": record["features"],
+            "calibrator": record["kinds"][kind]["calibrator"], "threshold": record["threshold"],
+            "measured": {k: {"models_per_subject": e["models_per_subject"], "calibration": e["calibration"],
+                             "test": e["test"]} for k, e in record["kinds"].items()}}
     save_json(meta, out / "export.json")
     dev = deviations(config, engines)
     card = _model_card(meta, dev[dev.status != "as in the paper"], evaluation)
@@ -201,6 +240,7 @@ def _model_card(meta: Mapping, dev: pd.DataFrame, evaluation) -> str:
             if m + "_mean" in t2) + " (percent; HD95 in mm).", "",
         "## Per-lesion confidence",
         *_confidence_section(meta, evaluation), "",
+        *_calibration_section(meta, evaluation), "",
         "## Deviations from the paper",
         evaluation.to_markdown(dev[["setting", "paper", "this_run", "status"]]) if len(dev) else "none", "",
         "## Limitations",
@@ -242,3 +282,38 @@ def _confidence_section(meta: Mapping, evaluation) -> list[str]:
         "lesion (results/tables/lesion_confidence/). Lesion-wise precision by agreement:", "",
         evaluation.to_markdown(table[["agreement", "lesions", "true_positives", "precision_pct"]].round(1)),
     ]
+
+
+def _calibration_section(meta: Mapping, evaluation) -> list[str]:
+    """The model card's lines on ``probability_real`` (the calibrated lesion confidence)."""
+    cal = meta.get("lesion_calibration")
+    if not cal:
+        return ["No calibrated lesion probability: the study had no validation subjects with both real and false "
+                "lesions to fit it on (`splits.n_val`); `probability_real` is absent from `lesions.csv`."]
+    rows = []
+    for kind, m in cal["measured"].items():
+        c, t = m["calibration"], m["test"]
+        rows.append({"ensemble": kind + (" (exported)" if kind == cal["ensemble"] else ""),
+                     "models per subject": m["models_per_subject"],
+                     "validation subjects / lesions": f"{c['subjects']} / {c['lesions']}",
+                     "CV Brier (validation)": c.get("cv_brier"),
+                     "test subjects / lesions": f"{t['subjects']} / {t['lesions']}",
+                     "real (%)": t.get("real_pct"), "ECE calibrated": t.get("ece"),
+                     "ECE raw agreement": t.get("ece_agreement"), "Brier (test)": t.get("brier")})
+    chosen = cal["measured"][cal["ensemble"]]["test"]
+    lines = [
+        "`lesions.csv`'s `probability_real`: the probability that the lesion is real (overlaps a lesion an expert "
+        f"would mark), a logistic map of its {', '.join(cal['features'])} fitted on the lesions of the study's "
+        "validation subjects only. Measured on the study's test subjects (those in no validation part) for a split "
+        "ensemble (one model per split that held the subject out) and a seed ensemble (the seeds of one split); "
+        f"exported: the **{cal['ensemble']} ensemble** ({len(meta['models'])} networks), chosen by {cal['chosen_by']}. "
+        "ECE: expected calibration error over ten probability bins (0 = calibrated):", "",
+        evaluation.to_markdown(pd.DataFrame(rows).round(3)), "",
+    ]
+    if chosen.get("reliability"):
+        table = pd.DataFrame(chosen["reliability"]).round(3)
+        lines += [f"Reliability of the exported {cal['ensemble']} ensemble on the test subjects:", "",
+                  evaluation.to_markdown(table), ""]
+    lines.append("Calibrated on the study's own cohort: on scans unlike it (other scanners, resolutions, populations) "
+                 "the probabilities can be far too high; check them against a few expert masks of your own first.")
+    return lines

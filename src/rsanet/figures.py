@@ -270,3 +270,33 @@ def registration_errors(table: pd.DataFrame, stem: str) -> list[Path]:
     ax.set_ylabel("mean displacement error over the brain (mm)")
     ax.grid(axis="y", alpha=0.3)
     return save_figure(fig, stem)
+
+
+def reliability_diagram(table: pd.DataFrame, record: Mapping, stem: str) -> list[Path]:
+    """Per-lesion reliability on the test subjects, one panel per ensemble kind: the fraction of
+    lesions that are real against the predicted probability (bins of
+    :func:`rsanet.calibration.reliability_table`; ``table`` has ``ensemble``, ``score``
+    (``calibrated`` or ``agreement``), ``mean_predicted``, ``observed``, ``lesions``), the
+    diagonal being perfect calibration. ``record``: the calibration record (ECE per kind)."""
+    kinds = list(record["kinds"]) or ["split"]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 4.0), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="calibrated perfectly")
+        test = record["kinds"].get(kind, {}).get("test", {})
+        for score, colour, label in (("calibrated", "C0", f"calibrated (ECE {test.get('ece', float('nan')):.3f})"),
+                                     ("agreement", "C1", "raw agreement (ECE "
+                                      f"{test.get('ece_agreement', float('nan')):.3f})")):
+            rows = table[(table.ensemble == kind) & (table.score == score)] if len(table) else table
+            if len(rows):
+                ax.plot(rows.mean_predicted, rows.observed, "o-", color=colour, label=label, ms=3)
+                ax.scatter(rows.mean_predicted, rows.observed, s=8 + 60 * rows.lesions / rows.lesions.max(),
+                           color=colour, alpha=0.4)
+        if not len(table) or not (table.ensemble == kind).any():
+            ax.text(0.5, 0.5, "not measured\n(no calibration or test lesions)", ha="center", va="center",
+                    transform=ax.transAxes)
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="predicted probability that the lesion is real",
+               ylabel="fraction of lesions that are real",
+               title=f"{record['variant']}, {kind} ensemble: {test.get('lesions', 0)} test lesions")
+        ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    return save_figure(fig, stem)

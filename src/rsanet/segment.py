@@ -36,6 +36,7 @@ from .export import ExportError, load_predictor, read_export
 from .volumes import InputError, preprocess_subject
 
 if TYPE_CHECKING:
+    from .calibration import LesionCalibrator
     from .registration import Coregistered
     from .volumes import Preprocessed
 
@@ -61,6 +62,10 @@ LESION_COLUMNS: dict[str, dict[str, str]] = {
     "agreement": {"Description": "fraction of the ensemble's models that detect the lesion on their own (their "
                                  "own probability above the threshold somewhere in it); precision by agreement, "
                                  "measured in the study: the export's MODEL_CARD.md", "Units": "1"},
+    "probability_real": {"Description": "calibrated probability that the lesion is real (overlaps a lesion an "
+                                        "expert would mark): a logistic map of agreement, mean_probability and "
+                                        "log10 volume fitted on the study's validation subjects; its reliability "
+                                        "on the study's test subjects: the export's MODEL_CARD.md", "Units": "1"},
     "true_positive": {"Description": "whether the lesion overlaps a lesion of the reference mask", "Units": "bool"},
 }
 
@@ -174,6 +179,14 @@ def precision_by_agreement(lesions: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def lesion_calibrator(meta: dict) -> "LesionCalibrator | None":
+    """The export's lesion calibrator (``export.json``'s ``lesion_calibration``), or ``None``."""
+    from .calibration import LesionCalibrator
+
+    cal = meta.get("lesion_calibration")
+    return LesionCalibrator.from_dict(cal["calibrator"]) if cal and cal.get("calibrator") else None
+
+
 def prepare_patient(meta: dict, t1: str, t2: str, flair: str, threads: int = 1, subject: str = "new patient",
                     seconds: dict[str, float] | None = None) -> tuple["Coregistered", "Preprocessed"]:
     """A new patient's inputs prepared exactly as the study prepared its subjects.
@@ -248,6 +261,9 @@ def segment(
     models_ref = np.stack([np.asarray(pre.uncrop(p).dataobj, dtype=np.float32) for p in per_model])
     connectivity = int(meta["evaluation"]["connectivity"])
     mask, prob_ref, table = ensemble_lesions(models_ref, fixed.affine, connectivity, threshold, min_lesion_mm3)
+    calibrator = lesion_calibrator(meta)
+    if calibrator is not None:
+        table["probability_real"] = calibrator.probability(table)
     prob_img = nib.Nifti1Image(prob_ref, sd_img.affine, sd_img.header)
     mask_img = nib.Nifti1Image(mask.astype(np.uint8), prob_img.affine, prob_img.header)
     mask_img.set_data_dtype(np.uint8)
@@ -264,6 +280,8 @@ def segment(
     summary = {
         "lesion_count": int(len(table)), "total_lesion_volume_ml": float(table.volume_mm3.sum() / 1000.0),
         "mean_lesion_agreement": float(table.agreement.mean()) if len(table) else None,
+        # the calibrated expectation of the number of real lesions (None without a calibrator)
+        "expected_real_lesions": float(table.probability_real.sum()) if calibrator is not None else None,
         "model": {"variant": meta["variant"], "export": str(folder.resolve()), "n_models": len(predictor.models),
                   "model_card_sha256": _sha256(folder / "MODEL_CARD.md")},
         "inputs": {"t1": str(t1), "t2": str(t2), "flair": str(flair)},

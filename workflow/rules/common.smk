@@ -350,6 +350,29 @@ def lesion_confidence_tables():
     return expand("results/tables/lesion_confidence/{variant}.csv", variant=VARIANT_IDS)
 
 
+def variant_validation_predictions(wildcards):
+    """Input function: every validation-part prediction folder of one variant (none without
+    splits.n_val)."""
+    if not config["splits"]["n_val"]:
+        return []
+    return runs(
+        "results/validation/predictions/{variant}/split{split}/seed{seed}",
+        wildcards.variant,
+    )
+
+
+def held_out_preprocessed():
+    """The preprocessed files of every subject in some split's validation or test part."""
+    names = sorted({s for part in SPLITS for s in part["test"] + part.get("val", [])})
+    return [f"results/preprocessed/{s}.npz" for s in names]
+
+
+def lesion_calibration_records():
+    return expand(
+        "results/tables/lesion_calibration/{variant}.json", variant=VARIANT_IDS
+    )
+
+
 def health_files():
     return runs("results/models/{variant}/split{split}/seed{seed}/health.json")
 

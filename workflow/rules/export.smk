@@ -29,6 +29,42 @@ rule lesion_confidence:
         "../../scripts/lesion_confidence.py"
 
 
+# Lesion confidence that means what it says: a probability that each lesion is real, calibrated
+# on the validation subjects' lesions and measured on the test subjects', for a split ensemble
+# and (with train.seeds >= 2) a seed ensemble; the export takes the kind chosen on validation.
+rule lesion_calibration:
+    input:
+        predictions=variant_predictions,
+        val_predictions=variant_validation_predictions,
+        splits="results/splits.json",
+        preprocessed=held_out_preprocessed(),
+    output:
+        record="results/tables/lesion_calibration/{variant}.json",
+        lesions="results/tables/lesion_calibration/{variant}_lesions.csv",
+        reliability="results/tables/lesion_calibration/{variant}_reliability.csv",
+        figure=report(
+            "results/figures/lesion_reliability/{variant}.png",
+            caption="../report/lesion_reliability.rst",
+            category="Figures",
+            subcategory="Lesion confidence",
+        ),
+        pdf="results/figures/lesion_reliability/{variant}.pdf",
+    log:
+        "logs/lesion_calibration/{variant}.log",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        segment=section("segment"),
+        threshold=config["predict"]["threshold"],
+        connectivity=config["evaluation"]["connectivity"],
+    script:
+        "../../scripts/lesion_calibration.py"
+
+
 rule export:
     input:
         table1="results/tables/table1.csv",
@@ -37,6 +73,8 @@ rule export:
         # `export.variant: best` is chosen on these (validation subjects), not on Table 1
         health=health_files(),
         confidence=lesion_confidence_tables(),
+        # the ensemble kind and the lesion calibrator (chosen and fitted on validation subjects)
+        calibration=lesion_calibration_records(),
         # the engine that ran (registration.engine auto resolves per machine), for the card
         records=expand(
             "results/registered/{subject}/registration.json", subject=SUBJECTS

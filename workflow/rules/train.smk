@@ -68,7 +68,8 @@ rule predict:
 
 
 # The validation part of each split (splits.n_val > 0), predicted under the same policy: the
-# scores any setting may be chosen on (`snakemake validation`; not part of the default study).
+# scores any setting may be chosen on (`snakemake validation`) and the lesions the per-lesion
+# confidence is calibrated on (rule lesion_calibration, before the export).
 rule predict_validation:
     input:
         model="results/models/{variant}/split{split}/seed{seed}/model.pt",
