@@ -1,6 +1,7 @@
 """The calibrated lesion confidence: its maths (rsanet.calibration) and how ensembles and exported
 models are picked (rsanet.stages.export.ensemble_members, rsanet.export.ensemble_models)."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -77,3 +78,121 @@ def test_split_and_seed_ensembles_and_the_exported_models():
     assert [run_key(p) for p in ensemble_models(models, "split")] == [(0, 0), (1, 0), (10, 0)]
     assert [run_key(p) for p in ensemble_models(models, "seed")] == [(0, 0), (0, 1)]
     assert len(ensemble_models(models, None)) == 6
+
+
+def _write_study(root: Path, n_subjects: int = 12, n_splits: int = 3, n_seeds: int = 2):
+    """Synthetic split predictions on disk, as the predict and predict_validation rules write them:
+    true lesions predicted well, false blobs predicted with each model's own (seeded) conviction."""
+    from rsanet.volumes import save_probability_u8
+
+    rng = np.random.default_rng(0)
+    subjects = [f"s{i:02d}" for i in range(n_subjects)]
+    shape = (8, 32, 32)
+    truths, pre = {}, {}
+    for s in subjects:
+        truth = np.zeros(shape, np.uint8)
+        for _ in range(3):
+            z, y, x = rng.integers(1, 5), rng.integers(2, 27), rng.integers(2, 27)
+            truth[z:z + 2, y:y + 3, x:x + 3] = 1
+        truths[s] = truth
+        pre[s] = str(root / "pre" / f"{s}.npz")
+        (root / "pre").mkdir(parents=True, exist_ok=True)
+        np.savez(pre[s], lesions=truth, spacing=np.array([3.0, 1.0, 1.0]))
+    parts, test_pred, val_pred = [], {}, {}
+    for k in range(n_splits):
+        order = [subjects[i] for i in np.random.default_rng(10 + k).permutation(n_subjects)]
+        part = {"train": order[:5], "val": order[5:7], "test": order[7:]}
+        parts.append(part)
+        for seed in range(n_seeds):
+            for kind, names, out in (("val", part["val"], val_pred), ("test", part["test"], test_pred)):
+                folder = root / kind / f"split{k}" / f"seed{seed}"
+                folder.mkdir(parents=True)
+                out[(k, seed)] = str(folder)
+                for s in names:
+                    r = np.random.default_rng([subjects.index(s), k, seed])
+                    prob = 0.05 * r.random(shape)
+                    prob[truths[s] > 0] = r.uniform(0.5, 1.0)
+                    # four false blobs (at the subject's own places), each model convinced to its own degree
+                    places = np.random.default_rng([subjects.index(s), 99])
+                    for _ in range(4):
+                        z, y, x = places.integers(0, 6), places.integers(0, 30), places.integers(0, 30)
+                        blob = (slice(z, z + 2), slice(y, y + 2), slice(x, x + 2))
+                        prob[blob] = np.where(truths[s][blob] > 0, prob[blob], r.uniform(0.2, 0.9))
+                    save_probability_u8(prob, folder / f"{s}_prob_u8.npz")
+    (root / "splits.json").write_text(json.dumps({"splits": parts}))
+    return test_pred, val_pred, pre, parts
+
+
+def test_calibration_step_fits_on_validation_subjects_and_measures_on_the_others(tmp_path):
+    from rsanet.stages.export import lesion_calibration_step
+
+    test_pred, val_pred, pre, parts = _write_study(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    record = lesion_calibration_step("rsa-111", str(tmp_path / "splits.json"), test_pred, val_pred, pre,
+                                     {"min_lesion_mm3": 0.0}, 0.5, 6, str(out / "r.json"), str(out / "l.csv"),
+                                     str(out / "rel.csv"), str(out / "fig"))
+    val = sorted({s for p in parts for s in p["val"]})
+    assert record["calibration_subjects"] == val and not set(record["test_subjects"]) & set(val)
+    lesions = pd.read_csv(out / "l.csv")
+    assert set(lesions[lesions.role == "calibration"].subject) <= set(val)
+    assert set(lesions[lesions.role == "test"].subject) <= set(record["test_subjects"])
+    # the seed ensemble is the 2 seeds of one split; the split ensemble one model per split holding the subject out
+    assert set(lesions[lesions.ensemble == "seed"].n_models) == {2}
+    held = {s: sum(s in p["val"] + p["test"] for p in parts) for s in lesions.subject}
+    split_rows = lesions[lesions.ensemble == "split"]
+    assert (split_rows.n_models == split_rows.subject.map(held)).all()
+    # both kinds on the same subjects; the chosen one has the lower cross-validated Brier score
+    assert set(lesions[lesions.ensemble == "seed"].subject) == set(split_rows.subject)
+    kinds = record["kinds"]
+    assert set(kinds) == {"split", "seed"}
+    assert record["chosen"] == min(kinds, key=lambda k: kinds[k]["calibration"]["cv_brier"])
+    for kind, e in kinds.items():
+        assert e["calibrator"] is not None and 0 <= e["test"]["ece"] <= 1
+        assert sum(r["lesions"] for r in e["test"]["reliability"]) == e["test"]["lesions"] > 0
+        assert e["calibration"]["lesions"] == int(((lesions.ensemble == kind) & (lesions.role == "calibration")).sum())
+    assert lesions.probability_real.between(0, 1).all()
+    rel = pd.read_csv(out / "rel.csv")
+    assert set(rel.score) == {"calibrated", "agreement"}
+    assert (out / "fig.png").is_file() and json.loads((out / "r.json").read_text()) == json.loads(json.dumps(record))
+
+
+@pytest.mark.parametrize("calibrated", [True, False])
+def test_the_export_holds_the_chosen_ensemble_and_its_calibrator(tmp_path, calibrated):
+    from rsanet.checks import load_config
+    from rsanet.export import export_step, read_export
+    from rsanet.segment import lesion_calibrator
+    from rsanet.stages.export import lesion_calibration_step
+
+    root = Path(__file__).resolve().parents[1]
+    config = load_config(root / "config" / "config.yaml", root / "workflow" / "schemas" / "config.schema.yaml")
+    models = []
+    for k in range(3):
+        for s in range(2):
+            path = tmp_path / "models" / "rsa-111" / f"split{k}" / f"seed{s}" / "model.pt"
+            path.parent.mkdir(parents=True)
+            path.write_bytes(f"{k}{s}".encode())
+            models.append(str(path))
+    for name in ("table1", "table2"):
+        (tmp_path / f"{name}.csv").write_text("variant,sample_dice_mean,sample_dice_sd\nrsa-111,50.0,5.0\n")
+    calibration = None
+    if calibrated:
+        test_pred, val_pred, pre, _ = _write_study(tmp_path / "study")
+        record = lesion_calibration_step("rsa-111", str(tmp_path / "study" / "splits.json"), test_pred, val_pred,
+                                         pre, {"min_lesion_mm3": 0.0}, 0.5, 6, str(tmp_path / "r.json"),
+                                         str(tmp_path / "l.csv"), str(tmp_path / "rel.csv"), str(tmp_path / "fig"))
+        calibration = {"rsa-111": str(tmp_path / "r.json")}
+    export_step("rsa-111", str(tmp_path / "table1.csv"), str(tmp_path / "table2.csv"), {"rsa-111": models}, config,
+                ["a", "b"], str(tmp_path / "export"), calibration=calibration)
+    meta = read_export(tmp_path / "export" / "rsa-111")
+    card = (tmp_path / "export" / "rsa-111" / "MODEL_CARD.md").read_text()
+    if not calibrated:
+        assert len(meta["models"]) == 6 and lesion_calibrator(meta) is None
+        assert "No calibrated lesion probability" in card
+        return
+    kind = record["chosen"]
+    assert meta["models"] == [f"model_split{k}_seed{s}.pt" for k, s in map(run_key, ensemble_models(models, kind))]
+    assert meta["lesion_calibration"]["ensemble"] == kind
+    assert lesion_calibrator(meta) == cal.LesionCalibrator.from_dict(record["kinds"][kind]["calibrator"])
+    assert f"the **{kind} ensemble** ({len(meta['models'])} networks)" in card
+    assert f"{record['kinds'][kind]['test']['ece']:.3f}" in card and "Reliability of the exported" in card

@@ -71,6 +71,13 @@ def test_export_holds_the_best_variant_its_models_and_a_model_card(study, export
     else:
         assert "Not measured for this export" in card
     assert "Not a medical device" in card.replace("**", "")
+    # the calibrated lesion confidence: the tiny study has a single validation subject held out by
+    # both splits, too few to calibrate on (tests/test_calibration.py covers a calibrated export);
+    # the export then keeps every model and gives no probability_real
+    record = json.loads((study / "tables" / "lesion_calibration" / f"{export.name}.json").read_text())
+    assert record["calibration_subjects"] and record["chosen"] is None and "lesion_calibration" not in meta
+    assert "No calibrated lesion probability" in card
+    assert (study / "figures" / "lesion_reliability" / f"{export.name}.png").is_file()
     # the card and export.json state what ran: the engine `auto` became, the subjects fitted on
     ran = {r["engine"] for p in (study / "registered").glob("*/registration.json")
            for r in json.loads(p.read_text())["results"].values()}

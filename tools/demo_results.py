@@ -6,7 +6,8 @@ The intro (a Markdown file: what was run, on which commit and machine, how long 
 what the reader should make of it) goes first; then, generated from the run's own files: the
 findings (``findings.md``), the test sample Dice per split and variant (``per_subject_metrics.csv``), Table 1, the training
 health check of every training, the corrected paired tests, Table 2, lesion-wise precision by
-ensemble agreement (``lesion_confidence/<variant>.csv``) and where the time went (``job_times.md``,
+ensemble agreement (``lesion_confidence/<variant>.csv``), the calibrated lesion confidence
+(``lesion_calibration/<variant>.json``) and where the time went (``job_times.md``,
 from every heavy job's Snakemake benchmark file).
 """
 
@@ -41,6 +42,28 @@ def precision_by_agreement(folder: Path) -> pd.DataFrame:
     return table.round({"precision_pct": 1})
 
 
+def calibration(folder: Path) -> pd.DataFrame:
+    """The lesion_calibration rule's records (``folder/<variant>.json``): per variant (Table 1's
+    order) and ensemble kind, what it was calibrated on, the cross-validated Brier score on the
+    validation lesions, and on the test lesions the ECE of the calibrated probability and of the raw
+    agreement, and the Brier score; ``exported kind``: the kind chosen on validation."""
+    import json
+
+    records = {p.stem: json.loads(p.read_text()) for p in folder.glob("*.json")}
+    rows = []
+    for v in [v for v in VARIANTS if v in records]:
+        r = records[v]
+        for kind, e in r["kinds"].items():
+            c, t = e["calibration"], e["test"]
+            rows.append({"variant": VARIANTS[v].display_name, "ensemble": kind,
+                         "chosen": "yes" if kind == r["chosen"] else "",
+                         "models": e["models_per_subject"], "validation lesions": c["lesions"],
+                         "CV Brier (validation)": c.get("cv_brier"), "test lesions": t["lesions"],
+                         "real (%)": t.get("real_pct"), "ECE calibrated": t.get("ece"),
+                         "ECE raw agreement": t.get("ece_agreement"), "Brier (test)": t.get("brier")})
+    return pd.DataFrame(rows).round(3)
+
+
 def _demoted(markdown: str) -> str:
     """Every heading one level down (the findings page's '# ' title becomes a section)."""
     return "\n".join("#" + line if line.startswith("#") else line for line in markdown.splitlines())
@@ -71,6 +94,14 @@ def main(argv: list[str] | None = None) -> int:
         "`lesion_confidence`, results/tables/lesion_confidence/); a predicted lesion is true when it "
         "overlaps a true lesion.\n",
         to_markdown(precision_by_agreement(tables / "lesion_confidence")),
+        "## Per-lesion confidence: calibrated on validation subjects, measured on test subjects\n",
+        "Rule `lesion_calibration` (results/tables/lesion_calibration/): each lesion's probability of being "
+        "real, a logistic map of its agreement, mean probability and log volume fitted on the lesions of the "
+        "subjects in some split's validation part; measured on the subjects in no validation part. Split "
+        "ensemble: one model per split that held the subject out; seed ensemble: the seeds of one split "
+        "(variants with train.seeds > 1). `chosen`: the kind with the lower cross-validated Brier score on the "
+        "validation lesions, which the export takes (docs/inference.md, \"Calibrated lesion confidence\").\n",
+        to_markdown(calibration(tables / "lesion_calibration")),
         "## Where the time went (Snakemake benchmark files of the heavy jobs)\n",
         (tables / "job_times.md").read_text().rstrip() + "\n",
     ]

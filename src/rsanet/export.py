@@ -306,7 +306,8 @@ def _calibration_section(meta: Mapping, evaluation) -> list[str]:
         f"would mark), a logistic map of its {', '.join(cal['features'])} fitted on the lesions of the study's "
         "validation subjects only. Measured on the study's test subjects (those in no validation part) for a split "
         "ensemble (one model per split that held the subject out) and a seed ensemble (the seeds of one split); "
-        f"exported: the **{cal['ensemble']} ensemble** ({len(meta['models'])} networks), chosen by {cal['chosen_by']}. "
+        f"exported: the **{cal['ensemble']} ensemble** ({len(meta['models'])} networks); chosen by "
+        f"{cal['chosen_by']}. "
         "ECE: expected calibration error over ten probability bins (0 = calibrated):", "",
         evaluation.to_markdown(pd.DataFrame(rows).round(3)), "",
     ]

@@ -224,7 +224,8 @@ def lesion_calibration_step(
         record["chosen"] = min(fitted, key=lambda k: (fitted[k]["calibration"]["cv_brier"], ENSEMBLE_KINDS.index(k)))
         record["chosen_by"] = ("the lower cross-validated Brier score on the validation subjects' lesions (folds by "
                                "subject; not the test subjects)" if len(fitted) > 1 else
-                               "the only ensemble kind calibrated (train.seeds 1: no seed ensemble)")
+                               "the only kind calibrated: this variant trained one seed per split, so there is no "
+                               "seed ensemble to compare (train.seeds_by_variant)")
         log.info("%s: the %s ensemble, chosen by %s", variant, record["chosen"], record["chosen_by"])
     else:
         log.warning("%s: no calibration: fewer than two validation subjects with true and false lesions "
