@@ -1,4 +1,4 @@
-"""rsanet-bids, the BIDS App of a study's export: a BIDS dataset (a real patient, demo subjects with
+"""rsanet-bids, the BIDS App of a study's export: a BIDS dataset (the three real patients, demo subjects with
 two sessions, and four cases that cannot be segmented) through the participant and group levels
 into a BIDS-Derivatives dataset that pybids reads back, every mask on its own FLAIR's grid; the
 workflow's `snakemake segment` with `segment_subjects: {bids: ...}` writes the same files."""
@@ -49,7 +49,9 @@ def test_participant_then_group_write_derivatives_pybids_reads_and_refuse_bad_ca
     demo = study / "demo"
     root = tmp_path / "bids"
     good = {("01", "1"): demo / "demo-001", ("01", "2"): demo / "demo-002", ("02", "a"): demo / "demo-003",
-            ("02", "b"): demo / "demo-004", (MNI_PATIENTS[0][-2:], None): open_ms_data() / "patients_mni" / MNI_PATIENTS[0]}
+            ("02", "b"): demo / "demo-004",
+            # the three real patients (1 mm isotropic, another grid than the tiny study's)
+            **{(p[-2:], None): open_ms_data() / "patients_mni" / p for p in MNI_PATIENTS}}
     for (sub, ses), folder in good.items():
         _put(root, sub, ses, _contrasts(folder))
     files = _contrasts(demo / "demo-005")
@@ -73,8 +75,8 @@ def test_participant_then_group_write_derivatives_pybids_reads_and_refuse_bad_ca
     assert "'sub-92'" in run.stderr and "sub-92_T1w.nii.gz" in run.stderr and "4D" in run.stderr
     assert "'sub-93_ses-x'" in run.stderr and "sub-93_ses-x_T2w.nii.gz" in run.stderr and "cannot be read" in run.stderr
     # nothing of a failed case, no temporary folder left
-    assert sorted(p.name for p in out.iterdir()) == ["dataset_description.json", "sub-01", "sub-02",
-                                                      f"sub-{MNI_PATIENTS[0][-2:]}"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["dataset_description.json", "sub-01", "sub-02",
+                                                             *(f"sub-{p[-2:]}" for p in MNI_PATIENTS)])
     assert not [p for p in out.rglob(".*")]
     description = json.loads((out / "dataset_description.json").read_text())
     assert description["DatasetType"] == "derivative" and description["GeneratedBy"][0]["Name"] == "rsanet"

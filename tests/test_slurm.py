@@ -325,7 +325,8 @@ def test_tiny_study_runs_through_slurm(slurm_cluster: SlurmCluster, tmp_path):
         first_mb = memory_mb(history[sids[0]])
         assert [memory_mb(history[sid]) for sid in sids] == [first_mb * k for k in range(1, len(sids) + 1)], sids
         for job in killed:
-            assert rule == "predict" and job["JobState"] != "COMPLETED", job
+            # the rules sized by resources.predict: the test and the validation predictions
+            assert rule in ("predict", "predict_validation") and job["JobState"] != "COMPLETED", job
             text = submitted[job["JobId"]].read_text(errors="replace")
             assert "exceeded memory limit" in text, job
             # the retry is a new SLURM job with more memory, never a restart inside the same allocation

@@ -460,7 +460,12 @@ def test_demo_results_page_is_generated_from_the_run(study, tmp_path):
     for part in ("table1.md", "training_health.md", "paired_tests.md", "table2.md", "job_times.md"):
         assert (study / "tables" / part).read_text().strip() in page, part
     # precision by agreement: one row per variant and agreement bin, from the lesion_confidence rule
-    block = page.split("lesion-wise precision by ensemble agreement")[1].split("## Where the time went")[0]
+    block = page.split("lesion-wise precision by ensemble agreement")[1].split("## Per-lesion confidence: calibrated")[0]
     rows = [line for line in block.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
     assert len(rows) == 7 * 3, block
     assert all(line.split(" | ")[1] in ("< 0.4", "0.4 to < 0.8", ">= 0.8") for line in rows), rows
+    # the calibrated confidence: one row per variant and ensemble kind, from the lesion_calibration rule
+    block = page.split("## Per-lesion confidence: calibrated")[1].split("## Where the time went")[0]
+    rows = [line for line in block.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
+    kinds = [json.loads(p.read_text())["kinds"] for p in (study / "tables" / "lesion_calibration").glob("*.json")]
+    assert len(kinds) == 7 and len(rows) == sum(len(k) for k in kinds), block
