@@ -14,7 +14,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import pandas as pd
 
@@ -103,20 +103,24 @@ def run_key(path: str | os.PathLike) -> tuple[int, int]:
     return split, seed
 
 
-def ensemble_models(paths: Sequence[str], kind: str | None) -> list[str]:
-    """The model files (``.../split<k>/seed<s>/model.pt``) of an ensemble kind
-    (:data:`rsanet.stages.export.ENSEMBLE_KINDS`): ``"split"``: the first seed of every split;
-    ``"seed"``: every seed of the first split trained with two or more; ``None``: all of them."""
-    key = run_key
-    ordered = sorted(paths, key=key)
+def ensemble_runs(runs: Iterable[tuple[int, int]], kind: str | None) -> list[tuple[int, int]]:
+    """The ``(split, seed)`` runs of an ensemble kind (:data:`rsanet.stages.export.ENSEMBLE_KINDS`),
+    ascending: ``"split"``: the first seed of every split; ``"seed"``: every seed of the first split
+    with two or more (none if no split has two); ``None``: all of them."""
+    by_split: dict[int, list[tuple[int, int]]] = {}
+    for run in sorted(runs):
+        by_split.setdefault(run[0], []).append(run)
     if kind == "split":
-        return [p for i, p in enumerate(ordered) if i == 0 or key(ordered[i - 1])[0] != key(p)[0]]
+        return [group[0] for group in by_split.values()]
     if kind == "seed":
-        by_split: dict[int, list[str]] = {}
-        for p in ordered:
-            by_split.setdefault(key(p)[0], []).append(p)
-        return next(group for group in by_split.values() if len(group) >= 2)
-    return ordered
+        return next((group for group in by_split.values() if len(group) >= 2), [])
+    return [run for group in by_split.values() for run in group]
+
+
+def ensemble_models(paths: Sequence[str], kind: str | None) -> list[str]:
+    """The model files (``.../split<k>/seed<s>/model.pt``) of an ensemble kind (:func:`ensemble_runs`)."""
+    by_run = {run_key(p): p for p in paths}
+    return [by_run[run] for run in ensemble_runs(by_run, kind)]
 
 
 def best_variant(health: pd.DataFrame) -> tuple[str, str]:

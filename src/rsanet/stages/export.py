@@ -98,15 +98,9 @@ def ensemble_members(held_out: Sequence[int], folders: Mapping[tuple[int, int], 
     ``held_out``: the splits whose models never fitted the subject (it lies in their validation or
     test part), ascending; ``folders``: ``(split, seed)`` -> the folder holding that model's
     prediction of the subject. An ensemble of fewer than two models is empty (``[]``)."""
-    if kind == "split":
-        members = [folders[(k, min(s for (k2, s) in folders if k2 == k))] for k in held_out]
-    else:
-        members = []
-        for k in held_out:
-            seeds = sorted(s for (k2, s) in folders if k2 == k)
-            if len(seeds) >= 2:
-                members = [folders[(k, s)] for s in seeds]
-                break
+    from ..export import ensemble_runs
+
+    members = [folders[run] for run in ensemble_runs([run for run in folders if run[0] in held_out], kind)]
     return members if len(members) >= 2 else []
 
 
