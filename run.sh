@@ -33,9 +33,11 @@ case "$cmd" in
     echo "[run.sh] done: results/tables/table1.md, results/figures/, results/report.html"
     ;;
   test)
-    # pytest-xdist: one worker per core (TEST_WORKERS to change it); tests that share an expensive
-    # fixture (the tiny study, the SLURM test cluster) are kept in one worker (xdist_group marks)
-    exec python -m pytest -n "${TEST_WORKERS:-auto}" --dist loadgroup "$@"
+    # pytest-xdist: one worker per core plus one (TEST_WORKERS to change it): the SLURM test mostly
+    # waits on the cluster's polling, and the extra worker fills those cores meanwhile. Tests that
+    # share an expensive fixture are kept in one worker (xdist_group marks: the SLURM test cluster,
+    # the tests that run Snakemake in the tiny study's folder); see tests/conftest.py
+    exec python -m pytest -n "${TEST_WORKERS:-$(( $(nproc) + 1 ))}" --dist loadgroup "$@"
     ;;
   *)
     echo "usage: ./run.sh study [snakemake args...] | ./run.sh test [pytest args...]" >&2

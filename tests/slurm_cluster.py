@@ -498,6 +498,12 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
             if "slurmd" in started:
                 kill_orphan_stepds(since_ticks)
             PIDS_FILE.unlink(missing_ok=True)
+            # the configuration goes with the cluster: a client configured for a stopped controller
+            # makes every later `snakemake` start wait 9 s (the SLURM plugin's `scontrol show config`
+            # at import; docs/performance.md), the other workers' tests and the user's runs alike
+            for conf in (SLURM_CONF, GRES_CONF):
+                if conf.is_file() and MARKER in conf.read_text(errors="replace"):
+                    conf.unlink()
         finally:
             for f in logs:
                 f.close()

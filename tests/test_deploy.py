@@ -18,7 +18,7 @@ from rsanet.bids import bids_sheet
 from rsanet.checks import InputCheckError, load_config
 from test_workflow import ROOT, TEST_CONFIG, snakemake
 
-#: The tiny study cut to two variants, for the deployment tests (each a full run).
+#: The tiny study cut to two variants (and one training each), for the deployment tests (each a full run).
 SMALL = {"variants": ["unet3d", "rsa-111"], "figures": {"fig5_variants": ["rsa-111", "unet3d"]}}
 
 
@@ -26,6 +26,7 @@ def small_config(**changes) -> dict:
     cfg = yaml.safe_load(TEST_CONFIG.read_text())
     cfg.update(SMALL, **changes)
     cfg["registration"]["engine"] = "none"
+    cfg["train"]["seeds_by_variant"] = {"unet3d": 1}  # one training per variant and split
     return cfg
 
 
@@ -94,9 +95,8 @@ def write_bids(root: Path, cases: dict[tuple[str, str | None], Path]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("tiny_study")
-def test_bids_dataset_with_two_sessions_runs_the_tiny_study_sessions_kept_together(study, tmp_path):
-    demo = study / "demo"
+def test_bids_dataset_with_two_sessions_runs_the_tiny_study_sessions_kept_together(registered_cohort, tmp_path):
+    demo = registered_cohort / "demo"
     # five participants; sub-01 was scanned twice (two demo subjects stand in for its sessions)
     cases = {("01", "1"): demo / "demo-001", ("01", "2"): demo / "demo-002"}
     cases.update({(f"{i:02d}", None): demo / f"demo-{i + 1:03d}" for i in range(2, 6)})

@@ -19,7 +19,7 @@ import pytest
 from real_data import MNI_PATIENTS, open_ms_data
 from test_workflow import TEST_CONFIG, _oblique, _reorient, snakemake
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tiny_study")]
+pytestmark = pytest.mark.slow
 OUTPUTS = {"lesion_prob.nii.gz", "lesion_prob_sd.nii.gz", "lesions.nii.gz", "lesion_labels.nii.gz", "lesions.csv",
            "lesions.json", "summary.json", "qc.png"}
 
@@ -219,6 +219,7 @@ def test_corrupted_or_incompatible_exports_are_refused(export, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.xdist_group("tiny_study")  # runs Snakemake in the shared study's folder
 def test_snakemake_segment_scores_the_real_patients_as_an_external_test_set(study, tmp_path):
     """A cohort of the three real patients and one demo subject: every subject segmented, the
     masked ones scored, and one cohort table and figure for all of them."""

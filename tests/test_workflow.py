@@ -22,7 +22,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 TEST_CONFIG = ROOT / "config" / "test.yaml"
 # one worker builds the tiny study (conftest.study) for every test that uses it
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tiny_study")]
+pytestmark = pytest.mark.slow
 
 
 def snakemake(workdir: Path, *args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
@@ -171,6 +171,7 @@ def test_training_logs_and_progress_lines(study):
     assert "; bf16 autocast)" in pred_log or "; float32)" in pred_log
 
 
+@pytest.mark.xdist_group("tiny_study")  # runs Snakemake in the shared study's folder
 def test_rerun_has_nothing_to_do_and_report_builds(study):
     work = study.parent
     again = snakemake(work, "--configfile", str(TEST_CONFIG), "-n")
@@ -195,6 +196,7 @@ def test_rerun_has_nothing_to_do_and_report_builds(study):
     assert any(n.endswith("job_times.csv") for n in names)
 
 
+@pytest.mark.xdist_group("tiny_study")  # runs Snakemake in the shared study's folder
 def test_changing_job_sizes_plans_no_job_on_a_finished_study(study, tmp_path):
     """Threads, memory, runtime and GPUs are resources, not parameters: nothing reruns."""
     cfg = yaml.safe_load(TEST_CONFIG.read_text())
@@ -207,14 +209,16 @@ def test_changing_job_sizes_plans_no_job_on_a_finished_study(study, tmp_path):
 
 
 def test_same_config_gives_identical_results(study, tmp_path):
-    """Reproducibility: a second run of a subset of the same DAG gives byte-identical files."""
+    """Reproducibility: a second run of a subset of the same DAG (the cohort, its co-registration and
+    preprocessing, one training and test prediction of the baseline and of RSA-111) gives
+    byte-identical files."""
+    scored = ["metrics/unet3d/split0/seed0.csv", "metrics/rsa-111/split1/seed0.csv"]
     args = derived_config(tmp_path / "config.yaml", variants=["unet3d", "rsa-111"])
-    run = snakemake(tmp_path, *args, "--until", "predict")
+    run = snakemake(tmp_path, *(f"results/{rel}" for rel in scored), *args)  # targets before --configfile
     assert run.returncode == 0, run.stderr[-3000:]
     second = tmp_path / "results"
     assert (second / "splits.json").read_bytes() == (study / "splits.json").read_bytes()
-    for rel in ("demo/demo-003/FLAIR.nii.gz", "preprocessed/demo-003.npz",
-                "metrics/unet3d/split0/seed0.csv", "metrics/rsa-111/split1/seed0.csv"):
+    for rel in ("demo/demo-003/FLAIR.nii.gz", "preprocessed/demo-003.npz", *scored):
         assert (second / rel).read_bytes() == (study / rel).read_bytes(), rel
 
 
@@ -350,11 +354,11 @@ def _oblique(img: nib.Nifti1Image) -> nib.Nifti1Image:
     return nib.Nifti1Image(np.asarray(img.dataobj), rot @ img.affine)
 
 
-def test_lps_las_and_oblique_copies_give_the_same_predictions_on_their_own_grids(study, tmp_path):
+def test_lps_las_and_oblique_copies_give_the_same_predictions_on_their_own_grids(registered_cohort, tmp_path):
     """The tiny cohort (already co-registered: registration.engine none) stored RAS, LPS, LAS and
     oblique: each prediction has its FLAIR file's exact shape and affine, and equals the RAS
     prediction voxel for voxel after mapping back."""
-    subjects = sorted(p.name for p in (study / "registered").iterdir())
+    subjects = sorted(p.name for p in (registered_cohort / "registered").iterdir())
     makers = {"RAS": lambda i: _reorient(i, ("R", "A", "S")), "LPS": lambda i: _reorient(i, ("L", "P", "S")),
               "LAS": lambda i: _reorient(i, ("L", "A", "S")), "oblique": lambda i: _oblique(_reorient(i, ("R", "A", "S")))}
     preds = {}
@@ -363,7 +367,7 @@ def test_lps_las_and_oblique_copies_give_the_same_predictions_on_their_own_grids
         for s in subjects:
             (data / s).mkdir(parents=True)
             for f in ("T1", "T2", "FLAIR", "lesions"):
-                nib.save(make(nib.load(study / "registered" / s / f"{f}.nii.gz")), data / s / f"{f}.nii.gz")
+                nib.save(make(nib.load(registered_cohort / "registered" / s / f"{f}.nii.gz")), data / s / f"{f}.nii.gz")
             rows.append({"subject": s, **{k: f"{s}/{f}.nii.gz" for k, f in
                                           (("t1", "T1"), ("t2", "T2"), ("flair", "FLAIR"), ("lesions", "lesions"))}})
         pd.DataFrame(rows).to_csv(data / "subjects.tsv", sep="\t", index=False)
@@ -372,6 +376,7 @@ def test_lps_las_and_oblique_copies_give_the_same_predictions_on_their_own_grids
                    splits={"n_splits": 1, "n_train": 4, "n_val": 1, "n_test": 2, "seed": 0},
                    figures={"fig5_variants": ["unet3d"]})
         cfg["registration"]["engine"] = "none"
+        cfg["train"]["seeds_by_variant"] = {"unet3d": 1}  # one training: the orientation is the point
         cfg["predict"]["save_probabilities"] = True
         (tmp_path / name / "config.yaml").write_text(yaml.safe_dump(cfg))
         run = snakemake(tmp_path / name / "work", "--configfile", str(tmp_path / name / "config.yaml"), "--until", "predict")
@@ -394,12 +399,12 @@ def test_lps_las_and_oblique_copies_give_the_same_predictions_on_their_own_grids
         assert back.max() > 0 and np.array_equal(back, np.asarray(ras.dataobj)), (name, s)
 
 
-def test_allow_empty_masks_runs_a_subject_without_lesions_to_the_report(study, tmp_path):
+def test_allow_empty_masks_runs_a_subject_without_lesions_to_the_report(registered_cohort, tmp_path):
     """preprocess.allow_empty_masks: a subject whose mask is empty is validated (warning),
     co-registered, preprocessed, trained on or scored with the empty-mask rules, and reported."""
     from rsanet.splits import make_splits
 
-    subjects = sorted(p.name for p in (study / "registered").iterdir())
+    subjects = sorted(p.name for p in (registered_cohort / "registered").iterdir())
     planned = make_splits(subjects, 2, 4, 2, 0, n_val=1)
     # one empty subject scored in a test set, one trained on (crops fall back to uniform sampling)
     empties = {planned[0]["test"][0], next(s for s in planned[0]["train"] if s != planned[0]["test"][0])}
@@ -407,7 +412,7 @@ def test_allow_empty_masks_runs_a_subject_without_lesions_to_the_report(study, t
     for s in subjects:
         (data / s).mkdir(parents=True)
         for f in ("T1", "T2", "FLAIR", "lesions"):
-            img = nib.load(study / "registered" / s / f"{f}.nii.gz")
+            img = nib.load(registered_cohort / "registered" / s / f"{f}.nii.gz")
             if f == "lesions" and s in empties:
                 img = nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine)
             nib.save(img, data / s / f"{f}.nii.gz")
@@ -419,6 +424,7 @@ def test_allow_empty_masks_runs_a_subject_without_lesions_to_the_report(study, t
                splits={"n_splits": 2, "n_train": 4, "n_val": 1, "n_test": 2, "seed": 0},
                figures={"fig5_variants": ["rsa-111", "unet3d"]})
     cfg["registration"]["engine"] = "none"
+    cfg["train"]["seeds_by_variant"] = {"unet3d": 1}
     cfg["preprocess"]["allow_empty_masks"] = True
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     work = tmp_path / "work"
@@ -437,6 +443,7 @@ def test_allow_empty_masks_runs_a_subject_without_lesions_to_the_report(study, t
     assert (work / "report.html").stat().st_size > 10_000
 
 
+@pytest.mark.xdist_group("tiny_study")  # runs Snakemake in the shared study's folder
 def test_validation_target_scores_only_the_validation_parts(study):
     """`snakemake validation`: every trained model predicts its split's validation subjects."""
     run = snakemake(study.parent, "validation", "--configfile", str(TEST_CONFIG))  # target first
