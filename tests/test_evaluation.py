@@ -128,6 +128,18 @@ def test_paired_tests_are_over_splits_on_every_table1_metric():
     assert shown.Metric.tolist() == ["Sample Dice", "Voxel Dice", "Sample IoU", "Voxel IoU"]
 
 
+def test_a_study_of_the_baseline_alone_has_no_comparison_and_says_so():
+    """One variant (e.g. `variants: [unet3d]`): no paired test, the tables and findings still written."""
+    rows = _rows()
+    rows = rows[rows.variant == "unet3d"]
+    t = evaluation.paired_tests(evaluation.split_scores(rows), n_train=2)
+    assert t.empty and list(t.columns) == evaluation.PAIRED_TEST_COLUMNS
+    assert evaluation.paired_tests_display(t).empty
+    attention = pd.DataFrame({"method": [], "n_checked": [], "n_inert": [], "sample_dice_delta_pp": []})
+    text = evaluation.findings(evaluation.table1(rows), t, attention, 0, 2)
+    assert "over the 1 variant " in text and "None: this run trained no variant besides the 3D U-Net." in text
+
+
 def test_seeds_are_averaged_per_split_before_tables_and_tests():
     a, b = _rows().assign(seed=0), _rows().assign(seed=1)
     b["dice"] = b["dice"] * 0.5

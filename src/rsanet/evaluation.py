@@ -165,7 +165,7 @@ def findings(t1: pd.DataFrame, tests: pd.DataFrame, attention: pd.DataFrame, n_f
     (:func:`comparison_reading`), the main one (``main`` against the 3D U-Net) first."""
     lines = ["# What this run found", ""]
     mean = t1[f"{metric}_mean"]
-    lines.append(f"- Table 1, sample Dice: {mean.min():.2f}–{mean.max():.2f} % over the {len(t1)} variants "
+    lines.append(f"- Table 1, sample Dice: {mean.min():.2f}–{mean.max():.2f} % over the {len(t1)} variant{'s' if len(t1) != 1 else ''} "
                  f"(mean over {int(t1.n_splits.max())} splits{seeds}).")
     lines.append(f"- Trainings that failed their health check: {n_failed} of {n_trainings}.")
     checked = attention[attention.n_checked > 0]
@@ -185,6 +185,8 @@ def findings(t1: pd.DataFrame, tests: pd.DataFrame, attention: pd.DataFrame, n_f
         reading = comparison_reading(r.p, r.mean_difference_pp, r.detectable_pp, r.paper_difference_pp, r.power_for_paper)
         lines.append(f"- **{r.method}**: {r.mean_difference_pp:+.2f} points [{r.ci_low_pp:+.2f}, {r.ci_high_pp:+.2f}], "
                      f"p = {r.p:.3f}; {reading}.")
+    if not order:
+        lines.append("- None: this run trained no variant besides the 3D U-Net.")
     return "\n".join(lines) + "\n"
 
 
@@ -346,6 +348,12 @@ def detectable_difference(sd: float, n_splits: int, n_train: int, n_test: int, a
     return float(brentq(lambda d: corrected_ttest_power(d, sd, j, n_train, n_test, alpha) - power, 0.0, hi, xtol=1e-10))
 
 
+#: The columns of :func:`paired_tests` (see there).
+PAIRED_TEST_COLUMNS = ["variant", "method", "reference", "metric", "mean_difference_pp", "ci_low_pp", "ci_high_pp",
+                       "t", "dof", "p", "splits_won", "n_splits", "n_train", "n_test", "sd_pp", "detectable_pp",
+                       "paper_difference_pp", "power_for_paper"]
+
+
 def paired_tests(per_split: pd.DataFrame, n_train: int, reference: str = "unet3d") -> pd.DataFrame:
     """Each variant against ``reference`` on every Table 1 metric, over splits.
 
@@ -380,7 +388,8 @@ def paired_tests(per_split: pd.DataFrame, n_train: int, reference: str = "unet3d
                 "reference": VARIANTS[reference].display_name, "metric": metric,
                 **compare_arms(other, ref, metric, n_train, paper_diff),
             })
-    return pd.DataFrame(records)
+    # a study of the reference alone has nothing to compare: no rows, the same columns
+    return pd.DataFrame(records, columns=PAIRED_TEST_COLUMNS)
 
 
 def compare_arms(arm: pd.DataFrame, reference: pd.DataFrame, metric: str, n_train: int,
