@@ -9,8 +9,8 @@ The tiny study is run once per test session, by whichever pytest-xdist worker ne
 (under a file lock; the other workers wait and reuse it), so the tests that only read it spread
 over every worker. The tests that run Snakemake in its folder share the ``tiny_study``
 ``xdist_group`` (one worker, one after the other: Snakemake locks a working directory). The SLURM
-group is handed out first: its run waits on the cluster's polling most of the time, beside the
-other workers' tests.
+group comes first in the collection, so a worker takes it at the start: its run waits on the
+cluster's polling most of the time, beside the other workers' tests.
 """
 
 from __future__ import annotations

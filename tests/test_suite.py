@@ -1,6 +1,6 @@
-"""The suite's own machinery: tests that share a costly fixture (the tiny study, the SLURM test
-cluster) are kept in one pytest-xdist worker by their ``xdist_group`` mark (``--dist loadgroup``,
-as ./run.sh runs the suite). pytest 9.2 silently broke that
+"""The suite's own machinery: tests that share a costly fixture or folder (the SLURM test cluster,
+the tiny study's folder that some tests run Snakemake in) are kept in one pytest-xdist worker by
+their ``xdist_group`` mark (``--dist loadgroup``, as ./run.sh runs the suite). pytest 9.2 silently broke that
 (https://github.com/pytest-dev/pytest-xdist/issues/1386): every worker built its own tiny study
 and SLURM cluster. This runs a small suite the same way and
 checks that a group stays in one worker."""

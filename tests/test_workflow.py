@@ -21,7 +21,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_CONFIG = ROOT / "config" / "test.yaml"
-# one worker builds the tiny study (conftest.study) for every test that uses it
+# the tiny study (conftest.study) is built once per session and shared by the workers; the tests that
+# run Snakemake in its folder carry the `tiny_study` xdist group
 pytestmark = pytest.mark.slow
 
 
