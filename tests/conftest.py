@@ -37,8 +37,11 @@ def _seed_everything():
 
 def pytest_collection_modifyitems(config, items):
     """The SLURM cluster's tests first (stable order otherwise): see the module's docstring."""
-    items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None
-               or item.get_closest_marker("xdist_group").args[:1] != ("slurm",))
+    def in_slurm_group(item) -> bool:
+        group = item.get_closest_marker("xdist_group")
+        return group is not None and group.args[:1] == ("slurm",)
+
+    items.sort(key=lambda item: not in_slurm_group(item))
 
 
 def _run_once(tmp_path_factory, name: str, *args: str) -> Path:
